@@ -1,0 +1,30 @@
+"""cffi build script for pgmp._scan; the cdef is pgmp_scan.h itself, minus preprocessor lines.
+
+Used by setup.py (cffi_modules); `python csrc/build_scan.py` from the
+repository root builds pgmp/_scan*.so in place.
+"""
+import os
+
+from cffi import FFI
+
+CSRC = os.path.relpath(os.path.dirname(os.path.abspath(__file__)))
+
+
+def header_cdef(path: str) -> str:
+    """The header without #include/#ifndef/#define lines, which cdef cannot parse."""
+    with open(path, encoding="utf-8") as f:
+        return "".join(line for line in f if not line.lstrip().startswith("#"))
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(header_cdef(os.path.join(CSRC, "pgmp_scan.h")))
+ffibuilder.set_source(
+    "pgmp._scan",
+    '#include "pgmp_scan.h"',
+    sources=[os.path.join(CSRC, "pgmp_scan.c")],
+    include_dirs=[CSRC],
+    extra_compile_args=["-O2"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

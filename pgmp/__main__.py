@@ -1,0 +1,4 @@
+"""Entry point for ``python -m pgmp``."""
+from pgmp.cli import main
+
+main()

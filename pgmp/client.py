@@ -1,0 +1,329 @@
+"""A client connection in the worker loop: login handled by pgmp itself, then traffic relayed to a linked server.
+
+The state machine is pgmp.session's; this module is its IO glue.
+"""
+import logging
+import secrets as _secrets
+import struct
+
+from pgmp import errors
+from pgmp.auth.client import ClientAuthenticator
+from pgmp.errors import AuthenticationFailed, ClientProtocolError, PgmpError
+from pgmp.loop import Endpoint
+from pgmp.protocol import messages, startup
+from pgmp.protocol.scanner import ERR_LONG, ERR_SHORT, ERR_TYPE, Scanner, make_flags
+from pgmp.relay import FORWARD, STOP, relay
+from pgmp.session import ClientState, TxTracker, check_transition, client_settings, login_parameters
+
+log = logging.getLogger("pgmp")
+
+FRONTEND_TYPES = b"BCcdDEfFHPQSX"
+SMALL_TYPES = b"CDEHSXcf"
+READY_FLAGS = make_flags(report=b"QSFcfX", small=SMALL_TYPES, valid=FRONTEND_TYPES)
+AUTH_FLAGS = make_flags(report=bytes(range(256)), small=b"X", valid=b"pX")
+NO_WHOLE = bytes(256)
+ALL_WHOLE = bytes([1]) * 256
+AUTH_MAX_MESSAGE = 65535 + 1024     # PG_MAX_AUTH_TOKEN_LENGTH plus the SASL header
+
+_auth_scanner = Scanner(AUTH_FLAGS, AUTH_MAX_MESSAGE)
+_ready_scanners: dict[int, Scanner] = {}
+
+
+def ready_scanner(max_message_size: int) -> Scanner:
+    sc = _ready_scanners.get(max_message_size)
+    if sc is None:
+        sc = _ready_scanners[max_message_size] = Scanner(READY_FLAGS, max_message_size)
+    return sc
+
+
+class ClientConnection(Endpoint):
+    __slots__ = ("worker", "state", "peer", "user", "database", "settings", "reported", "pool", "server",
+                 "auth", "secret_entry", "tx", "key_pid", "key_secret", "timer", "scanner", "flags", "whole",
+                 "terminating", "ssl_asked", "gss_asked", "connected_at", "over_limit")
+
+    def __init__(self, worker, sock, peer: str, over_limit: bool = False):
+        super().__init__(worker.loop, sock)
+        self.worker = worker
+        self.state = ClientState.STARTUP
+        self.peer = peer
+        self.user = ""
+        self.database = ""
+        self.settings: dict[str, str] = {}
+        self.reported: dict[str, str] = {}
+        self.pool = None
+        self.server = None
+        self.auth = None
+        self.secret_entry = None
+        self.tx = TxTracker()
+        self.key_pid = 0
+        self.key_secret = 0
+        self.scanner = _auth_scanner
+        self.flags = AUTH_FLAGS
+        self.whole = ALL_WHOLE
+        self.terminating = False
+        self.ssl_asked = False
+        self.gss_asked = False
+        self.connected_at = worker.loop.clock()
+        self.over_limit = over_limit
+        timeout = worker.config.client_login_timeout
+        self.timer = worker.loop.call_later(timeout, self._login_timeout) if timeout > 0 else None
+
+    def __repr__(self):
+        return f"<client {self.user or '?'}@{self.database or '?'} from {self.peer} {self.state.value}>"
+
+    def set_state(self, new: ClientState) -> None:
+        check_transition(self.state, new)
+        self.state = new
+
+    # -- input -------------------------------------------------------------------
+    def on_data(self, view, n):
+        st = self.state
+        try:
+            if st is ClientState.ACTIVE:
+                out: list = []
+                relay(self, view, n, out)
+                srv = self.server
+                if out and srv is not None:
+                    srv.send_views(out)
+                    if srv.congested:
+                        srv.hold_until_drained(self)
+                if self.terminating:
+                    self.close("client sent Terminate")
+            elif st is ClientState.IDLE:
+                self._need_server(view, n)
+            elif st is ClientState.STARTUP:
+                self._startup_data(view, n)
+            elif st is ClientState.AUTH:
+                relay(self, view, n, [])
+            else:                                   # LOGIN_WAIT / WAITING: keep it for later
+                self.leftover = bytes(view[:n])
+                self.pause_reading()
+        except PgmpError as exc:
+            self.fail(exc)
+
+    def _need_server(self, view, n):
+        if view[0] == 88 and n >= 5:                  # Terminate with no server: just leave
+            self.close("client sent Terminate")
+            return
+        self.leftover = bytes(view[:n])
+        self.pause_reading()
+        self.set_state(ClientState.WAITING)
+        self.pool.request(self)
+        if self.state is ClientState.WAITING and not self.closed:
+            wait = self.worker.config.query_wait_timeout
+            if wait > 0:
+                self.timer = self.loop.call_later(wait, self._wait_timeout)
+
+    def on_frame(self, kind, view, off, ln):
+        if self.state is ClientState.ACTIVE:
+            if kind == 88:                            # Terminate: the pooled server stays
+                self.terminating = True
+                return STOP
+            self.tx.client_frame(kind)
+            return FORWARD
+        # AUTH
+        if kind == 88:
+            self.close("client sent Terminate during login")
+            return STOP
+        reply = self.auth.feed(bytes(view[off + 5:off + ln]))
+        if reply:
+            self.send(reply)
+        if self.auth.done:
+            self._authenticated()
+            return STOP
+        return 1                                    # DROP
+
+    def framing_error(self, code, view, off):
+        kind = view[off]
+        if code == ERR_TYPE:
+            if self.state is ClientState.AUTH:
+                raise ClientProtocolError(f"expected password response, got message type {kind}")
+            raise ClientProtocolError(f"invalid frontend message type {kind}")
+        if code == ERR_SHORT:
+            raise ClientProtocolError("invalid message length")
+        (length,) = struct.unpack_from("!I", view, off + 1) if len(view) >= off + 5 else (0,)
+        raise ClientProtocolError(f"message of type {kind} too long: {length} bytes",
+                                  detail="max_message_size limits client messages")
+
+    # -- startup -----------------------------------------------------------------
+    def _startup_data(self, view, n):
+        pos = 0
+        while pos < n and self.state is ClientState.STARTUP:
+            if n - pos < 4:
+                break
+            length = startup.packet_length(view[pos:pos + 4])
+            if n - pos < length:
+                break
+            packet = startup.parse(bytes(view[pos:pos + length]))
+            pos += length
+            if packet.kind == "ssl":
+                self._negotiate("ssl", n - pos)
+            elif packet.kind == "gssenc":
+                self._negotiate("gssenc", n - pos)
+            elif packet.kind == "cancel":
+                self.worker.cancel_request(packet.cancel_pid, packet.cancel_secret)
+                self.close(None)
+                return
+            else:
+                self._startup(packet)
+        if self.closed:
+            return
+        if pos < n:
+            rest = bytes(view[pos:n])
+            if self.state is ClientState.STARTUP:
+                self.leftover = rest
+            else:
+                self.on_data(memoryview(rest), len(rest))
+
+    def _negotiate(self, what: str, pending: int):
+        if what == "ssl":
+            if self.ssl_asked:
+                raise ClientProtocolError("duplicate SSLRequest")
+            self.ssl_asked = True
+        else:
+            if self.gss_asked:
+                raise ClientProtocolError("duplicate GSSENCRequest")
+            self.gss_asked = True
+        # TLS is the worker's business (client_tls_mode); without it the answer is 'N' and
+        # the client goes on in cleartext.
+        self.send(b"N")
+
+    def _startup(self, packet):
+        self.user = packet.user
+        self.database = packet.database
+        if self.over_limit:
+            raise PgmpError(errors.TOO_MANY_CONNECTIONS, "no more connections allowed (max_client_conn)")
+        self.settings = client_settings(packet)
+        if packet.minor > 0 or packet.unrecognized:
+            self.send(messages.negotiate_protocol_version(0, packet.unrecognized))
+        worker = self.worker
+        method = worker.config.auth_type
+        secret = worker.secrets.get(self.user)
+        self.secret_entry = secret
+        if method == "trust" and secret is None and worker.config.auth_file:
+            raise AuthenticationFailed(f'user "{self.user}" is not in auth_file',
+                                       reason="trust: user not in auth_file", sqlstate=errors.INVALID_AUTHORIZATION)
+        self.auth = ClientAuthenticator(method, self.user, secret, mock_seed=worker.mock_seed)
+        first = self.auth.start()
+        self.set_state(ClientState.AUTH)
+        self.scanner, self.flags, self.whole = _auth_scanner, AUTH_FLAGS, ALL_WHOLE
+        if first:
+            self.send(first)
+        if self.auth.done:
+            self._authenticated()
+
+    def _authenticated(self):
+        worker = self.worker
+        db = worker.database_for(self.database)
+        if db is None:
+            raise PgmpError(errors.INVALID_CATALOG_NAME, f'database "{self.database}" does not exist',
+                            hint="pgmp knows only the databases in its [databases] sections")
+        self.pool = worker.get_pool(db, self.user)
+        self.pool.learn_credentials(self.auth, self.secret_entry)
+        self.auth = None
+        self.set_state(ClientState.LOGIN_WAIT)
+        params = self.pool.want_params(self)
+        if params is not None:
+            self.finish_login(params)
+
+    def finish_login(self, params: dict[str, str]):
+        """The pool knows its server parameters: complete the client's login."""
+        if self.closed:
+            return
+        worker = self.worker
+        self.reported = login_parameters(params, self.settings)
+        self.key_pid, self.key_secret = worker.new_cancel_key(self)
+        out = [messages.auth_ok()]
+        for name, value in self.reported.items():
+            out.append(messages.parameter_status(name, value))
+        out.append(messages.backend_key_data(self.key_pid, self.key_secret))
+        out.append(messages.ready_for_query(b"I"))
+        self.send(b"".join(out))
+        if self.timer:
+            self.timer.cancel()
+            self.timer = None
+        self.set_state(ClientState.IDLE)
+        self.scanner, self.flags, self.whole = ready_scanner(worker.config.max_message_size), READY_FLAGS, NO_WHOLE
+        if worker.config.log_connections:
+            log.info("login: user=%s db=%s from %s", self.user, self.database, self.peer)
+        self.resume_reading()
+        self.kick()
+
+    # -- server link -------------------------------------------------------------
+    def attach(self, srv):
+        """The pool linked ``srv`` to this client: bring its settings over, then send what waited."""
+        if self.timer:
+            self.timer.cancel()
+            self.timer = None
+        self.server = srv
+        self.set_state(ClientState.ACTIVE)
+        srv.use_normal_scanner()
+        from pgmp.session import settings_query
+        q = settings_query(self.settings, srv.applied, srv.params)
+        if q is not None:
+            srv.applied.update(self.settings)
+            srv.internal_query(q, self._settings_applied)
+        self.resume_reading()
+        self.kick()
+
+    def _settings_applied(self, srv, error):
+        if error is not None:
+            srv.applied.clear()
+            self.fail(error)
+
+    def server_lost(self, srv, exc: PgmpError):
+        if self.server is srv:
+            self.server = None
+        self.fail(exc)
+
+    # -- ending ------------------------------------------------------------------
+    def fail(self, exc):
+        """Report ``exc`` to the client as an ErrorResponse and close."""
+        if self.closed:
+            return
+        if not isinstance(exc, PgmpError):
+            log.error("internal error on %r: %r", self, exc)
+            exc = PgmpError(errors.INTERNAL_ERROR, "internal error in pgmp")
+        if isinstance(exc, AuthenticationFailed):
+            log.warning("login failed: user=%s db=%s from %s: %s", self.user or "-", self.database or "-",
+                        self.peer, exc.reason)
+        data = messages.error_response(exc.sqlstate, exc.message, "FATAL", exc.detail, exc.hint)
+        self.send(data)
+        self.close(f"{exc.sqlstate} {exc.message}")
+
+    def on_eof(self, reason: str):
+        self.close(reason)
+
+    def close(self, reason: str | None):
+        if self.closed:
+            return
+        srv = self.server
+        self.server = None
+        was = self.state
+        self.state = ClientState.CLOSED
+        if self.timer:
+            self.timer.cancel()
+            self.timer = None
+        if self.outq:
+            self.flush()
+        self.close_socket()
+        self.worker.client_closed(self)
+        if self.pool is not None:
+            self.pool.forget(self)
+            if srv is not None:
+                clean = self.tx.idle and srv.swallow == 0
+                self.pool.release(srv, clean)
+        if reason and self.worker.config.log_disconnections and was is not ClientState.STARTUP:
+            log.info("disconnect: user=%s db=%s from %s: %s", self.user or "-", self.database or "-",
+                     self.peer, reason)
+
+    def _login_timeout(self):
+        self.timer = None
+        if self.state in (ClientState.STARTUP, ClientState.AUTH, ClientState.LOGIN_WAIT):
+            self.fail(PgmpError(errors.PROTOCOL_VIOLATION, "client_login_timeout: login took too long"))
+
+    def _wait_timeout(self):
+        self.timer = None
+        if self.state is ClientState.WAITING:
+            self.fail(PgmpError(errors.PROTOCOL_VIOLATION, "query_wait_timeout: no server connection became free",
+                                hint="raise pool_size or query_wait_timeout, or look for long transactions"))

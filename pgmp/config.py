@@ -1,0 +1,634 @@
+"""The config schema, and the loader and validator of pgmp.toml built from it.
+
+Every setting is declared once, as a row of SCHEMA. The loader, the
+validator, ``pgmp config check`` (render_settings_table) and the settings
+list of pgmp.toml(5) (render_man_settings) all read that table, and the
+Config, DatabaseConfig and UserConfig record classes are generated from it.
+
+Relative paths in the file are resolved against the file's directory, so a
+config can be moved together with its userlist and certificates.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+import textwrap
+import tomllib
+from dataclasses import dataclass, field
+
+SECTIONS = ("pgmp", "databases", "users")
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes, one of them the terminating NUL
+
+
+class ConfigError(Exception):
+    """An invalid config; str() is the whole operator-facing report, one problem a line."""
+
+    def __init__(self, message: str, errors: list[str] | None = None):
+        super().__init__(message)
+        self.errors = errors if errors is not None else [message]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: where it lives, what it accepts, its default and its documentation.
+
+    ``kind`` names a parser in _PARSERS. ``default`` is written as in the file
+    and parsed like a value from the file; None means "not set" and is then
+    explained by ``default_doc``. ``inherit`` names the [pgmp] setting whose
+    value is the default of a per-database or per-user setting.
+    """
+
+    name: str
+    section: str
+    kind: str
+    default: object
+    reloadable: bool
+    doc: str
+    choices: tuple[str, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    inherit: str | None = None
+    default_doc: str | None = None
+
+
+def _S(name, kind, default, doc, reload=True, **kw):
+    return Setting(name, "pgmp", kind, default, reload, doc, **kw)
+
+
+def _D(name, kind, default, doc, **kw):
+    return Setting(name, "databases", kind, default, True, doc, **kw)
+
+
+def _U(name, kind, default, doc, **kw):
+    return Setting(name, "users", kind, default, True, doc, **kw)
+
+
+KB, MB, GB = 1024, 1024 ** 2, 1024 ** 3
+POOL_MODES = ("session", "transaction", "statement")
+AUTH_QUERY = ("SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END"
+              " FROM pg_catalog.pg_authid WHERE rolname = $1 AND rolcanlogin")
+
+SCHEMA: tuple[Setting, ...] = (
+    # --- where clients connect (these need new sockets: restart) ---
+    _S("listen_addr", "addrs", "127.0.0.1", 'Addresses for TCP clients: one, a list, or "*" for all (0.0.0.0 and ::); "" accepts unix socket clients only.', reload=False),
+    _S("listen_port", "int", 6432, "TCP port to listen on; also names the unix socket .s.PGSQL.<port>.", reload=False, low=1, high=65535),
+    _S("unix_socket_dir", "path", "/tmp", 'Directory of the unix socket .s.PGSQL.<port>; "" disables the unix socket.', reload=False),
+    _S("unix_socket_mode", "mode", "0777", 'Permissions of the unix socket file, in octal (0o777 or "0777").', reload=False),
+    # --- authentication ---
+    _S("auth_type", "enum", "scram-sha-256", "How clients prove who they are: trust (no password), password (cleartext), md5 or scram-sha-256.", choices=("trust", "password", "md5", "scram-sha-256")),
+    _S("auth_file", "path", "", 'Userlist of "user" "password-or-hash" lines; required unless auth_type is trust.'),
+    _S("auth_user", "str", "", 'Server user that runs auth_query for clients missing from auth_file; "" disables auth_query.'),
+    _S("auth_query", "str", AUTH_QUERY, "Query run as auth_user that returns (user name, password hash) for the user name $1; NULL hash = no login."),
+    _S("hba_file", "path", "", 'pg_hba.conf-style rules of which client may reach which database, and how; "" lets any client try auth_type.'),
+    # --- pools ---
+    _S("pool_mode", "enum", "session", "When a server returns to the pool: session (client leaves), transaction (transaction ends) or statement (statement ends).", choices=POOL_MODES),
+    _S("default_pool_size", "int", 20, "Server connections per (database, user) pool, for the whole instance (split across workers).", low=0),
+    _S("min_pool_size", "int", 0, "Server connections each pool keeps open even when idle.", low=0),
+    _S("reserve_pool_size", "int", 0, "Extra server connections a pool may open once a client has waited reserve_pool_timeout.", low=0),
+    _S("reserve_pool_timeout", "duration", 5, "How long a client waits for a server before its pool may use the reserve.", low=0),
+    _S("max_client_conn", "int", 1000, "Client connections open at once, for the whole instance; more are refused with 53300.", low=1),
+    _S("max_db_connections", "int", 0, "Server connections per database over all its pools (0 = unlimited).", low=0),
+    _S("max_user_connections", "int", 0, "Server connections per user over all their pools (0 = unlimited).", low=0),
+    # --- memory bounds ---
+    _S("max_message_size", "size", GB, "Largest protocol message length accepted from a client or server; a bigger one ends the connection.", low=KB, high=GB),
+    _S("buffer_size", "size", 65536, "Receive buffer per connection; a larger message is streamed through, not assembled.", low=4096, high=GB),
+    _S("max_unsent", "size", 262144, "Bytes queued for one destination before pgmp stops reading from its source (backpressure).", low=4096, high=GB),
+    # --- processes ---
+    _S("workers", "int", 0, "Worker processes, each with its own listener and pools (0 = one per CPU).", reload=False, low=0, high=1024),
+    _S("shutdown_timeout", "duration", 30, "On SIGTERM, how long clients may finish their transactions before they are closed.", low=0),
+    # --- timeouts ---
+    _S("client_login_timeout", "duration", 60, "Time a client has to finish startup and authentication (0 = unlimited).", low=0),
+    _S("server_connect_timeout", "duration", 15, "Time allowed to connect and log in to a server.", low=0),
+    _S("server_login_retry", "duration", 15, "After a failed connect or login to a server, wait this long before trying it again.", low=0),
+    _S("server_idle_timeout", "duration", 600, "Close a pooled server connection unused for this long (0 = never).", low=0),
+    _S("server_lifetime", "duration", 3600, "Close a server connection at its next release once it is this old (0 = never).", low=0),
+    _S("server_check_delay", "duration", 30, "Run server_check_query on a pooled server idle this long before reusing it (0 = every time).", low=0),
+    _S("server_check_query", "str", "select 1", 'Query that checks an idle server before reuse; "" disables the check.'),
+    _S("server_reset_query", "str", "DISCARD ALL", 'Query run on a server when its client session ends (session mode); "" runs none.'),
+    _S("server_reset_query_always", "bool", False, "Also run server_reset_query at each release in transaction and statement modes."),
+    _S("query_timeout", "duration", 0, "Cancel a query that runs longer than this (0 = off).", low=0),
+    _S("query_wait_timeout", "duration", 120, "Disconnect a client that has waited this long for a server (0 = wait forever).", low=0),
+    _S("idle_transaction_timeout", "duration", 0, "Disconnect a client idle inside a transaction for this long (0 = off).", low=0),
+    _S("client_idle_timeout", "duration", 0, "Disconnect a client idle outside a transaction for this long (0 = off).", low=0),
+    _S("cancel_wait_timeout", "duration", 10, "Drop a cancel request that cannot reach its server within this time (0 = wait forever).", low=0),
+    # --- session state ---
+    _S("max_prepared_statements", "int", 200, "Protocol-level prepared statements kept per server connection in transaction and statement modes (0 = not supported).", low=0),
+    _S("track_extra_parameters", "strlist", ["IntervalStyle"], "Client parameters kept per client and set on each server it gets, besides client_encoding, DateStyle, TimeZone, standard_conforming_strings and application_name."),
+    _S("application_name_add_host", "bool", False, "Append the client's address and port to its application_name at login."),
+    _S("tcp_keepalive", "bool", True, "Turn on TCP keepalive, with the kernel's timings, on client and server sockets."),
+    # --- logging and files ---
+    _S("logfile", "path", "", 'File to append the log to, reopened on reload; "" logs to stderr (the journal under systemd).'),
+    _S("log_level", "enum", "info", "Least severe log messages written.", choices=("debug", "info", "warning", "error")),
+    _S("log_connections", "bool", True, "Log each client login."),
+    _S("log_disconnections", "bool", True, "Log each client disconnection and its reason."),
+    _S("pidfile", "path", "", 'File the master writes its pid to; "" writes none.', reload=False),
+    _S("control_socket", "path", "", "Unix socket that pgmp status, stats and reload talk to the master on.", reload=False,
+       default_doc="\".pgmp.<listen_port>.ctl\" in the pidfile's directory, "
+                   "or /tmp/.pgmp.<listen_port>.ctl without a pidfile"),
+    # --- TLS to clients ---
+    _S("client_tls_mode", "enum", "disable", "TLS for clients: disable, allow and prefer (accept it), require (refuse plaintext), verify-ca and verify-full (also require a certificate signed by client_tls_ca_file).", choices=("disable", "allow", "prefer", "require", "verify-ca", "verify-full")),
+    _S("client_tls_cert_file", "path", "", "PEM certificate (chain) pgmp presents to clients; needed when client_tls_mode is not disable."),
+    _S("client_tls_key_file", "path", "", 'PEM private key of client_tls_cert_file; "" = the key is in the certificate file.'),
+    _S("client_tls_ca_file", "path", "", "PEM CA bundle that signs client certificates; needed for verify-ca and verify-full."),
+    _S("client_tls_min_version", "enum", "TLSv1.2", "Oldest TLS version accepted from clients.", choices=("TLSv1.2", "TLSv1.3")),
+    _S("client_tls_ciphers", "str", "", 'OpenSSL cipher list for TLSv1.2 client connections; "" = Python\'s defaults.'),
+    # --- TLS to servers ---
+    _S("server_tls_mode", "enum", "disable", "TLS to servers: disable, prefer (use it if offered), require (no certificate check), verify-ca (check the chain), verify-full (also the host name).", choices=("disable", "prefer", "require", "verify-ca", "verify-full")),
+    _S("server_tls_ca_file", "path", "", 'PEM CA bundle for checking server certificates; "" = the system\'s CAs.'),
+    _S("server_tls_cert_file", "path", "", 'PEM client certificate presented to servers; "" presents none.'),
+    _S("server_tls_key_file", "path", "", 'PEM private key of server_tls_cert_file; "" = the key is in the certificate file.'),
+    # --- [databases.<name>] ---
+    _D("host", "host", "127.0.0.1", "Server host name or IP address, or a unix socket directory (starts with /)."),
+    _D("port", "int", 5432, "Server port (for a socket directory: the .s.PGSQL.<port> file).", low=1, high=65535),
+    _D("dbname", "str", None, "Database name on the server.", default_doc='the section name; for "*", the name the client asked for'),
+    _D("user", "str", "", 'Server user for every client of this database; "" = each client\'s own user.'),
+    _D("password", "str", "", 'Password of user; "" = taken from auth_file, or the client\'s own credentials.'),
+    _D("pool_size", "int", None, "Server connections per (database, user) pool of this database.", low=0, inherit="default_pool_size"),
+    _D("min_pool_size", "int", None, "Server connections each pool of this database keeps open when idle.", low=0, inherit="min_pool_size"),
+    _D("reserve_pool_size", "int", None, "Reserve connections per pool of this database.", low=0, inherit="reserve_pool_size"),
+    _D("pool_mode", "enum", None, "Pool mode of this database.", choices=POOL_MODES, inherit="pool_mode"),
+    _D("max_db_connections", "int", None, "Server connections to this database over all its pools (0 = unlimited).", low=0, inherit="max_db_connections"),
+    _D("connect_query", "str", "", 'Query run once on each new server connection after login; "" runs none.'),
+    _D("application_name", "str", "", 'application_name of server connections whose client sets none; "" sets none.'),
+    # --- [users.<name>] ---
+    _U("pool_mode", "enum", None, "Pool mode of this user's pools; wins over the database's.", choices=POOL_MODES,
+       default_doc="the database's pool_mode"),
+    _U("max_user_connections", "int", None, "Server connections of this user over all pools (0 = unlimited).", low=0, inherit="max_user_connections"),
+)
+
+
+def describe_settings() -> list[Setting]:
+    """Every setting, in schema order ([pgmp], then databases, then users)."""
+    return list(SCHEMA)
+
+
+def _settings(section: str) -> dict[str, Setting]:
+    return {s.name: s for s in SCHEMA if s.section == section}
+
+
+# ----------------------------------------------------------------- parsing
+
+class _Invalid(ValueError):
+    """A value does not fit its setting; the message says what was expected."""
+
+
+def _show(value: object) -> str:
+    """A value as the operator wrote it, for error messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return repr(value)
+
+
+def _range_text(s: Setting, fmt=str) -> str:
+    if s.low is not None and s.high is not None:
+        return f" {fmt(s.low)}..{fmt(s.high)}"
+    if s.low is not None:
+        return f" >= {fmt(s.low)}"
+    return ""
+
+
+def _check_range(s: Setting, n: float, expected: str) -> None:
+    if (s.low is not None and n < s.low) or (s.high is not None and n > s.high):
+        raise _Invalid(expected)
+
+
+def _parse_str(s: Setting, v: object) -> str:
+    if not isinstance(v, str):
+        raise _Invalid(f"expected a string, got {_show(v)}")
+    if "\0" in v:
+        raise _Invalid("must not contain a NUL character")
+    return v
+
+
+def _parse_host(s: Setting, v: object) -> str:
+    v = _parse_str(s, v)
+    if not v or any(c.isspace() for c in v):
+        raise _Invalid(f"expected a host name, IP address or socket directory, got {_show(v)}")
+    return v
+
+
+def _parse_int(s: Setting, v: object) -> int:
+    expected = f"expected an integer{_range_text(s)}, got {_show(v)}"
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise _Invalid(expected)
+    _check_range(s, v, expected)
+    return v
+
+
+def _parse_bool(s: Setting, v: object) -> bool:
+    if not isinstance(v, bool):
+        raise _Invalid(f"expected true or false, got {_show(v)}")
+    return v
+
+
+def _parse_enum(s: Setting, v: object) -> str:
+    if v not in s.choices:
+        raise _Invalid(f"expected one of {', '.join(s.choices)}; got {_show(v)}")
+    return v
+
+
+_DURATION_UNITS = {"": 1.0, "us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE_UNITS = {"": 1, "b": 1, "kb": KB, "mb": MB, "gb": GB, "tb": 1024 * GB}
+_NUMBER_UNIT = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
+
+
+def _parse_duration(s: Setting, v: object) -> float:
+    expected = (f"expected a duration in seconds{_range_text(s)} (a number, or a string like"
+                f' "500ms", "30s", "5min", "1h"), got {_show(v)}')
+    if isinstance(v, str):
+        m = _NUMBER_UNIT.fullmatch(v)
+        if not m or m[2] not in _DURATION_UNITS:
+            raise _Invalid(expected)
+        seconds = float(m[1]) * _DURATION_UNITS[m[2]]
+    elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        seconds = float(v)
+    else:
+        raise _Invalid(expected)
+    _check_range(s, seconds, expected)
+    return seconds
+
+
+def _human_size(n: float) -> str:
+    for unit, factor in (("GB", GB), ("MB", MB), ("kB", KB)):
+        if n >= factor and n % factor == 0:
+            return f"{int(n // factor)}{unit}"
+    return str(int(n))
+
+
+def _parse_size(s: Setting, v: object) -> int:
+    expected = (f"expected a size in bytes{_range_text(s, _human_size)} (an integer, or a string like"
+                f' "64kB", "1MB", "1GB"), got {_show(v)}')
+    if isinstance(v, str):
+        m = _NUMBER_UNIT.fullmatch(v)
+        if not m or m[2].lower() not in _SIZE_UNITS:
+            raise _Invalid(expected)
+        size = int(float(m[1]) * _SIZE_UNITS[m[2].lower()])
+    elif isinstance(v, int) and not isinstance(v, bool):
+        size = v
+    else:
+        raise _Invalid(expected)
+    _check_range(s, size, expected)
+    return size
+
+
+def _parse_mode(s: Setting, v: object) -> int:
+    expected = f'expected an octal file mode 0..0777 (0o777 or "0777"), got {_show(v)}'
+    if isinstance(v, str) and re.fullmatch(r"(0o?)?[0-7]{1,4}", v):
+        mode = int(v.removeprefix("0o"), 8)
+    elif isinstance(v, int) and not isinstance(v, bool):
+        mode = v
+    else:
+        raise _Invalid(expected)
+    if not 0 <= mode <= 0o777:
+        raise _Invalid(expected + (" (a decimal number: write 0o777)" if isinstance(v, int) else ""))
+    return mode
+
+
+def _parse_strlist(s: Setting, v: object) -> tuple[str, ...]:
+    """A list of strings; a single comma-separated string is read as PgBouncer does."""
+    items = v.split(",") if isinstance(v, str) else v
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise _Invalid(f"expected a list of strings, got {_show(v)}")
+    items = [i.strip() for i in items if i.strip()]
+    for item in items:
+        if "\0" in item or any(c.isspace() for c in item):
+            raise _Invalid(f"{item!r} is not a name (no spaces or NUL)")
+    return tuple(dict.fromkeys(items))
+
+
+def _parse_addrs(s: Setting, v: object) -> tuple[str, ...]:
+    """Listen addresses: "*" is every IPv4 and IPv6 address; "" is none (unix socket only)."""
+    addrs = _parse_strlist(s, v)
+    expanded: list[str] = []
+    for addr in addrs:
+        expanded += ["0.0.0.0", "::"] if addr == "*" else [addr]
+    return tuple(dict.fromkeys(expanded))
+
+
+_PARSERS = {
+    "str": _parse_str, "path": _parse_str, "host": _parse_host, "int": _parse_int,
+    "bool": _parse_bool, "enum": _parse_enum, "duration": _parse_duration, "size": _parse_size,
+    "mode": _parse_mode, "strlist": _parse_strlist, "addrs": _parse_addrs,
+}
+_PYTYPES = {
+    "str": str, "path": str, "host": str, "int": int, "bool": bool, "enum": str, "duration": float,
+    "size": int, "mode": int, "strlist": tuple[str, ...], "addrs": tuple[str, ...],
+}
+
+
+# ----------------------------------------------------------------- records
+
+def _field(s: Setting) -> tuple:
+    pytype = _PYTYPES[s.kind]
+    if s.default is None and not s.inherit:
+        pytype = pytype | None
+    return s.name, pytype, field(repr=s.name != "password")  # keep passwords out of logs
+
+
+def _record(name: str, section: str, doc: str, head=(), tail=(), namespace=None):
+    """A frozen dataclass with one field per setting of ``section``."""
+    fields = [_field(s) for s in SCHEMA if s.section == section]
+    cls = dataclasses.make_dataclass(name, [*head, *fields, *tail], frozen=True, namespace=namespace)
+    cls.__module__, cls.__doc__ = __name__, doc
+    return cls
+
+
+def _unix_socket_path(directory: str, port: int) -> str:
+    return os.path.join(directory, f".s.PGSQL.{port}") if directory else ""
+
+
+DatabaseConfig = _record(
+    "DatabaseConfig", "databases", "A [databases.<name>] section, with inherited values filled in.",
+    head=[("name", str)])
+UserConfig = _record(
+    "UserConfig", "users", "A [users.<name>] section; pool_mode is None when the user does not set it.",
+    head=[("name", str)])
+Config = _record(
+    "Config", "pgmp",
+    "A validated config: every [pgmp] setting as an attribute (durations in float seconds, "
+    "sizes in int bytes, paths absolute), plus the databases and users sections.",
+    head=[("path", str)],
+    tail=[("databases", dict), ("users", dict)],
+    namespace={"unix_socket_path": property(
+        lambda cfg: _unix_socket_path(cfg.unix_socket_dir, cfg.listen_port),
+        doc='The unix socket file clients connect to, "" when disabled.')})
+
+
+# ----------------------------------------------------------------- loading
+
+def _section_label(section: str, name: str | None = None) -> str:
+    """How a section is written in the file: [pgmp], [databases.appdb], [databases."*"]."""
+    if name is None:
+        return f"[{section}]"
+    key = name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name)
+    return f"[{section}.{key}]"
+
+
+def _section_pattern(section: str) -> str:
+    """A section in documentation: [pgmp], [databases.<name>], [users.<name>]."""
+    return "[pgmp]" if section == "pgmp" else f"[{section}.<name>]"
+
+
+def _suggest(word: str, candidates, fmt: str = "{}") -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {fmt.format(close[0])}?" if close else ""
+
+
+class _Loader:
+    """Turns the parsed TOML document into a Config, collecting every problem on the way."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.base = os.getcwd() if path == "<string>" else os.path.dirname(path)
+        self.errors: list[str] = []
+
+    def error(self, *parts: str) -> None:
+        """Record a problem: error("[pgmp] listen_port", "expected ...") or error("whole message")."""
+        self.errors.append(f"{self.path}: " + ": ".join(parts))
+
+    def values(self, label: str, section: str, table: dict, **defaults) -> dict:
+        """Parse one section's table: unknown keys, then each setting's value or default."""
+        schema = _settings(section)
+        for key in table:
+            if key in schema:
+                continue
+            home = [_section_pattern(o) for o in SECTIONS if o != section and key in _settings(o)]
+            where = f" here; it belongs in {' or '.join(home)}" if home else ""
+            self.error(f"{label} {key}", f"unknown setting{where}{_suggest(key, schema)}")
+        out = {}
+        for s in schema.values():
+            if s.name not in table and s.inherit:
+                out[s.name] = defaults[s.inherit]
+                continue
+            raw = table.get(s.name, s.default)
+            try:
+                out[s.name] = None if raw is None else self.resolve(s, _PARSERS[s.kind](s, raw))
+            except _Invalid as e:
+                self.error(f"{label} {s.name}", str(e))
+                out[s.name] = None
+        return out
+
+    def resolve(self, s: Setting, value):
+        if s.kind == "path" and value:
+            return os.path.normpath(os.path.join(self.base, value))
+        return value
+
+    def tables(self, doc: dict, section: str) -> dict[str, dict]:
+        """The named sub-tables of [databases] or [users]."""
+        tables = doc.get(section, {})
+        if not isinstance(tables, dict):
+            self.error(f"{section} must be tables like {_section_pattern(section)}, got {_show(tables)}")
+            return {}
+        out = {}
+        for name, table in tables.items():
+            label = _section_label(section, name)
+            if name == "" or "\0" in name:
+                self.error(f"{label}: a {section[:-1]} name must be non-empty and contain no NUL")
+            elif not isinstance(table, dict):
+                example = ", ".join(list(_settings(section))[:3])
+                pgbouncer = " (pgmp does not read PgBouncer connect strings)" if isinstance(table, str) else ""
+                self.error(f"[{section}] {name}", f"expected a table {label} with settings such as "
+                                                  f"{example}, got {_show(table)}{pgbouncer}")
+            else:
+                out[name] = table
+        return out
+
+    def load(self, doc: dict) -> Config:
+        for key in (k for k in doc if k not in SECTIONS):
+            if key in _settings("pgmp"):
+                self.error(f"{key} is outside any section; put it under [pgmp]")
+            else:
+                self.error(f"unknown section [{key}]{_suggest(key, SECTIONS, '[{}]')}"
+                           " (sections: [pgmp], [databases.<name>], [users.<name>])")
+        top = doc.get("pgmp", {})
+        if not isinstance(top, dict):
+            self.error(f"pgmp must be the [pgmp] table, got {_show(top)}")
+            top = {}
+        g = self.values("[pgmp]", "pgmp", top)
+        databases = {name: self.database(name, table, g)
+                     for name, table in self.tables(doc, "databases").items()}
+        users = {name: self.user(name, table, g) for name, table in self.tables(doc, "users").items()}
+        if not self.errors:
+            self.check(g)
+        if self.errors:
+            raise ConfigError("\n".join(self.errors), self.errors)
+        return Config(path=self.path, databases=databases, users=users, **g)
+
+    def database(self, name: str, table: dict, g: dict) -> DatabaseConfig:
+        label = _section_label("databases", name)
+        db = self.values(label, "databases", table, **g)
+        if db["dbname"] is None:
+            db["dbname"] = "" if name == "*" else name  # "*": filled in by database_for()
+        elif db["dbname"] == "":
+            self.error(f"{label} dbname", "must not be empty (leave it out to use the section name)")
+        own = "pool_size" in table or "min_pool_size" in table  # else [pgmp]'s check reports it
+        low, high = db["min_pool_size"], db["pool_size"]
+        if own and None not in (low, high) and low > high:
+            self.error(f"{label} min_pool_size", f"{low} is larger than pool_size {high}")
+        return DatabaseConfig(name=name, **db)
+
+    def user(self, name: str, table: dict, g: dict) -> UserConfig:
+        return UserConfig(name=name, **self.values(_section_label("users", name), "users", table, **g))
+
+    def check(self, g: dict) -> None:
+        """Rules that involve more than one [pgmp] setting; fills in the derived control_socket."""
+        if g["auth_type"] != "trust" and not g["auth_file"]:
+            self.error("[pgmp] auth_file", f'auth_type = "{g["auth_type"]}" needs an auth_file '
+                       '(lines of "user" "password"); set auth_file, or auth_type = "trust"')
+        if g["min_pool_size"] > g["default_pool_size"]:
+            self.error("[pgmp] min_pool_size",
+                       f"{g['min_pool_size']} is larger than default_pool_size {g['default_pool_size']}")
+        if not g["listen_addr"] and not g["unix_socket_dir"]:
+            self.error("[pgmp] listen_addr",
+                       'nothing to listen on: listen_addr and unix_socket_dir are both ""')
+        tls = g["client_tls_mode"]
+        if tls != "disable" and not g["client_tls_cert_file"]:
+            self.error("[pgmp] client_tls_cert_file", f'client_tls_mode = "{tls}" needs a certificate')
+        if tls in ("verify-ca", "verify-full") and not g["client_tls_ca_file"]:
+            self.error("[pgmp] client_tls_ca_file",
+                       f'client_tls_mode = "{tls}" needs the CA that signs client certificates')
+        if not g["control_socket"]:
+            run_dir = os.path.dirname(g["pidfile"]) if g["pidfile"] else "/tmp"
+            g["control_socket"] = os.path.join(run_dir, f".pgmp.{g['listen_port']}.ctl")
+        unix_socket = _unix_socket_path(g["unix_socket_dir"], g["listen_port"])
+        for name, sock in (("unix_socket_dir", unix_socket), ("control_socket", g["control_socket"])):
+            if len(os.fsencode(sock)) > UNIX_PATH_MAX:
+                self.error(f"[pgmp] {name}", f"socket path {sock!r} is longer than {UNIX_PATH_MAX} bytes")
+
+
+def loads(text: str, path: str = "<string>") -> Config:
+    """Parse and validate config text; relative paths resolve against dirname(path) (cwd for "<string>")."""
+    if path != "<string>":
+        path = os.path.abspath(path)
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    return _Loader(path).load(doc)
+
+
+def load(path: str) -> Config:
+    """Read, parse and validate the config file at ``path``."""
+    path = os.path.abspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: invalid TOML: not UTF-8 (at line {line}, byte {e.start})") from None
+    return loads(text, path)
+
+
+# ----------------------------------------------------------------- queries
+
+def database_for(cfg: Config, name: str) -> DatabaseConfig | None:
+    """The database a client asking for ``name`` gets: its own section, else the "*" fallback."""
+    if name in cfg.databases:
+        return cfg.databases[name]
+    fallback = cfg.databases.get("*")
+    if fallback is None:
+        return None
+    return dataclasses.replace(fallback, name=name, dbname=fallback.dbname or name)
+
+
+def pool_mode_for(db: DatabaseConfig, user: UserConfig | None) -> str:
+    """The pool mode of a (database, user) pool: the user's if set, else the database's."""
+    return user.pool_mode if user is not None and user.pool_mode else db.pool_mode
+
+
+def diff(old: Config, new: Config) -> tuple[list[str], list[str]]:
+    """(changed settings that apply on reload, changed settings that need a new worker generation).
+
+    Changed database and user sections are reported as "databases.<name>" and
+    "users.<name>"; they always apply on reload.
+    """
+    reload, restart = [], []
+    for s in SCHEMA:
+        if s.section == "pgmp" and getattr(old, s.name) != getattr(new, s.name):
+            (reload if s.reloadable else restart).append(s.name)
+    for section in ("databases", "users"):
+        a, b = getattr(old, section), getattr(new, section)
+        reload += [f"{section}.{n}" for n in sorted(a.keys() | b.keys()) if a.get(n) != b.get(n)]
+    return reload, restart
+
+
+# ----------------------------------------------------------------- documentation
+
+_KIND_TEXT = {
+    "str": "string", "path": "path (relative: to the config file's directory)", "host": "host or socket directory", "bool": "boolean",
+    "mode": "octal file mode", "strlist": "list of strings", "addrs": "address or list of addresses",
+}
+
+
+def _type_text(s: Setting) -> str:
+    if s.kind == "enum":
+        return "one of " + " | ".join(s.choices)
+    if s.kind == "int":
+        return "integer" + _range_text(s)
+    if s.kind == "duration":
+        return "duration in seconds" + _range_text(s) + ' (or "500ms", "30s", "5min", "1h")'
+    if s.kind == "size":
+        return "size in bytes" + _range_text(s, _human_size) + ' (or "64kB", "1MB", "1GB")'
+    return _KIND_TEXT[s.kind]
+
+
+def _default_text(s: Setting) -> str:
+    if s.default_doc:
+        return s.default_doc
+    if s.inherit:
+        return f"inherited from [pgmp] {s.inherit}"
+    if s.kind in ("int", "duration"):
+        return f"{s.default:g}" if isinstance(s.default, float) else str(s.default)
+    if s.kind == "size":
+        human = _human_size(s.default)
+        return str(s.default) if human == str(s.default) else f"{s.default} ({human})"
+    if s.kind == "bool":
+        return "true" if s.default else "false"
+    if isinstance(s.default, list):
+        return "[" + ", ".join(f'"{v}"' for v in s.default) + "]"
+    return f'"{s.default}"'
+
+
+def render_settings_table() -> str:
+    """Plain-text reference of every setting, one block each (for `pgmp config check`)."""
+    blocks = []
+    for s in SCHEMA:
+        label = _section_pattern(s.section)
+        doc = textwrap.fill(s.doc, width=78, initial_indent="    ", subsequent_indent="    ")
+        blocks.append(f"{label} {s.name}\n"
+                      f"    type: {_type_text(s)}\n"
+                      f"    default: {_default_text(s)}\n"
+                      f"    reload: {'yes' if s.reloadable else 'no (restart)'}\n"
+                      f"{doc}\n")
+    return "\n".join(blocks)
+
+
+def _roff(text: str) -> str:
+    """One line of roff text: backslashes escaped, "-" kept a copyable ASCII hyphen."""
+    text = text.replace("\\", "\\e").replace("-", "\\-")
+    return "\\&" + text if text[:1] in (".", "'") else text
+
+
+def render_man_settings() -> str:
+    """The settings list of pgmp.toml(5) in roff: a .SS per section, a .TP per setting."""
+    out = []
+    for section in SECTIONS:
+        out.append(f'.SS "{_section_pattern(section)}"')
+        for s in (s for s in SCHEMA if s.section == section):
+            out += [".TP", f".B {s.name}", _roff(s.doc), ".br",
+                    _roff(f"Type: {_type_text(s)}."), ".br",
+                    _roff(f"Default: {_default_text(s)}."), ".br",
+                    "Reload: " + ("yes." if s.reloadable else "no, needs a restart.")]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,343 @@
+"""The worker's IO loop: one selector, a timer heap, and the only code that calls accept, recv and send.
+
+Connections are :class:`Endpoint` objects. An endpoint reads into the
+loop's shared scratch buffer and hands the bytes to its ``on_data``; what it
+cannot send at once is copied into its own unsent queue and the loop is
+told to wait for writability. Memory per idle connection is therefore the
+Python objects alone: no buffer is kept while nothing is pending.
+"""
+import errno
+import heapq
+import itertools
+import logging
+import selectors
+import socket
+
+log = logging.getLogger("pgmp")
+
+EVENT_READ = selectors.EVENT_READ
+EVENT_WRITE = selectors.EVENT_WRITE
+_BLOCKED = (BlockingIOError, InterruptedError)
+
+
+class Timer:
+    __slots__ = ("deadline", "fn", "args", "cancelled")
+
+    def __init__(self, deadline, fn, args):
+        self.deadline = deadline
+        self.fn = fn
+        self.args = args
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class Loop:
+    """A selectors loop with timers; ``run`` returns when ``stop()`` is called."""
+
+    def __init__(self, buffer_size: int = 65536, clock=None):
+        import time
+        self.clock = clock or time.monotonic
+        self.selector = selectors.DefaultSelector()
+        self.buffer_size = buffer_size
+        # room for one recv plus a carried-over partial frame of up to buffer_size
+        self.scratch = bytearray(2 * buffer_size)
+        self.view = memoryview(self.scratch)
+        self._timers: list = []
+        self._seq = itertools.count()
+        self.running = False
+        self.max_unsent = 4 * buffer_size
+
+    # -- timers --------------------------------------------------------------
+    def call_later(self, delay: float, fn, *args) -> Timer:
+        t = Timer(self.clock() + delay, fn, args)
+        heapq.heappush(self._timers, (t.deadline, next(self._seq), t))
+        return t
+
+    def _run_timers(self) -> float | None:
+        now = self.clock()
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, t = heapq.heappop(timers)
+            if not t.cancelled:
+                try:
+                    t.fn(*t.args)
+                except Exception:
+                    log.exception("timer callback %r failed", t.fn)
+        while timers and timers[0][2].cancelled:
+            heapq.heappop(timers)
+        if not timers:
+            return None
+        return max(0.0, timers[0][0] - self.clock())
+
+    # -- the loop ------------------------------------------------------------
+    def run(self):
+        self.running = True
+        select = self.selector.select
+        while self.running:
+            timeout = self._run_timers()
+            if timeout is None or timeout > 1.0:
+                timeout = 1.0
+            for key, mask in select(timeout):
+                ep = key.data
+                try:
+                    ep.handle_event(mask)
+                except Exception as exc:        # one connection's bug must not stop the worker
+                    log.exception("internal error on %s", ep)
+                    try:
+                        ep.fail(exc)
+                    except Exception:
+                        log.exception("error while closing %s", ep)
+
+    def stop(self):
+        self.running = False
+
+
+def _sent_split(views: list, sent: int) -> list[bytes]:
+    """Copies of the parts of ``views`` beyond the first ``sent`` bytes."""
+    rest = []
+    for v in views:
+        ln = len(v)
+        if sent >= ln:
+            sent -= ln
+            continue
+        rest.append(bytes(v[sent:]))
+        sent = 0
+    return rest
+
+
+class Endpoint:
+    """One non-blocking socket in the loop: reading, sending with an unsent queue, backpressure."""
+    __slots__ = ("loop", "sock", "fd", "outq", "unsent", "reading", "mask", "closed",
+                 "leftover", "skip", "paused_peer", "__weakref__")
+
+    def __init__(self, loop: Loop, sock: socket.socket, events: int = EVENT_READ):
+        self.loop = loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.outq: list = []
+        self.unsent = 0
+        self.reading = bool(events & EVENT_READ)
+        self.closed = False
+        self.leftover: bytes | None = None    # unprocessed bytes carried to the next read
+        self.skip = 0                          # bytes of a streamed frame still to pass through
+        self.paused_peer = None                # the endpoint that stopped reading because of us
+        self.mask = events
+        sock.setblocking(False)
+        loop.selector.register(sock, events, self)
+
+    # -- events --------------------------------------------------------------
+    def handle_event(self, mask: int):
+        if mask & EVENT_WRITE:
+            self.flush()
+        if mask & EVENT_READ and self.reading and not self.closed:
+            self.read()
+
+    def read(self):
+        loop = self.loop
+        lo = self.leftover
+        k = len(lo) if lo else 0
+        size = loop.buffer_size
+        try:
+            if k > size:
+                # a large partial frame being assembled (bounded by its type's limit)
+                chunk = self.sock.recv(size)
+                n = len(chunk)
+                if n:
+                    lo = lo + chunk
+                    self.leftover = None
+                    self.on_data(memoryview(lo), len(lo))
+                    return
+            else:
+                view = loop.view
+                if k:
+                    loop.scratch[:k] = lo
+                n = self.sock.recv_into(view[k:k + size])
+                if n:
+                    self.leftover = None
+                    self.on_data(view, k + n)
+                    return
+        except _BLOCKED:
+            return
+        except (ConnectionError, OSError) as exc:
+            self.on_eof(f"read error: {exc.strerror or exc}")
+            return
+        self.on_eof("closed by peer")
+
+    def kick(self):
+        """Process carried-over bytes now (after a state change made them processable)."""
+        lo = self.leftover
+        if lo and not self.closed:
+            self.leftover = None
+            self.on_data(memoryview(lo), len(lo))
+
+    # -- sending -------------------------------------------------------------
+    def send(self, data: bytes) -> None:
+        if self.closed or not data:
+            return
+        if self.outq:
+            self.outq.append(bytes(data))
+            self.unsent += len(data)
+            return
+        try:
+            sent = self.sock.send(data)
+        except _BLOCKED:
+            sent = 0
+        except OSError as exc:
+            self._write_failed(exc)
+            return
+        if sent < len(data):
+            rest = bytes(data[sent:])
+            self.outq.append(rest)
+            self.unsent += len(rest)
+            self._want_write()
+
+    def send_views(self, views: list) -> None:
+        """Send byte ranges (memoryviews into a buffer the caller will reuse) with one writev."""
+        if self.closed or not views:
+            return
+        if len(views) == 1:
+            self.send(views[0])
+            return
+        if self.outq:
+            for v in views:
+                self.outq.append(bytes(v))
+                self.unsent += len(v)
+            return
+        try:
+            sent = self.sock.sendmsg(views)
+        except _BLOCKED:
+            sent = 0
+        except OSError as exc:
+            if exc.errno == errno.EMSGSIZE:         # more ranges than IOV_MAX: send one by one
+                for v in views:
+                    self.send(v)
+                return
+            self._write_failed(exc)
+            return
+        total = sum(len(v) for v in views)
+        if sent < total:
+            rest = _sent_split(views, sent)
+            self.outq.extend(rest)
+            self.unsent += total - sent
+            self._want_write()
+
+    def _write_failed(self, exc: OSError):
+        """A send failed: drop what is queued and close from the loop, not from inside the caller."""
+        self.outq = []
+        self.unsent = 0
+        if not self.closed:
+            self.pause_reading()
+            self.loop.call_later(0, self._eof_later, f"write error: {exc.strerror or exc}")
+
+    def _eof_later(self, reason: str):
+        if not self.closed:
+            self.on_eof(reason)
+
+    def flush(self):
+        while self.outq and not self.closed:
+            try:
+                if len(self.outq) == 1:
+                    sent = self.sock.send(self.outq[0])
+                else:
+                    sent = self.sock.sendmsg(self.outq[:512])
+            except _BLOCKED:
+                return
+            except OSError as exc:
+                self._write_failed(exc)
+                return
+            self.unsent -= sent
+            rest = _sent_split(self.outq[:512], sent) + self.outq[512:]
+            self.outq = rest
+            if rest and sent == 0:
+                return
+        if not self.outq and not self.closed:
+            self._update_mask()
+            self.on_drained()
+
+    def on_drained(self):
+        """All queued data went out: resume the peer we paused."""
+        peer = self.paused_peer
+        if peer is not None:
+            self.paused_peer = None
+            peer.resume_reading()
+
+    @property
+    def congested(self) -> bool:
+        return self.unsent > self.loop.max_unsent
+
+    def hold_until_drained(self, src: "Endpoint"):
+        """Backpressure: stop reading ``src`` until our unsent data is gone."""
+        src.pause_reading()
+        self.paused_peer = src
+
+    # -- interest ------------------------------------------------------------
+    def _want_write(self):
+        self._update_mask()
+
+    def pause_reading(self):
+        if self.reading:
+            self.reading = False
+            self._update_mask()
+
+    def resume_reading(self):
+        if not self.reading and not self.closed:
+            self.reading = True
+            self._update_mask()
+
+    def _update_mask(self):
+        if self.closed:
+            return
+        mask = (EVENT_READ if self.reading else 0) | (EVENT_WRITE if self.outq else 0)
+        if mask != self.mask:
+            sel = self.loop.selector
+            if self.mask == 0:
+                sel.register(self.sock, mask, self)
+            elif mask == 0:
+                sel.unregister(self.sock)
+            else:
+                sel.modify(self.sock, mask, self)
+            self.mask = mask
+
+    # -- closing -------------------------------------------------------------
+    def close_socket(self):
+        if self.closed:
+            return
+        self.closed = True
+        if self.mask:
+            try:
+                self.loop.selector.unregister(self.sock)
+            except (KeyError, ValueError):
+                pass
+            self.mask = 0
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.outq = []
+        self.leftover = None
+        peer = self.paused_peer
+        if peer is not None:
+            self.paused_peer = None
+            peer.resume_reading()
+
+    def send_and_close(self, data: bytes):
+        """Best effort: send a final message (an ErrorResponse) and close."""
+        if not self.closed and data:
+            try:
+                if not self.outq:
+                    self.sock.send(data)
+            except OSError:
+                pass
+        self.close_socket()
+
+    # -- hooks ---------------------------------------------------------------
+    def on_data(self, view: memoryview, n: int):
+        raise NotImplementedError
+
+    def on_eof(self, reason: str):
+        raise NotImplementedError
+
+    def fail(self, exc: Exception):
+        self.on_eof(f"internal error: {exc!r}")

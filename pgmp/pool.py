@@ -1,0 +1,225 @@
+"""The pool: server connections for one (database, user) in this worker, and the clients queued for them.
+
+A pool never opens more servers than its share of the configured size. A
+released server that is clean is reset (``server_reset_query``) and handed to
+the first waiting client, or kept idle (most recently used first). The
+pool caches the parameters its first server reported, so later logins need
+no server round trip.
+"""
+import collections
+import logging
+import socket
+
+from pgmp import errors
+from pgmp.errors import PgmpError
+from pgmp.protocol import messages
+from pgmp.server import ServerState
+
+log = logging.getLogger("pgmp")
+
+
+def worker_share(total: int, workers: int, slot: int) -> int:
+    """This worker's part of an instance-wide limit: N workers never exceed ``total`` together."""
+    if total <= 0:
+        return 0
+    base, extra = divmod(total, workers)
+    return base + (1 if slot < extra else 0)
+
+
+class Pool:
+    __slots__ = ("worker", "db", "client_user", "name", "dbname", "server_user", "size", "mode",
+                 "idle", "servers", "connecting", "waiting", "login_waiters", "params",
+                 "password", "scram_keys", "secret", "last_error", "_addr")
+
+    def __init__(self, worker, db, client_user: str, size: int, mode: str):
+        self.worker = worker
+        self.db = db
+        self.client_user = client_user
+        self.name = f"{db.name}/{client_user}"
+        self.dbname = db.dbname
+        self.server_user = db.user or client_user
+        self.size = size
+        self.mode = mode
+        self.idle: list = []
+        self.servers: set = set()
+        self.connecting = 0
+        self.waiting: collections.deque = collections.deque()
+        self.login_waiters: list = []
+        self.params: dict[str, str] | None = None
+        self.password: str | None = db.password or None
+        self.scram_keys = None
+        self.secret = None
+        self.last_error: PgmpError | None = None
+        self._addr = None
+
+    def __repr__(self):
+        return f"<pool {self.name} servers={len(self.servers)} idle={len(self.idle)} waiting={len(self.waiting)}>"
+
+    # -- credentials -------------------------------------------------------------
+    def learn_credentials(self, auth, secret) -> None:
+        """Keep what a client's login taught pgmp to log in as that user (when no fixed password is set)."""
+        if self.db.password or (self.db.user and self.db.user != self.client_user):
+            return
+        self.secret = secret
+        if getattr(auth, "password", None):
+            self.password = auth.password
+        elif secret is not None and secret.kind == "plain":
+            self.password = secret.value
+        key = getattr(auth, "client_key", None)
+        if key is not None and secret is not None and secret.kind == "scram":
+            self.scram_keys = (key, secret.server_key)
+
+    # -- clients ---------------------------------------------------------------
+    def want_params(self, client) -> dict[str, str] | None:
+        """The login parameters, or None after queueing ``client`` until a server reports them."""
+        if self.params is not None:
+            return self.params
+        self.login_waiters.append(client)
+        if self.idle:
+            self.params = self.idle[-1].params
+            self._finish_logins()
+            return self.params
+        if self.connecting == 0:
+            if not self._open_server():
+                self.login_waiters.remove(client)
+                raise self._no_server_error()
+        return None
+
+    def request(self, client) -> None:
+        """``client`` needs a server: link one now, or queue the client (FIFO)."""
+        while self.idle:
+            srv = self.idle.pop()
+            if self.worker.server_expired(srv):
+                srv.close("server_lifetime reached")
+                continue
+            self._link(srv, client)
+            return
+        self.waiting.append(client)
+        self._grow()
+
+    def forget(self, client) -> None:
+        try:
+            self.waiting.remove(client)
+        except ValueError:
+            pass
+        try:
+            self.login_waiters.remove(client)
+        except ValueError:
+            pass
+
+    def _link(self, srv, client):
+        srv.state = ServerState.ACTIVE
+        srv.client = client
+        srv.last_used = self.worker.loop.clock()
+        client.attach(srv)
+
+    # -- servers -----------------------------------------------------------------
+    def _grow(self):
+        need = len(self.waiting) + (1 if self.login_waiters else 0)
+        while self.connecting < need and len(self.servers) < self.size:
+            if not self._open_server():
+                break
+        if self.size <= 0 and self.waiting:
+            self._fail_waiters(self._no_server_error())
+
+    def _no_server_error(self) -> PgmpError:
+        if self.size <= 0:
+            return PgmpError(errors.TOO_MANY_CONNECTIONS,
+                             f"no server connections allowed for pool {self.name} (pool size is 0 in this worker)")
+        return self.last_error or PgmpError(errors.CONNECTION_FAILURE, f"no server available for {self.name}")
+
+    def _open_server(self) -> bool:
+        if len(self.servers) >= self.size:
+            return False
+        srv = self.worker.open_server(self)
+        if srv is None:
+            return False
+        self.servers.add(srv)
+        self.connecting += 1
+        return True
+
+    def address(self):
+        """(family, sockaddr, text) of the server; resolved once per pool."""
+        if self._addr is None:
+            host, port = self.db.host, self.db.port
+            if host.startswith("/"):
+                path = f"{host}/.s.PGSQL.{port}"
+                self._addr = (socket.AF_UNIX, path, path)
+            else:
+                fam, _, _, _, sa = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+                self._addr = (fam, sa, f"{host}:{port}")
+        return self._addr
+
+    def server_ready(self, srv) -> None:
+        """A new server finished its login."""
+        self.connecting -= 1
+        self.last_error = None
+        if self.params is None:
+            self.params = dict(srv.params)
+        self._finish_logins()
+        self._put_idle(srv)
+
+    def _finish_logins(self):
+        waiters, self.login_waiters = self.login_waiters, []
+        for client in waiters:
+            client.finish_login(self.params)
+
+    def _put_idle(self, srv) -> None:
+        while self.waiting:
+            client = self.waiting.popleft()
+            if not client.closed:
+                self._link(srv, client)
+                return
+        srv.state = ServerState.IDLE
+        srv.last_used = self.worker.loop.clock()
+        self.idle.append(srv)
+
+    def release(self, srv, clean: bool, why: str = "") -> None:
+        """The client is done with ``srv``: reset and reuse it if clean, close it otherwise."""
+        srv.client = None
+        if not clean:
+            srv.close(f"client left with the server busy or in a transaction{why}")
+            return
+        if self.worker.server_expired(srv):
+            srv.close("server_lifetime reached")
+            return
+        reset = self.worker.config.server_reset_query
+        if reset and (self.mode == "session" or self.worker.config.server_reset_query_always):
+            srv.state = ServerState.RESET
+            srv.internal_query(messages.query(reset), self._reset_done)
+            return
+        self._put_idle(srv)
+
+    def _reset_done(self, srv, error) -> None:
+        if error is not None:
+            srv.close(f"server_reset_query failed: {error.message}")
+            return
+        srv.applied.clear()
+        self._put_idle(srv)
+
+    def server_closed(self, srv, exc: PgmpError | None, was) -> None:
+        self.servers.discard(srv)
+        if srv in self.idle:
+            self.idle.remove(srv)
+        if was in (ServerState.CONNECTING, ServerState.LOGIN):
+            self.connecting -= 1
+            if exc is not None:
+                self.last_error = exc
+                if self.connecting == 0 and not self.idle:
+                    # nothing else can serve the queue now: say why instead of letting clients hang
+                    self._fail_waiters(exc)
+                    return
+        self._grow()
+
+    def _fail_waiters(self, exc: PgmpError) -> None:
+        waiters = list(self.waiting) + self.login_waiters
+        self.waiting.clear()
+        self.login_waiters = []
+        for client in waiters:
+            client.fail(exc)
+
+    def close_all(self, reason: str) -> None:
+        for srv in list(self.servers):
+            if srv.state is ServerState.ACTIVE:
+                continue
+            srv.close(reason)

@@ -1,0 +1,75 @@
+"""Forward frames from one connection to another as byte ranges, calling back only for frames that need attention.
+
+``relay`` walks the bytes an endpoint received with that endpoint's current
+scanner. Frames whose type is not reported are forwarded as ranges of the
+input buffer without being looked at; a frame that does not fit in one read
+is streamed through (``src.skip`` counts the bytes still to pass), never
+assembled. Reported frames are given to ``src.on_frame``, which answers:
+
+- FORWARD: pass the frame on;
+- DROP: consume it here (pgmp answered or acted on it);
+- RESCAN: consume it, and scan the rest with the (changed) current scanner;
+- STOP: consume it, and keep the rest in ``src.leftover`` for later.
+
+Reported types that ``src.whole`` does not mark are "header only": when
+such a frame is split across reads, ``on_frame`` sees it at its header
+(with ``view`` None) and the body streams through.
+"""
+from pgmp.errors import PgmpError
+
+FORWARD, DROP, RESCAN, STOP = 0, 1, 2, 3
+
+
+class FramingError(PgmpError):
+    """A frame with a length or type the scanner refused; carries what and where."""
+
+
+def relay(src, view, n: int, out: list) -> None:
+    """Process ``view[0:n]`` received by ``src``; append the ranges to forward to ``out``."""
+    pos = 0
+    skip = src.skip
+    if skip:
+        take = skip if skip < n else n
+        out.append(view[0:take])
+        src.skip = skip - take
+        pos = take
+    while pos < n:
+        sc = src.scanner
+        k = sc.scan(view, pos, n)
+        fwd = pos
+        act = FORWARD
+        for i in range(k):
+            kind, off, ln = sc.frame(i)
+            act = src.on_frame(kind, view, off, ln)
+            if act:
+                if off > fwd:
+                    out.append(view[fwd:off])
+                fwd = off + ln
+                if act >= RESCAN:
+                    break
+        if act >= RESCAN:
+            pos = fwd
+            if act == STOP:
+                if pos < n:
+                    src.leftover = bytes(view[pos:n])
+                return
+            continue
+        end = sc.consumed
+        if end > fwd:
+            out.append(view[fwd:end])
+        pos = end
+        if sc.error:
+            src.framing_error(sc.error, view, end)
+            return
+        if sc.full:
+            continue
+        if pos < n:
+            pt = sc.partial_type
+            if pt >= 0 and not src.whole[pt]:
+                if src.flags[pt] & 1:
+                    src.on_frame(pt, None, pos, sc.partial_length)
+                out.append(view[pos:n])
+                src.skip = sc.partial_length - (n - pos)
+            else:
+                src.leftover = bytes(view[pos:n])
+        return

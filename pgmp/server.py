@@ -1,0 +1,289 @@
+"""pgmp's own connections to PostgreSQL: connect, log in, then carry one client's traffic at a time.
+
+:class:`ServerLogin` is the sans-IO login exchange; :class:`ServerConnection`
+is its IO glue in the worker loop.
+"""
+import enum
+import logging
+import os
+import socket
+
+from pgmp import errors
+from pgmp.errors import PgmpError, ServerProtocolError
+from pgmp.loop import EVENT_READ, EVENT_WRITE, Endpoint
+from pgmp.protocol import messages
+from pgmp.protocol.scanner import Scanner, make_flags
+from pgmp.relay import DROP, FORWARD, RESCAN, relay
+
+log = logging.getLogger("pgmp")
+
+SERVER_MAX_MESSAGE = 1 << 30
+_ALL = bytes(range(256))
+
+# Normal relay: ReadyForQuery, CopyInResponse and ParameterStatus need a look.
+NORMAL_FLAGS = make_flags(report=b"ZGS")
+# Login and internal queries: every frame is pgmp's own.
+ALL_FLAGS = make_flags(report=_ALL)
+WHOLE_ALL = bytes([1]) * 256
+NORMAL_WHOLE = bytes(1 if i in b"ZGS" else 0 for i in range(256))
+
+_normal_scanner = Scanner(NORMAL_FLAGS, SERVER_MAX_MESSAGE)
+_internal_scanner = Scanner(ALL_FLAGS, 1 << 20)
+
+
+class ServerState(enum.Enum):
+    CONNECTING = "connecting"
+    LOGIN = "login"
+    IDLE = "idle"            # in the pool
+    ACTIVE = "active"        # linked to a client
+    RESET = "reset"          # running the reset query before going idle
+    CLOSED = "closed"
+
+
+class ServerError(PgmpError):
+    """An ErrorResponse from the server during login or an internal query, kept whole for the client."""
+
+    def __init__(self, fields: dict[str, str]):
+        super().__init__(fields.get("C", errors.CONNECTION_FAILURE), fields.get("M", "server error"),
+                         severity=fields.get("S", "FATAL"), detail=fields.get("D"), hint=fields.get("H"))
+        self.fields = fields
+
+
+class ServerLogin:
+    """pgmp logging in to a server: StartupMessage, authentication, parameters, key, ReadyForQuery."""
+
+    def __init__(self, user: str, database: str, authenticator, startup_params: dict[str, str] | None = None):
+        self.user = user
+        self.database = database
+        self.auth = authenticator
+        self.startup_params = {"user": user, "database": database, **(startup_params or {})}
+        self.params: dict[str, str] = {}
+        self.backend_pid = 0
+        self.backend_secret = 0
+        self.done = False
+
+    def startup(self) -> bytes:
+        return messages.startup_message(self.startup_params)
+
+    def feed(self, kind: int, payload: bytes) -> bytes:
+        """One frame from the server; returns what to send back."""
+        if kind == 82:                                   # 'R'
+            code, data = messages.parse_auth_request(payload)
+            if code == messages.AUTH_OK:
+                return b""
+            return self.auth.feed(code, data)
+        if kind == 83:                                   # 'S'
+            name, value = messages.parse_parameter_status(payload)
+            self.params[name] = value
+            return b""
+        if kind == 75:                                   # 'K'
+            self.backend_pid, self.backend_secret = messages.parse_backend_key(payload)
+            return b""
+        if kind == 90:                                   # 'Z'
+            self.done = True
+            return b""
+        if kind == 69:                                   # 'E'
+            raise ServerError(messages.parse_fields(payload))
+        if kind in (78, 118):                            # 'N' notice, 'v' NegotiateProtocolVersion
+            return b""
+        raise ServerProtocolError(f"unexpected message type {chr(kind)!r} from server during login")
+
+
+class ServerConnection(Endpoint):
+    """One connection to PostgreSQL, owned by a pool."""
+    __slots__ = ("pool", "state", "login", "params", "applied", "client", "swallow", "swallow_error",
+                 "swallow_done", "backend_pid", "backend_secret", "scanner", "flags", "whole", "created",
+                 "last_used", "timer", "addr_text", "cancel_pending")
+
+    def __init__(self, loop, pool, sock: socket.socket, addr_text: str, login: ServerLogin):
+        super().__init__(loop, sock, EVENT_WRITE)
+        self.pool = pool
+        self.state = ServerState.CONNECTING
+        self.login = login
+        self.params: dict[str, str] = {}
+        self.applied: dict[str, str] = {}
+        self.client = None
+        self.swallow = 0
+        self.swallow_error: ServerError | None = None
+        self.swallow_done = None
+        self.backend_pid = 0
+        self.backend_secret = 0
+        self.scanner = _internal_scanner
+        self.flags = ALL_FLAGS
+        self.whole = WHOLE_ALL
+        self.created = loop.clock()
+        self.last_used = self.created
+        self.timer = None
+        self.addr_text = addr_text
+        self.cancel_pending = 0
+
+    def __repr__(self):
+        return f"<server {self.pool.name} {self.addr_text} pid={self.backend_pid} {self.state.value}>"
+
+    # -- connecting and login --------------------------------------------------
+    def handle_event(self, mask: int):
+        if self.state is ServerState.CONNECTING:
+            if mask & (EVENT_WRITE | EVENT_READ):
+                self._connected()
+            return
+        super().handle_event(mask)
+
+    def _connected(self):
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.abort(ServerProtocolError(
+                f"could not connect to server {self.addr_text}: {os.strerror(err)}"))
+            return
+        self.state = ServerState.LOGIN
+        self.reading = True
+        self._update_mask()
+        self.send(self.login.startup())
+
+    def on_data(self, view, n):
+        out: list = []
+        try:
+            relay(self, view, n, out)
+        except PgmpError as exc:
+            self.abort(exc)
+            return
+        if out:
+            client = self.client
+            if client is not None:
+                client.send_views(out)
+                if client.congested:
+                    client.hold_until_drained(self)
+            elif not self.closed:
+                self.abort(ServerProtocolError("server sent data while idle"), quiet=False)
+
+    def on_frame(self, kind, view, off, ln):
+        if self.scanner is _normal_scanner:
+            client = self.client
+            if kind == 90:                                   # ReadyForQuery
+                client.tx.server_ready(1, view[off + 5])
+                return FORWARD
+            if kind == 71:                                   # CopyInResponse
+                client.tx.server_copy_in()
+                return FORWARD
+            name, value = messages.parse_parameter_status(bytes(view[off + 5:off + ln]))
+            self._param_changed(name, value)
+            return FORWARD
+        payload = bytes(view[off + 5:off + ln])
+        if self.state is ServerState.LOGIN:
+            return self._login_frame(kind, payload)
+        # an internal query pgmp sent (session settings, reset): its answer is pgmp's
+        if kind == 90:
+            self.swallow -= 1
+            if self.swallow == 0:
+                self._swallowed()
+                return RESCAN
+            return DROP
+        if kind == 69 and self.swallow_error is None:
+            self.swallow_error = ServerError(messages.parse_fields(payload))
+        elif kind == 83:
+            name, value = messages.parse_parameter_status(payload)
+            self.params[name] = value
+            client = self.client
+            if client is not None and client.reported.get(name) != value:
+                client.reported[name] = value
+                return FORWARD
+        return DROP
+
+    def _login_frame(self, kind, payload):
+        try:
+            reply = self.login.feed(kind, payload)
+        except PgmpError as exc:
+            self.abort(exc)
+            return RESCAN
+        if reply:
+            self.send(reply)
+        if self.login.done:
+            self.params = self.login.params
+            self.backend_pid = self.login.backend_pid
+            self.backend_secret = self.login.backend_secret
+            self.login = None
+            if self.timer:
+                self.timer.cancel()
+                self.timer = None
+            self.state = ServerState.IDLE
+            log.debug("server login ok: %r", self)
+            self.pool.server_ready(self)
+            return RESCAN
+        return DROP
+
+    def _param_changed(self, name: str, value: str):
+        self.params[name] = value
+        self.applied.pop(name, None)
+        client = self.client
+        if client is not None:
+            client.reported[name] = value
+
+    # -- internal queries --------------------------------------------------------
+    def internal_query(self, query: bytes, done=None):
+        """Send a query whose answer pgmp consumes; ``done(self, error)`` runs at its ReadyForQuery."""
+        self.swallow += 1
+        self.swallow_done = done
+        self.scanner, self.flags, self.whole = _internal_scanner, ALL_FLAGS, WHOLE_ALL
+        self.send(query)
+
+    def _swallowed(self):
+        err, done = self.swallow_error, self.swallow_done
+        self.swallow_error = None
+        self.swallow_done = None
+        if self.state is ServerState.ACTIVE:
+            self.use_normal_scanner()
+        if done is not None:
+            done(self, err)
+
+    def use_normal_scanner(self):
+        self.scanner, self.flags, self.whole = _normal_scanner, NORMAL_FLAGS, NORMAL_WHOLE
+
+    # -- ending ----------------------------------------------------------------
+    def on_eof(self, reason: str):
+        if self.closed:
+            return
+        if self.state is ServerState.CONNECTING:
+            self.abort(ServerProtocolError(f"could not connect to server {self.addr_text}: {reason}"))
+            return
+        if self.state is ServerState.LOGIN:
+            self.abort(ServerProtocolError(f"server {self.addr_text} closed the connection during login"))
+            return
+        self.abort(ServerProtocolError("server closed the connection unexpectedly",
+                                       detail=f"{self.addr_text}: {reason}"), quiet=self.state is ServerState.IDLE)
+
+    def abort(self, exc: PgmpError, quiet: bool = False):
+        """Close this server connection and tell whoever depends on it why."""
+        if self.closed:
+            return
+        was = self.state
+        self.state = ServerState.CLOSED
+        if self.timer:
+            self.timer.cancel()
+            self.timer = None
+        self.close_socket()
+        log_fn = log.info if quiet else log.warning
+        log_fn("server connection closed: db=%s user=%s %s pid=%s state=%s: %s",
+               self.pool.dbname, self.pool.server_user, self.addr_text, self.backend_pid or "-", was.value, exc.message)
+        client = self.client
+        self.client = None
+        if client is not None:
+            client.server_lost(self, exc)
+        self.pool.server_closed(self, exc, was)
+
+    def close(self, reason: str):
+        """Close deliberately (pool decisions): Terminate first, so the server logs a clean exit."""
+        if self.closed:
+            return
+        if self.state not in (ServerState.CONNECTING,):
+            self.send(messages.terminate())
+        was = self.state
+        self.state = ServerState.CLOSED
+        if self.timer:
+            self.timer.cancel()
+            self.timer = None
+        self.close_socket()
+        log.info("server connection closed: db=%s user=%s %s pid=%s: %s",
+                 self.pool.dbname, self.pool.server_user, self.addr_text, self.backend_pid or "-", reason)
+        self.pool.server_closed(self, None, was)
+
+    def framing_error(self, code, view, off):
+        self.abort(ServerProtocolError(f"invalid message framing from server (scanner error {code})"))

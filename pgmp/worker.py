@@ -1,0 +1,281 @@
+"""A worker: one selectors loop serving its own listening sockets, client sessions and server pools.
+
+Workers share nothing. In foreground mode without a master (``pgmp start
+--single``), one worker runs in the main process and binds its own sockets.
+"""
+import logging
+import os
+import secrets as _secrets
+import signal
+import socket
+
+from pgmp import config as configmod
+from pgmp import errors
+from pgmp.auth.authfile import load_auth_file
+from pgmp.auth.server import ServerAuthenticator
+from pgmp.client import ClientConnection
+from pgmp.loop import EVENT_READ, EVENT_WRITE, Endpoint, Loop
+from pgmp.pool import Pool, worker_share
+from pgmp.protocol import messages
+from pgmp.server import ServerConnection, ServerLogin
+from pgmp.session import ClientState
+
+log = logging.getLogger("pgmp")
+
+# BackendKeyData pid: slot in bits 22..29, a per-worker sequence below (never 0).
+KEY_SLOT_SHIFT = 22
+KEY_SEQ_MASK = (1 << KEY_SLOT_SHIFT) - 1
+
+
+def slot_of_key(pid: int) -> int:
+    return (pid >> KEY_SLOT_SHIFT) & 0xFF
+
+
+class Listener(Endpoint):
+    """A listening socket: accepts in batches and makes client sessions."""
+    __slots__ = ("worker", "kind")
+
+    def __init__(self, worker, sock: socket.socket):
+        super().__init__(worker.loop, sock)
+        self.worker = worker
+        self.kind = "unix" if sock.family == socket.AF_UNIX else "tcp"
+
+    def read(self):
+        for _ in range(64):
+            try:
+                sock, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.error("accept failed on %s: %s", self.sock.getsockname(), exc.strerror or exc)
+                return
+            self.worker.accepted(sock, addr, self.kind)
+
+    def on_eof(self, reason):
+        pass
+
+
+class CancelConnection(Endpoint):
+    """A short connection that delivers one CancelRequest to a server and waits for it to hang up."""
+    __slots__ = ("packet", "connecting", "timer", "on_done")
+
+    def __init__(self, loop, sock, packet: bytes, timeout: float, on_done=None):
+        super().__init__(loop, sock, EVENT_WRITE)
+        self.packet = packet
+        self.connecting = True
+        self.on_done = on_done
+        self.timer = loop.call_later(timeout, self.on_eof, "cancel_wait_timeout")
+
+    def handle_event(self, mask):
+        if self.connecting:
+            self.connecting = False
+            if self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                self.on_eof("connect failed")
+                return
+            self.reading = True
+            self._update_mask()
+            self.send(self.packet)
+            return
+        super().handle_event(mask)
+
+    def on_data(self, view, n):
+        pass
+
+    def on_eof(self, reason):
+        if self.closed:
+            return
+        self.timer.cancel()
+        self.close_socket()
+        if self.on_done:
+            self.on_done()
+
+
+class Worker:
+    def __init__(self, config, slot: int = 0, nworkers: int = 1):
+        self.config = config
+        self.slot = slot
+        self.nworkers = nworkers
+        self.loop = Loop(config.buffer_size)
+        self.loop.max_unsent = config.max_unsent
+        self.secrets = load_auth_file(config.auth_file) if config.auth_file else {}
+        self.mock_seed = os.urandom(32)
+        self.pools: dict[tuple[str, str], Pool] = {}
+        self.keys: dict[int, ClientConnection] = {}
+        self.clients: set[ClientConnection] = set()
+        self._seq = 0
+        self.listeners: list[Listener] = []
+        self._signal_ep = None
+        self.stopping = False
+
+    # -- sockets -----------------------------------------------------------------
+    def listen_on(self, socks: list[socket.socket]):
+        for s in socks:
+            self.listeners.append(Listener(self, s))
+
+    def accepted(self, sock: socket.socket, addr, kind: str):
+        if kind == "tcp":
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.config.tcp_keepalive:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            peer = f"{addr[0]}:{addr[1]}"
+        else:
+            peer = "unix"
+        over = len(self.clients) >= worker_share(self.config.max_client_conn, self.nworkers, self.slot)
+        self.clients.add(ClientConnection(self, sock, peer, over_limit=over))
+
+    def client_closed(self, client):
+        self.clients.discard(client)
+        if client.key_pid and self.keys.get(client.key_pid) is client:
+            del self.keys[client.key_pid]
+
+    # -- pools ---------------------------------------------------------------------
+    def database_for(self, name: str):
+        return configmod.database_for(self.config, name)
+
+    def get_pool(self, db, user: str) -> Pool:
+        key = (db.name, user)
+        pool = self.pools.get(key)
+        if pool is None or pool.db != db:
+            mode = configmod.pool_mode_for(db, self.config.users.get(user))
+            size = worker_share(db.pool_size, self.nworkers, self.slot)
+            if pool is not None:                      # the database section changed on reload
+                pool.close_all("database settings changed")
+            pool = self.pools[key] = Pool(self, db, user, size, mode)
+        return pool
+
+    def open_server(self, pool: Pool):
+        try:
+            family, sockaddr, text = pool.address()
+        except OSError as exc:
+            pool.last_error = errors.PgmpError(errors.CONNECTION_FAILURE,
+                                               f"could not resolve server host {pool.db.host!r}: {exc}")
+            return None
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        if family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.config.tcp_keepalive:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        err = sock.connect_ex(sockaddr)
+        if err not in (0, 115, 11):                  # EINPROGRESS, EAGAIN (unix)
+            sock.close()
+            pool.last_error = errors.PgmpError(errors.CONNECTION_FAILURE,
+                                               f"could not connect to server {text}: {os.strerror(err)}")
+            return None
+        auth = ServerAuthenticator(pool.server_user, password=pool.password, scram_keys=pool.scram_keys,
+                                   secret=pool.secret)
+        extra = {}
+        if pool.db.application_name:
+            extra["application_name"] = pool.db.application_name
+        login = ServerLogin(pool.server_user, pool.dbname, auth, extra)
+        srv = ServerConnection(self.loop, pool, sock, text, login)
+        timeout = self.config.server_connect_timeout
+        if timeout > 0:
+            srv.timer = self.loop.call_later(timeout, self._server_login_timeout, srv)
+        return srv
+
+    def _server_login_timeout(self, srv):
+        srv.timer = None
+        from pgmp.server import ServerState
+        if srv.state in (ServerState.CONNECTING, ServerState.LOGIN):
+            srv.abort(errors.ServerProtocolError(
+                f"server_connect_timeout: no login to {srv.addr_text} within {self.config.server_connect_timeout:g}s"))
+
+    def server_expired(self, srv) -> bool:
+        life = self.config.server_lifetime
+        return life > 0 and self.loop.clock() - srv.created > life
+
+    # -- cancel keys ---------------------------------------------------------------
+    def new_cancel_key(self, client) -> tuple[int, int]:
+        while True:
+            self._seq = (self._seq + 1) & KEY_SEQ_MASK
+            if self._seq == 0:
+                continue
+            pid = (self.slot << KEY_SLOT_SHIFT) | self._seq
+            if pid not in self.keys:
+                break
+        self.keys[pid] = client
+        return pid, _secrets.randbits(32)
+
+    def cancel_request(self, pid: int, secret: int):
+        """A CancelRequest with pgmp's key: cancel the query on the client's server, if any."""
+        client = self.keys.get(pid)
+        if client is None or not _secrets.compare_digest(client.key_secret.to_bytes(4, "big"),
+                                                         secret.to_bytes(4, "big")):
+            log.debug("cancel request with unknown key ignored")
+            return
+        srv = client.server
+        if srv is None or not srv.backend_pid:
+            return
+        family, sockaddr, text = srv.pool.address()
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        err = sock.connect_ex(sockaddr)
+        if err not in (0, 115, 11):
+            sock.close()
+            return
+        srv.cancel_pending += 1
+
+        def done(srv=srv):
+            srv.cancel_pending -= 1
+
+        CancelConnection(self.loop, sock, messages.cancel_request(srv.backend_pid, srv.backend_secret),
+                         self.config.cancel_wait_timeout or 10, done)
+        log.info("cancel: user=%s db=%s server pid=%d", client.user, client.database, srv.backend_pid)
+
+    # -- running ---------------------------------------------------------------------
+    def run(self):
+        self._install_signals()
+        self.loop.run()
+
+    def _install_signals(self):
+        rsock, wsock = socket.socketpair()
+        wsock.setblocking(False)
+        self._signal_ep = _SignalPipe(self, rsock)
+        signal.set_wakeup_fd(wsock.fileno(), warn_on_full_buffer=False)
+        self._wsock = wsock
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+            signal.signal(sig, lambda s, f: None)
+
+    def handle_signal(self, signum: int):
+        if signum == signal.SIGHUP:
+            self.reload()
+            return
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        self.shutdown()
+
+    def reload(self):
+        try:
+            new = configmod.load(self.config.path)
+            secrets = load_auth_file(new.auth_file) if new.auth_file else {}
+        except Exception as exc:
+            log.error("reload failed, keeping the old configuration: %s", exc)
+            return
+        self.config = new
+        self.secrets = secrets
+        log.info("configuration reloaded from %s", new.path)
+
+    def shutdown(self):
+        self.stopping = True
+        for lst in self.listeners:
+            lst.close_socket()
+        for client in list(self.clients):
+            client.fail(errors.PgmpError(errors.ADMIN_SHUTDOWN, "terminating connection due to administrator command"))
+        for pool in self.pools.values():
+            pool.close_all("pgmp is stopping")
+        self.loop.stop()
+
+
+class _SignalPipe(Endpoint):
+    __slots__ = ("worker",)
+
+    def __init__(self, worker, sock):
+        super().__init__(worker.loop, sock)
+        self.worker = worker
+
+    def on_data(self, view, n):
+        for b in bytes(view[:n]):
+            self.worker.handle_signal(b)
+
+    def on_eof(self, reason):
+        pass
