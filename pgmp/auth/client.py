@@ -84,7 +84,13 @@ def _malformed(detail: str) -> ClientProtocolError:
 
 
 class ClientAuthenticator:
-    """One client's authentication exchange; see the module docstring for the protocol."""
+    """One client's authentication exchange; see the module docstring for the protocol.
+
+    Public state: ``done``; ``exchange`` (the method actually run, e.g.
+    "scram-sha-256" for "md5" with a SCRAM secret); ``max_payload`` (the
+    largest 'p' payload accepted next); after success ``client_key`` (SCRAM
+    against a SCRAM secret) or ``password`` (method "password").
+    """
 
     def __init__(self, method: str, user: str, secret: Secret | None, *, mock_seed: bytes,
                  mock_iterations: int = MOCK_ITERATIONS):

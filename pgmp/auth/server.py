@@ -1,4 +1,4 @@
-"""Authenticate pgmp to a PostgreSQL server (pgmp acting as the client): cleartext, md5, SCRAM-SHA-256; sans-IO.
+"""Log pgmp into a PostgreSQL server (pgmp as the client) with cleartext, md5 or SCRAM-SHA-256, sans-IO.
 
 The IO loop decodes each 'R' message with ``messages.parse_auth_request``
 and feeds its code and data; ``feed`` returns the 'p' message to send (b""

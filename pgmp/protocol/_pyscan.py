@@ -50,7 +50,27 @@ def check_settings(flags, max_message_size: int, capacity: int) -> bytes:
 
 
 class Scanner:
-    """Scans buffers of frames; results of the last scan() are attributes."""
+    """Scans buffers of frames; results of the last scan() are attributes.
+
+    Offsets are absolute in buf. After scan(buf, start, end):
+      consumed        just past the last complete frame scanned (start if none)
+      nframes         complete frames scanned, reported or not
+      nreported       the return value; frame(i) -> (type, offset, length)
+                      for each complete frame whose type has F_REPORT, length
+                      counting the type byte (1 + declared length)
+      full            a complete reported frame at `consumed` did not fit in
+                      `capacity`: scan again from `consumed`
+      partial_type,   type byte and total length of the incomplete frame at
+      partial_length  `consumed`, once its 5-byte header is present (header
+                      checked like any other); else -1 and 0. Also -1 and 0
+                      when full or on error.
+      last_rfq        status byte of the last complete ReadyForQuery ('Z' of
+                      declared length 5), or -1; rfq_count counts every
+                      complete 'Z'. Both are per scan and ignore F_REPORT.
+      error           ERR_NONE, or the first bad header's error (checked in the
+                      order type, short, long); the scan stops there, and
+                      error_offset == consumed is its type byte (-1 if none).
+    """
 
     __slots__ = ("_flags", "_max", "_capacity", "_frames",
                  "consumed", "nframes", "nreported", "full",

@@ -65,7 +65,7 @@ GRANT ALL ON SCHEMA public TO scram_user, md5_user, plain_user;
 """
 
 
-@dataclass
+@dataclass(repr=False)
 class Cluster:
     """Where a running test cluster is and how to reach it (the `pg` fixture)."""
 
@@ -78,6 +78,9 @@ class Cluster:
     passwords: dict[str, str] = field(default_factory=lambda: dict(PASSWORDS))
     # rolpassword as stored by PostgreSQL: "SCRAM-SHA-256$4096:..." or "md5..."
     secrets: dict[str, str] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"<test cluster {self.host}:{self.port} socket_dir={self.socket_dir}>"
 
     def dsn(self, user: str = "scram_user", password: str | None = None,
             dbname: str = "appdb", **params) -> str:

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pgmp
@@ -536,8 +536,7 @@ def scan_until_done(sc, buf, pos: int, base: int, collected: list) -> int:
             return pos
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None)
 @given(frames=st.lists(st.one_of(whole_frames, rfq_frames), min_size=1, max_size=10),
        report=st.binary(max_size=4), capacity=capacities)
 def test_split_delivery_matches_whole(Scanner, frames, report, capacity):
