@@ -69,8 +69,8 @@ class ServerLogin:
         """One frame from the server; returns what to send back."""
         if kind == 82:                                   # 'R'
             code, data = messages.parse_auth_request(payload)
-            if code == messages.AUTH_OK:
-                return b""
+            # AuthenticationOk goes to the authenticator too: it refuses an OK that skips
+            # SCRAM's final server signature.
             return self.auth.feed(code, data)
         if kind == 83:                                   # 'S'
             name, value = messages.parse_parameter_status(payload)

@@ -163,7 +163,7 @@ class Worker:
                                                f"could not connect to server {text}: {os.strerror(err)}")
             return None
         auth = ServerAuthenticator(pool.server_user, password=pool.password, scram_keys=pool.scram_keys,
-                                   secret=pool.secret)
+                                   secret=pool.secret, database=pool.db.name)
         extra = {}
         if pool.db.application_name:
             extra["application_name"] = pool.db.application_name

@@ -1,0 +1,87 @@
+"""Control messages between the master and its workers, and between the CLI and the master (sans-IO).
+
+A message is a JSON object with a ``type`` and the protocol version ``v``,
+framed by a 4-byte big-endian length. The master and each worker share one
+socketpair; the CLI talks to the master over the control socket with the
+same framing.
+
+Message types (version 1):
+
+=================  ==============  =============================================
+type               direction       fields
+=================  ==============  =============================================
+ready              worker→master   slot, generation, pid
+heartbeat          worker→master   clients, servers
+reload             master→worker   path, text (the validated config file)
+reload_result      worker→master   ok, error
+drain              master→worker   mode ("graceful" | "fast"): stop accepting,
+                                   close clients (at the next transaction
+                                   boundary when graceful), exit when none left
+stop               master→worker   mode "immediate": exit now
+stats_request      master→worker   id
+stats              worker→master   id, data
+cancel             worker→master   pid, secret: a CancelRequest for a session
+                   master→worker   of another worker, forwarded to its owner
+command            CLI→master      command ("status" | "stats" | "reload" |
+                                   "stop" | "restart"), args
+reply              master→CLI      ok, error, data
+=================  ==============  =============================================
+"""
+import json
+import struct
+
+VERSION = 1
+MAX_MESSAGE = 16 << 20
+_LEN = struct.Struct("!I")
+
+TYPES = frozenset({"ready", "heartbeat", "reload", "reload_result", "drain", "stop", "stats_request",
+                   "stats", "cancel", "command", "reply"})
+
+
+class ControlError(Exception):
+    """A control message that cannot be decoded: the peer is broken or not pgmp."""
+
+
+def encode(msg_type: str, **fields) -> bytes:
+    if msg_type not in TYPES:
+        raise ValueError(f"unknown control message type {msg_type!r}")
+    body = json.dumps({"type": msg_type, "v": VERSION, **fields}, separators=(",", ":")).encode()
+    if len(body) > MAX_MESSAGE:
+        raise ValueError(f"control message too large ({len(body)} bytes)")
+    return _LEN.pack(len(body)) + body
+
+
+class Decoder:
+    """Turns a byte stream into control messages; bounded, strict about versions and types."""
+
+    def __init__(self, max_message: int = MAX_MESSAGE):
+        self.buf = bytearray()
+        self.max_message = max_message
+
+    def feed(self, data: bytes) -> list[dict]:
+        self.buf += data
+        out = []
+        while len(self.buf) >= 4:
+            (n,) = _LEN.unpack_from(self.buf, 0)
+            if n > self.max_message:
+                raise ControlError(f"control message of {n} bytes exceeds the limit of {self.max_message}")
+            if len(self.buf) < 4 + n:
+                break
+            body = bytes(self.buf[4:4 + n])
+            del self.buf[:4 + n]
+            out.append(self._decode(body))
+        return out
+
+    @staticmethod
+    def _decode(body: bytes) -> dict:
+        try:
+            msg = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ControlError(f"control message is not JSON: {exc}") from None
+        if not isinstance(msg, dict):
+            raise ControlError("control message is not an object")
+        if msg.get("v") != VERSION:
+            raise ControlError(f"control protocol version {msg.get('v')!r} not supported (expected {VERSION})")
+        if msg.get("type") not in TYPES:
+            raise ControlError(f"unknown control message type {msg.get('type')!r}")
+        return msg
