@@ -37,8 +37,12 @@ def setup_logging(level: str, logfile: str = "") -> None:
                                            "%Y-%m-%d %H:%M:%S"))
     root = logging.getLogger("pgmp")
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
     root.propagate = False
+    set_log_level(level)
+
+
+def set_log_level(level: str) -> None:
+    logging.getLogger("pgmp").setLevel(level.upper())
 
 
 def _load(path: str):
@@ -54,35 +58,179 @@ def _load(path: str):
 
 
 @app.command()
-def start(config: str = ConfigOpt):
-    """Start pgmp in the foreground (stop it with SIGTERM or Ctrl-C)."""
+def start(config: str = ConfigOpt,
+          daemon: bool = typer.Option(False, "--daemon", "-d", help="Detach (double fork); needs logfile and pidfile."),
+          takeover: int = typer.Option(0, "--takeover", hidden=True,
+                                       help="Internal: the pid of the master this one replaces (pgmp restart).")):
+    """Start pgmp: a master and its workers, in the foreground unless --daemon."""
     cfg = _load(config)
-    setup_logging(cfg.log_level, cfg.logfile)
-    log = logging.getLogger("pgmp")
-    from pgmp.auth.authfile import AuthFileError
-    from pgmp.listen import ListenError, bind_all
-    from pgmp.protocol import scanner
-    from pgmp.worker import Worker
+    from pgmp.auth.authfile import AuthFileError, load_auth_file
     try:
-        worker = Worker(cfg)
+        if cfg.auth_file:
+            load_auth_file(cfg.auth_file)
     except AuthFileError as exc:
         typer.echo(f"pgmp: {exc}", err=True)
         raise typer.Exit(1)
     except OSError as exc:
         typer.echo(f"pgmp: cannot read auth_file {cfg.auth_file}: {exc.strerror or exc}", err=True)
         raise typer.Exit(1)
+    if daemon:
+        if not cfg.logfile or not cfg.pidfile:
+            typer.echo("pgmp: --daemon needs logfile and pidfile set in the configuration "
+                       "(a detached pgmp has no terminal to log to)", err=True)
+            raise typer.Exit(1)
+        _daemonize()
+    setup_logging(cfg.log_level, cfg.logfile)
+    from pgmp.master import Master, StartError
+    master = Master(cfg, takeover_pid=takeover or None)
     try:
-        tcp, unix = bind_all(cfg, 1)
-    except ListenError as exc:
-        typer.echo(f"pgmp: {exc}", err=True)
+        master.start()
+    except StartError as exc:
+        logging.getLogger("pgmp").error("cannot start: %s", exc)
+        if not daemon:
+            typer.echo(f"pgmp: {exc}", err=True)
         raise typer.Exit(1)
-    worker.listen_on(tcp[0] + ([unix] if unix else []))
-    where = ", ".join(f"{a}:{cfg.listen_port}" for a in cfg.listen_addr)
-    if unix:
-        where += f", {cfg.unix_socket_path}"
-    log.info("pgmp %s ready: listening on %s (scanner: %s)", __version__, where, scanner.IMPL)
-    worker.run()
-    log.info("pgmp stopped")
+    raise typer.Exit(master.run())
+
+
+def _daemonize():
+    import os
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _ask(cfg, command: str, args: dict | None = None, timeout: float = 10.0) -> dict:
+    """Send one command to the master's control socket and return its reply."""
+    import socket
+    from pgmp import control
+    path = cfg.control_socket
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+    except FileNotFoundError:
+        typer.echo(f"pgmp: pgmp is not running (no control socket at {path})", err=True)
+        raise typer.Exit(3 if command == "status" else 1)
+    except ConnectionRefusedError:
+        typer.echo(f"pgmp: pgmp is not running (nobody answers on {path})", err=True)
+        raise typer.Exit(3 if command == "status" else 1)
+    except PermissionError:
+        typer.echo(f"pgmp: permission denied on {path}: run as the user pgmp runs as", err=True)
+        raise typer.Exit(4)
+    with s:
+        s.sendall(control.encode("command", command=command, args=args or {}))
+        dec = control.Decoder()
+        while True:
+            try:
+                data = s.recv(65536)
+            except socket.timeout:
+                typer.echo(f"pgmp: no answer from pgmp within {timeout:g}s", err=True)
+                raise typer.Exit(1)
+            if not data:
+                typer.echo("pgmp: the master closed the control connection without answering", err=True)
+                raise typer.Exit(1)
+            for msg in dec.feed(data):
+                if msg["type"] == "reply":
+                    return msg
+
+
+@app.command()
+def stop(config: str = ConfigOpt,
+         mode: str = typer.Option("graceful", "--mode", "-m",
+                                  help="graceful: close clients at their next transaction boundary; "
+                                       "fast: close them now; immediate: exit at once."),
+         wait: bool = typer.Option(True, help="Wait until pgmp has exited.")):
+    """Stop a running pgmp."""
+    cfg = _load(config)
+    reply = _ask(cfg, "stop", {"mode": mode})
+    if not reply.get("ok"):
+        typer.echo(f"pgmp: {reply.get('error')}", err=True)
+        raise typer.Exit(1)
+    pid = reply["data"]["pid"]
+    if wait:
+        import psutil
+        try:
+            psutil.Process(pid).wait(timeout=cfg.shutdown_timeout + 15)
+        except psutil.NoSuchProcess:
+            pass
+        except psutil.TimeoutExpired:
+            typer.echo(f"pgmp: pid {pid} still running", err=True)
+            raise typer.Exit(1)
+    typer.echo(f"pgmp stopped ({mode}, pid {pid})")
+
+
+@app.command()
+def reload(config: str = ConfigOpt):
+    """Re-read the configuration; an invalid one is refused and the running one stays."""
+    cfg = _load(config)
+    reply = _ask(cfg, "reload", timeout=15)
+    if not reply.get("ok"):
+        typer.echo(f"pgmp: reload failed, the running configuration stays:\n{reply.get('error')}", err=True)
+        raise typer.Exit(1)
+    data = reply.get("data") or {}
+    changed = ", ".join(data.get("changed") or []) or "no changes"
+    typer.echo(f"reloaded: {changed} (worker generation {data.get('generation')})")
+
+
+@app.command()
+def restart(config: str = ConfigOpt):
+    """Zero-downtime restart: a new master takes over the sockets, the old one drains."""
+    cfg = _load(config)
+    reply = _ask(cfg, "restart")
+    if not reply.get("ok"):
+        typer.echo(f"pgmp: restart failed: {reply.get('error')}", err=True)
+        raise typer.Exit(1)
+    import time
+    data = reply["data"]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            st = _ask(cfg, "status", timeout=2)
+            if st.get("ok") and st["data"]["pid"] == data["new_pid"]:
+                typer.echo(f"restarted: new master pid {data['new_pid']}, old master {data['old_pid']} draining")
+                return
+        except typer.Exit:
+            pass
+        time.sleep(0.1)
+    typer.echo(f"pgmp: the new master (pid {data['new_pid']}) did not take over within 30s; see the log", err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def status(config: str = ConfigOpt, json_out: bool = typer.Option(False, "--json", help="Machine-readable.")):
+    """Say whether pgmp runs: pid, version, uptime, workers and their generation."""
+    cfg = _load(config)
+    reply = _ask(cfg, "status", timeout=5)
+    data = reply.get("data") or {}
+    if json_out:
+        import json
+        typer.echo(json.dumps(data, indent=2))
+        return
+    typer.echo(f"pgmp {data['version']} running: pid {data['pid']}, up {data['uptime']:.0f}s, "
+               f"generation {data['generation']}, config {data['config']}")
+    if data.get("stopping"):
+        typer.echo(f"stopping ({data['stopping']})")
+    for w in data["workers"]:
+        state = "draining" if w["draining"] else ("ready" if w["ready"] else "starting")
+        typer.echo(f"  worker {w['slot']}: pid {w['pid']}, generation {w['generation']}, {state}, "
+                   f"{w['clients']} clients, {w['servers']} servers, up {w['uptime']:.0f}s")
+
+
+@app.command()
+def stats(config: str = ConfigOpt, json_out: bool = typer.Option(False, "--json", help="Machine-readable.")):
+    """Per-worker and total pool statistics, with each process's RSS and CPU."""
+    cfg = _load(config)
+    reply = _ask(cfg, "stats", timeout=10)
+    from pgmp import stats as statsmod
+    data = reply.get("data") or {}
+    typer.echo(statsmod.to_json(data) if json_out else statsmod.render(data))
 
 
 @config_app.command("check")

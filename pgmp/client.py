@@ -39,7 +39,8 @@ def ready_scanner(max_message_size: int) -> Scanner:
 class ClientConnection(Endpoint):
     __slots__ = ("worker", "state", "peer", "user", "database", "settings", "reported", "pool", "server",
                  "auth", "secret_entry", "tx", "key_pid", "key_secret", "timer", "scanner", "flags", "whole",
-                 "terminating", "ssl_asked", "gss_asked", "connected_at", "over_limit")
+                 "terminating", "ssl_asked", "gss_asked", "connected_at", "over_limit", "wait_started",
+                 "close_at_boundary")
 
     def __init__(self, worker, sock, peer: str, over_limit: bool = False):
         super().__init__(worker.loop, sock)
@@ -65,6 +66,8 @@ class ClientConnection(Endpoint):
         self.gss_asked = False
         self.connected_at = worker.loop.clock()
         self.over_limit = over_limit
+        self.wait_started = 0.0
+        self.close_at_boundary = False
         timeout = worker.config.client_login_timeout
         self.timer = worker.loop.call_later(timeout, self._login_timeout) if timeout > 0 else None
 
@@ -108,6 +111,7 @@ class ClientConnection(Endpoint):
         self.leftover = bytes(view[:n])
         self.pause_reading()
         self.set_state(ClientState.WAITING)
+        self.wait_started = self.loop.clock()
         self.pool.request(self)
         if self.state is ClientState.WAITING and not self.closed:
             wait = self.worker.config.query_wait_timeout
@@ -243,6 +247,10 @@ class ClientConnection(Endpoint):
             self.timer.cancel()
             self.timer = None
         self.set_state(ClientState.IDLE)
+        self.pool.clients.add(self)
+        self.pool.stats.login_count += 1
+        self.tx.clock = self.loop.clock
+        self.tx.stats = self.pool.stats
         self.scanner, self.flags, self.whole = ready_scanner(worker.config.max_message_size), READY_FLAGS, NO_WHOLE
         if worker.config.log_connections:
             log.info("login: user=%s db=%s from %s", self.user, self.database, self.peer)
@@ -310,6 +318,9 @@ class ClientConnection(Endpoint):
         self.worker.client_closed(self)
         if self.pool is not None:
             self.pool.forget(self)
+            if self in self.pool.clients:
+                self.pool.clients.discard(self)
+                self.pool.stats.bytes_in += self.rx
             if srv is not None:
                 clean = self.tx.idle and srv.swallow == 0
                 self.pool.release(srv, clean)

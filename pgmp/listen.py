@@ -29,32 +29,23 @@ def tcp_listener(addr: str, port: int, backlog: int = 4096, reuseport: bool = Tr
     return sock
 
 
-def unix_listener(directory: str, port: int, mode: int, backlog: int = 4096) -> socket.socket:
+def unix_listener(directory: str, port: int, mode: int, backlog: int = 4096,
+                  takeover: bool = False) -> socket.socket:
+    """The unix socket; ``takeover`` replaces a live one (a restart or a new worker generation)."""
     path = os.path.join(directory, f".s.PGSQL.{port}")
+    if not takeover and _alive(path):
+        raise ListenError(f"cannot listen on {path}: another server is accepting connections there")
+    try:
+        os.unlink(path)                 # a live socket (takeover) or one left by a dead process
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {path}: {exc.strerror or exc}") from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        # a socket file left by a dead pgmp is removed; a live one refuses us
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-            probe.close()
-            raise ListenError(f"cannot listen on {path}: another server is accepting connections there")
-        except (FileNotFoundError, ConnectionRefusedError):
-            probe.close()
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        except OSError as exc:
-            probe.close()
-            if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
-                raise ListenError(f"cannot listen on {path}: {exc.strerror or exc}") from None
         sock.bind(path)
         os.chmod(path, mode)
         sock.listen(backlog)
-    except ListenError:
-        sock.close()
-        raise
     except OSError as exc:
         sock.close()
         raise ListenError(f"cannot listen on {path}: {exc.strerror or exc}") from None
@@ -62,14 +53,27 @@ def unix_listener(directory: str, port: int, mode: int, backlog: int = 4096) -> 
     return sock
 
 
-def bind_all(config, slots: int = 1) -> tuple[list[list[socket.socket]], socket.socket | None]:
+def _alive(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+            return False
+        raise ListenError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+    finally:
+        probe.close()
+
+
+def bind_all(config, slots: int = 1, takeover: bool = False) -> tuple[list[list[socket.socket]], socket.socket | None]:
     """Per slot, one TCP socket on every listen address; plus the shared unix socket (or None)."""
     per_slot: list[list[socket.socket]] = []
     try:
         for _ in range(slots):
             per_slot.append([tcp_listener(a, config.listen_port) for a in config.listen_addr])
-        unix = unix_listener(config.unix_socket_dir, config.listen_port, config.unix_socket_mode) \
-            if config.unix_socket_dir else None
+        unix = unix_listener(config.unix_socket_dir, config.listen_port, config.unix_socket_mode,
+                             takeover=takeover) if config.unix_socket_dir else None
     except ListenError:
         for socks in per_slot:
             for s in socks:

@@ -110,7 +110,7 @@ def _sent_split(views: list, sent: int) -> list[bytes]:
 class Endpoint:
     """One non-blocking socket in the loop: reading, sending with an unsent queue, backpressure."""
     __slots__ = ("loop", "sock", "fd", "outq", "unsent", "reading", "mask", "closed",
-                 "leftover", "skip", "paused_peer", "__weakref__")
+                 "leftover", "skip", "paused_peer", "rx", "__weakref__")
 
     def __init__(self, loop: Loop, sock: socket.socket, events: int = EVENT_READ):
         self.loop = loop
@@ -123,6 +123,7 @@ class Endpoint:
         self.leftover: bytes | None = None    # unprocessed bytes carried to the next read
         self.skip = 0                          # bytes of a streamed frame still to pass through
         self.paused_peer = None                # the endpoint that stopped reading because of us
+        self.rx = 0                            # bytes received, for the stats
         self.mask = events
         sock.setblocking(False)
         loop.selector.register(sock, events, self)
@@ -145,6 +146,7 @@ class Endpoint:
                 chunk = self.sock.recv(size)
                 n = len(chunk)
                 if n:
+                    self.rx += n
                     lo = lo + chunk
                     self.leftover = None
                     self.on_data(memoryview(lo), len(lo))
@@ -155,6 +157,7 @@ class Endpoint:
                     loop.scratch[:k] = lo
                 n = self.sock.recv_into(view[k:k + size])
                 if n:
+                    self.rx += n
                     self.leftover = None
                     self.on_data(view, k + n)
                     return

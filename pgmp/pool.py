@@ -14,6 +14,7 @@ from pgmp import errors
 from pgmp.errors import PgmpError
 from pgmp.protocol import messages
 from pgmp.server import ServerState
+from pgmp.stats import PoolStats
 
 log = logging.getLogger("pgmp")
 
@@ -29,7 +30,7 @@ def worker_share(total: int, workers: int, slot: int) -> int:
 class Pool:
     __slots__ = ("worker", "db", "client_user", "name", "dbname", "server_user", "size", "mode",
                  "idle", "servers", "connecting", "waiting", "login_waiters", "params",
-                 "password", "scram_keys", "secret", "last_error", "_addr")
+                 "password", "scram_keys", "secret", "last_error", "_addr", "stats", "clients", "resetting")
 
     def __init__(self, worker, db, client_user: str, size: int, mode: str):
         self.worker = worker
@@ -51,6 +52,9 @@ class Pool:
         self.secret = None
         self.last_error: PgmpError | None = None
         self._addr = None
+        self.stats = PoolStats()
+        self.clients: set = set()           # logged-in clients of this pool
+        self.resetting = 0                  # servers running the reset query: idle in a moment
 
     def __repr__(self):
         return f"<pool {self.name} servers={len(self.servers)} idle={len(self.idle)} waiting={len(self.waiting)}>"
@@ -110,12 +114,17 @@ class Pool:
     def _link(self, srv, client):
         srv.state = ServerState.ACTIVE
         srv.client = client
-        srv.last_used = self.worker.loop.clock()
+        srv.last_used = now = self.worker.loop.clock()
+        if client.wait_started:
+            self.stats.wait_time_us += int((now - client.wait_started) * 1e6)
+            self.stats.wait_count += 1
+            client.wait_started = 0.0
         client.attach(srv)
 
     # -- servers -----------------------------------------------------------------
     def _grow(self):
-        need = len(self.waiting) + (1 if self.login_waiters else 0)
+        # A server finishing its reset is free within a round trip; a new one costs a backend fork.
+        need = len(self.waiting) + (1 if self.login_waiters else 0) - self.resetting
         while self.connecting < need and len(self.servers) < self.size:
             if not self._open_server():
                 break
@@ -186,11 +195,13 @@ class Pool:
         reset = self.worker.config.server_reset_query
         if reset and (self.mode == "session" or self.worker.config.server_reset_query_always):
             srv.state = ServerState.RESET
+            self.resetting += 1
             srv.internal_query(messages.query(reset), self._reset_done)
             return
         self._put_idle(srv)
 
     def _reset_done(self, srv, error) -> None:
+        self.resetting -= 1
         if error is not None:
             srv.close(f"server_reset_query failed: {error.message}")
             return
@@ -198,9 +209,12 @@ class Pool:
         self._put_idle(srv)
 
     def server_closed(self, srv, exc: PgmpError | None, was) -> None:
+        self.stats.bytes_out += srv.rx
         self.servers.discard(srv)
         if srv in self.idle:
             self.idle.remove(srv)
+        if was is ServerState.RESET:
+            self.resetting -= 1
         if was in (ServerState.CONNECTING, ServerState.LOGIN):
             self.connecting -= 1
             if exc is not None:
@@ -217,6 +231,25 @@ class Pool:
         self.login_waiters = []
         for client in waiters:
             client.fail(exc)
+
+    def snapshot(self) -> dict:
+        """Counters and gauges of this pool now, for ``pgmp stats``."""
+        from pgmp.session import ClientState
+        row = {"database": self.db.name, "user": self.client_user, "mode": self.mode, "pool_size": self.size}
+        row.update(self.stats.as_dict())
+        row["bytes_in"] += sum(c.rx for c in self.clients)
+        row["bytes_out"] += sum(s.rx for s in self.servers)
+        states = [c.state for c in self.clients]
+        row["cl_active"] = states.count(ClientState.ACTIVE)
+        row["cl_waiting"] = states.count(ClientState.WAITING)
+        row["cl_idle"] = states.count(ClientState.IDLE)
+        row["cl_login"] = len(self.login_waiters)
+        sstates = [s.state for s in self.servers]
+        row["sv_active"] = sstates.count(ServerState.ACTIVE)
+        row["sv_idle"] = sstates.count(ServerState.IDLE)
+        row["sv_login"] = sstates.count(ServerState.CONNECTING) + sstates.count(ServerState.LOGIN)
+        row["sv_reset"] = sstates.count(ServerState.RESET)
+        return row
 
     def close_all(self, reason: str) -> None:
         for srv in list(self.servers):

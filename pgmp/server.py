@@ -152,6 +152,9 @@ class ServerConnection(Endpoint):
                 client.send_views(out)
                 if client.congested:
                     client.hold_until_drained(self)
+                if client.close_at_boundary and client.tx.idle:
+                    client.fail(PgmpError(errors.ADMIN_SHUTDOWN,
+                                          "terminating connection due to administrator command"))
             elif not self.closed:
                 self.abort(ServerProtocolError("server sent data while idle"), quiet=False)
 

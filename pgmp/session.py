@@ -46,27 +46,33 @@ def check_transition(old: ClientState, new: ClientState) -> None:
 # ---- transaction tracking ---------------------------------------------------
 
 class TxTracker:
-    """Knows whether the server linked to a client is between requests.
+    """Knows whether the server linked to a client is between requests, and times what it sees.
 
     Counts the requests that the server will answer with ReadyForQuery
     (Query, Sync, FunctionCall) against the ReadyForQuery frames it sent. A
     server in COPY IN ignores Sync and Flush, so a Sync that arrives while
     pgmp knows the server copies is not counted. When in doubt the tracker
     says "busy": a busy server is closed instead of being reused dirty.
+    ``stats`` (a PoolStats) gets query and transaction counts and times.
     """
-    __slots__ = ("outstanding", "status", "copy_in")
+    __slots__ = ("outstanding", "status", "copy_in", "stats", "clock", "t_query", "t_xact")
 
-    def __init__(self):
+    def __init__(self, clock=None, stats=None):
         self.outstanding = 0
         self.status = 73            # b"I"
         self.copy_in = False
+        self.stats = stats
+        self.clock = clock
+        self.t_query = 0.0
+        self.t_xact = 0.0
 
     def client_frame(self, kind: int) -> None:
-        if kind == 81 or kind == 70:            # 'Q' Query, 'F' FunctionCall
+        if kind == 81 or kind == 70 or (kind == 83 and not self.copy_in):   # Query, FunctionCall, Sync
+            if self.outstanding == 0 and self.clock is not None:
+                self.t_query = now = self.clock()
+                if self.status == 73:
+                    self.t_xact = now
             self.outstanding += 1
-        elif kind == 83:                        # 'S' Sync
-            if not self.copy_in:
-                self.outstanding += 1
         elif kind == 99 or kind == 102:         # 'c' CopyDone, 'f' CopyFail
             self.copy_in = False
 
@@ -76,6 +82,15 @@ class TxTracker:
             self.outstanding = 0
         self.status = status
         self.copy_in = False
+        st = self.stats
+        if st is not None:
+            st.query_count += count
+            if self.outstanding == 0:
+                now = self.clock()
+                st.query_time_us += int((now - self.t_query) * 1e6)
+                if status == 73:
+                    st.xact_count += 1
+                    st.xact_time_us += int((now - self.t_xact) * 1e6)
 
     def server_copy_in(self) -> None:
         self.copy_in = True

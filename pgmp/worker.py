@@ -1,7 +1,8 @@
 """A worker: one selectors loop serving its own listening sockets, client sessions and server pools.
 
-Workers share nothing. In foreground mode without a master (``pgmp start
---single``), one worker runs in the main process and binds its own sockets.
+Workers share nothing: everything that crosses processes is a control
+message on the link to the master (pgmp.control). A Worker can also run
+alone in one process (the tests of the data path do that).
 """
 import logging
 import os
@@ -10,7 +11,7 @@ import signal
 import socket
 
 from pgmp import config as configmod
-from pgmp import errors
+from pgmp import control, errors
 from pgmp.auth.authfile import load_auth_file
 from pgmp.auth.server import ServerAuthenticator
 from pgmp.client import ClientConnection
@@ -22,13 +23,17 @@ from pgmp.session import ClientState
 
 log = logging.getLogger("pgmp")
 
-# BackendKeyData pid: slot in bits 22..29, a per-worker sequence below (never 0).
+# BackendKeyData pid: generation parity in bit 30, worker slot in bits 22..29, a per-worker
+# sequence below (never 0). The pid stays a positive int32, as clients expect of a backend pid.
 KEY_SLOT_SHIFT = 22
+KEY_GEN_SHIFT = 30
 KEY_SEQ_MASK = (1 << KEY_SLOT_SHIFT) - 1
+HEARTBEAT_INTERVAL = 1.0
 
 
-def slot_of_key(pid: int) -> int:
-    return (pid >> KEY_SLOT_SHIFT) & 0xFF
+def key_owner(pid: int) -> tuple[int, int]:
+    """(slot, generation parity) of the worker that handed out this cancel key."""
+    return (pid >> KEY_SLOT_SHIFT) & 0xFF, (pid >> KEY_GEN_SHIFT) & 1
 
 
 class Listener(Endpoint):
@@ -91,10 +96,14 @@ class CancelConnection(Endpoint):
 
 
 class Worker:
-    def __init__(self, config, slot: int = 0, nworkers: int = 1):
+    def __init__(self, config, slot: int = 0, nworkers: int = 1, generation: int = 0):
         self.config = config
         self.slot = slot
         self.nworkers = nworkers
+        self.generation = generation
+        self.master = None
+        self.draining: str | None = None
+        self._title = ""
         self.loop = Loop(config.buffer_size)
         self.loop.max_unsent = config.max_unsent
         self.secrets = load_auth_file(config.auth_file) if config.auth_file else {}
@@ -125,6 +134,8 @@ class Worker:
 
     def client_closed(self, client):
         self.clients.discard(client)
+        if self.draining and not self.clients:
+            self.loop.call_later(0, self._drained)
         if client.key_pid and self.keys.get(client.key_pid) is client:
             del self.keys[client.key_pid]
 
@@ -191,14 +202,21 @@ class Worker:
             self._seq = (self._seq + 1) & KEY_SEQ_MASK
             if self._seq == 0:
                 continue
-            pid = (self.slot << KEY_SLOT_SHIFT) | self._seq
+            pid = ((self.generation & 1) << KEY_GEN_SHIFT) | (self.slot << KEY_SLOT_SHIFT) | self._seq
             if pid not in self.keys:
                 break
         self.keys[pid] = client
         return pid, _secrets.randbits(32)
 
     def cancel_request(self, pid: int, secret: int):
-        """A CancelRequest with pgmp's key: cancel the query on the client's server, if any."""
+        """A CancelRequest with pgmp's key: cancel the query on the client's server, if any.
+
+        A key of another worker goes to the master, which forwards it to the owner.
+        """
+        if key_owner(pid) != (self.slot, self.generation & 1):
+            if self.master is not None:
+                self.master.post("cancel", pid=pid, secret=secret)
+            return
         client = self.keys.get(pid)
         if client is None or not _secrets.compare_digest(client.key_secret.to_bytes(4, "big"),
                                                          secret.to_bytes(4, "big")):
@@ -226,7 +244,32 @@ class Worker:
     # -- running ---------------------------------------------------------------------
     def run(self):
         self._install_signals()
+        self.loop.call_later(0, self._heartbeat)
         self.loop.run()
+        for pool in self.pools.values():
+            pool.close_all("pgmp worker exiting")
+        for srv in [s for p in self.pools.values() for s in p.servers]:
+            srv.flush()
+
+    def attach_master(self, sock: socket.socket):
+        self.master = MasterLink(self, sock)
+        self.master.post("ready", slot=self.slot, generation=self.generation, pid=os.getpid())
+
+    def _heartbeat(self):
+        nservers = sum(len(p.servers) for p in self.pools.values())
+        if self.master is not None:
+            self.master.post("heartbeat", clients=len(self.clients), servers=nservers)
+        title = f"pgmp: worker {self.slot} [clients={len(self.clients)} servers={nservers}]"
+        if self.draining:
+            title += " draining"
+        if title != self._title:
+            self._title = title
+            try:
+                import setproctitle
+                setproctitle.setproctitle(title)
+            except Exception:
+                pass
+        self.loop.call_later(HEARTBEAT_INTERVAL, self._heartbeat)
 
     def _install_signals(self):
         rsock, wsock = socket.socketpair()
@@ -239,31 +282,107 @@ class Worker:
 
     def handle_signal(self, signum: int):
         if signum == signal.SIGHUP:
-            self.reload()
+            if self.master is None:
+                self.reload_from(self.config.path)
             return
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        self.shutdown()
+        if signum == signal.SIGQUIT:
+            os._exit(0)
+        # Under a master, a signal sent to the whole process group reaches workers too.
+        self.drain("graceful" if signum == signal.SIGTERM else "fast")
 
-    def reload(self):
+    # -- control messages ----------------------------------------------------------------
+    def on_control(self, msg: dict):
+        kind = msg["type"]
+        if kind == "reload":
+            error = self.reload_from(msg.get("path", self.config.path), msg.get("text"))
+            self.master.post("reload_result", id=msg.get("id"), ok=error is None, error=error)
+        elif kind == "drain":
+            self.drain(msg.get("mode", "graceful"))
+        elif kind == "stop":
+            os._exit(0)
+        elif kind == "stats_request":
+            self.master.post("stats", id=msg.get("id"), data=self.snapshot())
+        elif kind == "cancel":
+            self.cancel_request(int(msg.get("pid", 0)), int(msg.get("secret", 0)))
+
+    def reload_from(self, path: str, text: str | None = None) -> str | None:
+        """Apply a new configuration to new logins and released servers; the error text, or None."""
         try:
-            new = configmod.load(self.config.path)
+            new = configmod.loads(text, path) if text is not None else configmod.load(path)
             secrets = load_auth_file(new.auth_file) if new.auth_file else {}
         except Exception as exc:
             log.error("reload failed, keeping the old configuration: %s", exc)
-            return
+            return str(exc)
         self.config = new
         self.secrets = secrets
-        log.info("configuration reloaded from %s", new.path)
+        self.loop.max_unsent = new.max_unsent
+        log.debug("worker %d: configuration reloaded", self.slot)
+        return None
 
-    def shutdown(self):
-        self.stopping = True
+    def snapshot(self) -> dict:
+        return {
+            "slot": self.slot, "generation": self.generation, "pid": os.getpid(),
+            "clients": len(self.clients), "servers": sum(len(p.servers) for p in self.pools.values()),
+            "draining": self.draining, "pools": [p.snapshot() for p in self.pools.values()],
+        }
+
+    # -- stopping ------------------------------------------------------------------------
+    def drain(self, mode: str):
+        """Stop accepting; close clients now ("fast") or at their next transaction boundary ("graceful")."""
+        if self.draining == "fast" or self.draining == mode:
+            return
+        self.draining = mode
+        log.info("worker %d: draining (%s), %d clients connected", self.slot, mode, len(self.clients))
         for lst in self.listeners:
             lst.close_socket()
+        self.listeners = []
+        shutdown = errors.PgmpError(errors.ADMIN_SHUTDOWN, "terminating connection due to administrator command")
         for client in list(self.clients):
-            client.fail(errors.PgmpError(errors.ADMIN_SHUTDOWN, "terminating connection due to administrator command"))
+            if mode == "fast" or client.state is not ClientState.ACTIVE and client.state is not ClientState.WAITING \
+                    or (client.state is ClientState.ACTIVE and client.tx.idle):
+                client.fail(shutdown)
+            else:
+                client.close_at_boundary = True
         for pool in self.pools.values():
             pool.close_all("pgmp is stopping")
-        self.loop.stop()
+        if not self.clients:
+            self.loop.call_later(0, self._drained)
+
+    def _drained(self):
+        if self.draining and not self.clients:
+            log.info("worker %d: no clients left, exiting", self.slot)
+            self.loop.stop()
+
+    def shutdown(self):
+        self.drain("fast")
+
+
+class MasterLink(Endpoint):
+    """The worker's end of its control channel."""
+    __slots__ = ("worker", "decoder")
+
+    def __init__(self, worker, sock):
+        super().__init__(worker.loop, sock)
+        self.worker = worker
+        self.decoder = control.Decoder()
+
+    def post(self, msg_type: str, **fields):
+        self.send(control.encode(msg_type, **fields))
+
+    def on_data(self, view, n):
+        try:
+            msgs = self.decoder.feed(bytes(view[:n]))
+        except control.ControlError as exc:
+            log.error("worker %d: bad control message: %s", self.worker.slot, exc)
+            return
+        for msg in msgs:
+            self.worker.on_control(msg)
+
+    def on_eof(self, reason):
+        # the master is gone: nobody will tell us to stop, so stop now, gracefully
+        self.close_socket()
+        log.error("worker %d: lost the master (%s); draining", self.worker.slot, reason)
+        self.worker.drain("graceful")
 
 
 class _SignalPipe(Endpoint):

@@ -1,0 +1,737 @@
+"""The master process: binds the listening sockets, forks shared-nothing workers, keeps them alive, answers the CLI.
+
+The loop reads as its verbs: signal handlers only record the signal (the
+wakeup fd); ``handle_<signal>`` methods act on it; dead workers are reaped
+and respawned with backoff; workers that miss heartbeats are killed; the
+control socket serves ``pgmp status/stats/reload/stop/restart``.
+"""
+import itertools
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+
+import psutil
+
+from pgmp import __version__, control
+from pgmp import config as configmod
+from pgmp.auth.authfile import AuthFileError, load_auth_file
+from pgmp.listen import ListenError, bind_all, unix_listener
+from pgmp.loop import Endpoint, Loop
+from pgmp.notify import notify
+
+log = logging.getLogger("pgmp")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+WORKER_BOOT_ERROR = 3          # a worker that could not start: the master stops instead of respawning
+HEARTBEAT_INTERVAL = 1.0
+HEARTBEAT_TIMEOUT = 30.0       # a worker silent this long is hung: SIGABRT, then SIGKILL
+KILL_GRACE = 5.0
+BOOT_TIMEOUT = 30.0
+
+
+class StartError(Exception):
+    """pgmp cannot start: the message says what to fix."""
+
+
+# ---- pidfile --------------------------------------------------------------------
+
+def read_pidfile(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def running_pid(path: str) -> int | None:
+    """The pid in ``path`` if that process is alive and is pgmp; None for a missing or stale pidfile."""
+    pid = read_pidfile(path)
+    if pid is None or pid == os.getpid():
+        return None
+    try:
+        proc = psutil.Process(pid)
+        cmd = " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+    return pid if "pgmp" in cmd else None
+
+
+def write_pidfile(path: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+def _same_inode(path: str, sock: socket.socket) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(sock.fileno()).st_ino
+    except OSError:
+        return False
+
+
+# ---- control links ----------------------------------------------------------------
+
+class ControlLink(Endpoint):
+    """One control connection: a worker's socketpair end, or a CLI client of the control socket."""
+    __slots__ = ("master", "decoder", "worker")
+
+    def __init__(self, loop, sock, master, worker=None):
+        super().__init__(loop, sock)
+        self.master = master
+        self.decoder = control.Decoder()
+        self.worker = worker
+
+    def on_data(self, view, n):
+        try:
+            msgs = self.decoder.feed(bytes(view[:n]))
+        except control.ControlError as exc:
+            log.error("bad control message from %s: %s", self.worker or "CLI", exc)
+            self.close_socket()
+            return
+        for msg in msgs:
+            self.master.on_message(self, msg)
+
+    def post(self, msg_type: str, **fields):
+        self.send(control.encode(msg_type, **fields))
+
+    def on_eof(self, reason):
+        self.close_socket()
+
+
+class _ControlListener(Endpoint):
+    __slots__ = ("master",)
+
+    def __init__(self, loop, sock, master):
+        super().__init__(loop, sock)
+        self.master = master
+
+    def read(self):
+        try:
+            sock, _ = self.sock.accept()
+        except OSError:
+            return
+        ControlLink(self.loop, sock, self.master)
+
+    def on_eof(self, reason):
+        pass
+
+
+class _SignalPipe(Endpoint):
+    __slots__ = ("queue",)
+
+    def __init__(self, loop, sock, queue):
+        super().__init__(loop, sock)
+        self.queue = queue
+
+    def on_data(self, view, n):
+        self.queue.extend(bytes(view[:n]))
+
+    def on_eof(self, reason):
+        pass
+
+
+class WorkerProcess:
+    __slots__ = ("slot", "generation", "pid", "link", "ready", "started", "last_heartbeat", "draining",
+                 "abort_sent", "clients", "servers")
+
+    def __init__(self, slot, generation, pid, link, now):
+        self.slot = slot
+        self.generation = generation
+        self.pid = pid
+        self.link = link
+        self.ready = False
+        self.started = now
+        self.last_heartbeat = now
+        self.draining = False
+        self.abort_sent = 0.0
+        self.clients = 0
+        self.servers = 0
+
+    def __repr__(self):
+        return f"worker {self.slot} (pid {self.pid}, generation {self.generation})"
+
+
+# ---- the master ---------------------------------------------------------------------
+
+class Master:
+    def __init__(self, config, takeover_pid: int | None = None):
+        self.config = config
+        self.takeover_pid = takeover_pid
+        self.loop = Loop(65536)
+        self.generation = 0
+        self.nworkers = 0
+        self.listen: dict[int, tuple[list[list[socket.socket]], socket.socket | None]] = {}
+        self.workers: dict[int, WorkerProcess] = {}
+        self.failures: dict[int, int] = {}
+        self.respawn_timers: dict[int, object] = {}
+        self.signals: list[int] = []
+        self.stopping: str | None = None
+        self.exit_code = EXIT_OK
+        self.started = time.time()
+        self.control_sock = None
+        self.announced = False
+        self.pending: dict[int, dict] = {}
+        self._ids = itertools.count(1)
+        self.retiring: list[int] = []          # generations being drained
+
+    # -- start ---------------------------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.config
+        if cfg.pidfile:
+            other = running_pid(cfg.pidfile)
+            if other is not None and other != self.takeover_pid:
+                raise StartError(f"pgmp is already running (pid {other}, pidfile {cfg.pidfile}); "
+                                 "use 'pgmp restart' or stop it first")
+        self.nworkers = cfg.workers or os.cpu_count() or 1
+        try:
+            self.listen[0] = bind_all(cfg, self.nworkers, takeover=self.takeover_pid is not None)
+        except ListenError as exc:
+            raise StartError(str(exc)) from None
+        self._bind_control_socket()
+        if cfg.pidfile:
+            write_pidfile(cfg.pidfile)
+        self._install_signals()
+        for slot in range(self.nworkers):
+            self.spawn(slot, 0)
+        self.loop.call_later(HEARTBEAT_INTERVAL, self._tick)
+        self._set_title()
+
+    def _bind_control_socket(self):
+        path = self.config.control_socket
+        if not path:
+            return
+        if os.path.exists(path) and self.takeover_pid is None:
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+                probe.close()
+                raise StartError(f"another pgmp answers on the control socket {path}")
+            except (ConnectionRefusedError, FileNotFoundError):
+                probe.close()
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)                 # 0600: only pgmp's own user may reload or stop it
+        try:
+            sock.bind(path)
+        except OSError as exc:
+            raise StartError(f"cannot create control socket {path}: {exc.strerror or exc}") from None
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        sock.listen(64)
+        self.control_sock = sock
+        _ControlListener(self.loop, sock, self)
+
+    def _install_signals(self):
+        rsock, wsock = socket.socketpair()
+        wsock.setblocking(False)
+        self._wakeup = (rsock, wsock)
+        _SignalPipe(self.loop, rsock, self.signals)
+        signal.set_wakeup_fd(wsock.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR2, signal.SIGCHLD):
+            signal.signal(sig, _record)
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self) -> int:
+        """Run until stopped; returns the exit code."""
+        loop = self.loop
+        loop.running = True
+        while loop.running:
+            timeout = loop._run_timers()
+            for key, mask in loop.selector.select(min(timeout if timeout is not None else 1.0, 1.0)):
+                try:
+                    key.data.handle_event(mask)
+                except Exception:
+                    log.exception("master: error handling an event")
+            self.dispatch_signals()
+            self.reap_workers()
+            if self.stopping and not self.workers:
+                break
+        self.cleanup()
+        return self.exit_code
+
+    def dispatch_signals(self):
+        while self.signals:
+            signum = self.signals.pop(0)
+            name = signal.Signals(signum).name.lower()[3:]
+            handler = getattr(self, f"handle_{name}", None)
+            if handler is not None:
+                handler()
+
+    def handle_hup(self):
+        self.reload()
+
+    def handle_term(self):
+        self.stop("graceful")
+
+    def handle_int(self):
+        self.stop("fast")
+
+    def handle_quit(self):
+        self.stop("immediate")
+
+    def handle_usr2(self):
+        self.restart()
+
+    def handle_chld(self):
+        pass                    # reap_workers runs after every dispatch
+
+    def _tick(self):
+        self.murder_hung_workers()
+        self._set_title()
+        if not (self.stopping and not self.workers):
+            self.loop.call_later(HEARTBEAT_INTERVAL, self._tick)
+
+    # -- workers ----------------------------------------------------------------------------
+    def spawn(self, slot: int, generation: int) -> None:
+        parent, child = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:
+            parent.close()
+            code = WORKER_BOOT_ERROR
+            try:
+                code = self._worker_main(slot, generation, child)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else WORKER_BOOT_ERROR
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        child.close()
+        link = ControlLink(self.loop, parent, self)
+        wp = WorkerProcess(slot, generation, pid, link, self.loop.clock())
+        link.worker = wp
+        self.workers[pid] = wp
+        log.debug("started worker %d (pid %d, generation %d)", slot, pid, generation)
+
+    def _worker_main(self, slot: int, generation: int, link: socket.socket) -> int:
+        """In the child: drop the master's state, become a worker."""
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR2, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        keep = []
+        for gen, (tcp, unix) in self.listen.items():
+            for i, socks in enumerate(tcp):
+                for s in socks:
+                    if gen == generation and i == slot:
+                        keep.append(s)
+                    else:
+                        s.close()
+            if unix is not None:
+                if gen == generation:
+                    keep.append(unix)
+                else:
+                    unix.close()
+        for key in list(self.loop.selector.get_map().values()):
+            key.fileobj.close()              # siblings' control links, CLI socket, signal pipe
+        self.loop.selector.close()
+        from pgmp.worker import Worker
+        worker = Worker(self.config, slot, self.nworkers_of(generation), generation=generation)
+        worker.listen_on(keep)
+        worker.attach_master(link)
+        worker.run()
+        return EXIT_OK
+
+    def nworkers_of(self, generation: int) -> int:
+        return len(self.listen[generation][0])
+
+    def reap_workers(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            wp = self.workers.pop(pid, None)
+            if wp is None:
+                continue
+            wp.link.close_socket()
+            code = os.waitstatus_to_exitcode(status)
+            how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+            lived = self.loop.clock() - wp.started
+            expected = self.stopping or wp.draining
+            (log.info if expected and code == 0 else log.error)("%r exited with %s after %.1fs", wp, how, lived)
+            if code == WORKER_BOOT_ERROR and not wp.ready:
+                log.error("worker %d could not start; stopping pgmp (see the error above)", wp.slot)
+                self.exit_code = EXIT_ERROR
+                self.stop("fast")
+                continue
+            if expected or wp.generation != self.generation:
+                self._retire_check()
+                continue
+            self._schedule_respawn(wp, lived)
+
+    def _schedule_respawn(self, wp, lived):
+        n = self.failures.get(wp.slot, 0) + 1 if lived < 10 else 0
+        self.failures[wp.slot] = n
+        delay = 0.0 if n <= 1 else min(10.0, 0.1 * 2 ** (n - 1))
+        if delay:
+            log.warning("worker %d keeps dying; respawning in %.1fs", wp.slot, delay)
+        self.loop.call_later(delay, self._respawn, wp.slot, wp.generation)
+
+    def _respawn(self, slot, generation):
+        if self.stopping or generation != self.generation:
+            return
+        self.spawn(slot, generation)
+
+    def murder_hung_workers(self):
+        now = self.loop.clock()
+        for wp in list(self.workers.values()):
+            limit = HEARTBEAT_TIMEOUT if wp.ready else BOOT_TIMEOUT
+            if now - wp.last_heartbeat <= limit:
+                continue
+            try:
+                if not wp.abort_sent:
+                    log.error("%r missed its heartbeats for %.0fs: sending SIGABRT", wp, now - wp.last_heartbeat)
+                    os.kill(wp.pid, signal.SIGABRT)
+                    wp.abort_sent = now
+                elif now - wp.abort_sent > KILL_GRACE:
+                    log.error("%r did not exit after SIGABRT: sending SIGKILL", wp)
+                    os.kill(wp.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    # -- messages from workers and the CLI -----------------------------------------------------
+    def on_message(self, link: ControlLink, msg: dict):
+        kind = msg["type"]
+        wp = link.worker
+        if wp is not None:
+            wp.last_heartbeat = self.loop.clock()
+            if kind == "ready":
+                wp.ready = True
+                log.debug("%r ready", wp)
+                self._maybe_ready()
+            elif kind == "heartbeat":
+                wp.clients = msg.get("clients", 0)
+                wp.servers = msg.get("servers", 0)
+            elif kind == "cancel":
+                self._forward_cancel(msg)
+            elif kind in ("stats", "reload_result"):
+                self._collect(wp, msg)
+            return
+        if kind == "command":
+            self.command(link, msg.get("command", ""), msg.get("args") or {})
+
+    def _forward_cancel(self, msg):
+        from pgmp.worker import key_owner
+        slot, parity = key_owner(int(msg.get("pid", 0)))
+        for wp in self.workers.values():
+            if wp.slot == slot and wp.generation % 2 == parity and wp.ready:
+                wp.link.post("cancel", pid=msg["pid"], secret=msg["secret"])
+                return
+
+    def _maybe_ready(self):
+        current = [w for w in self.workers.values() if w.generation == self.generation]
+        if len(current) < self.nworkers or not all(w.ready for w in current):
+            return
+        if self.retiring:
+            for gen in self.retiring:
+                self._drain_generation(gen, "graceful")
+        if not self.announced:
+            self.announced = True
+            self._announce_ready()
+
+    def _announce_ready(self):
+        cfg = self.config
+        where = ", ".join(f"{a}:{cfg.listen_port}" for a in cfg.listen_addr)
+        if cfg.unix_socket_dir:
+            where += f", {cfg.unix_socket_path}"
+        from pgmp.protocol import scanner
+        log.info("pgmp %s ready: %d workers listening on %s (scanner: %s, pid %d)",
+                 __version__, self.nworkers, where, scanner.IMPL, os.getpid())
+        notify("READY=1", f"MAINPID={os.getpid()}", f"STATUS={self.summary()}")
+        if self.takeover_pid:
+            log.info("taking over from pgmp pid %d: asking it to drain", self.takeover_pid)
+            try:
+                os.kill(self.takeover_pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            self.takeover_pid = None
+
+    def summary(self) -> str:
+        live = [w for w in self.workers.values() if not w.draining]
+        return (f"{len(live)} workers, {sum(w.clients for w in live)} clients, "
+                f"{sum(w.servers for w in live)} servers")
+
+    # -- commands ----------------------------------------------------------------------------
+    def command(self, link, name: str, args: dict):
+        if name == "status":
+            link.post("reply", ok=True, data=self.status())
+        elif name == "stats":
+            self._ask_workers("stats_request", link, {})
+        elif name == "reload":
+            self.reload(link)
+        elif name == "stop":
+            mode = args.get("mode", "graceful")
+            if mode not in ("graceful", "fast", "immediate"):
+                link.post("reply", ok=False, error=f"unknown stop mode {mode!r}")
+                return
+            link.post("reply", ok=True, data={"pid": os.getpid(), "mode": mode})
+            self.stop(mode)
+        elif name == "restart":
+            link.post("reply", **self.restart())
+        else:
+            link.post("reply", ok=False, error=f"unknown command {name!r}")
+
+    def status(self) -> dict:
+        return {
+            "pid": os.getpid(), "version": __version__, "config": self.config.path,
+            "uptime": time.time() - self.started, "generation": self.generation,
+            "stopping": self.stopping, "summary": self.summary(),
+            "workers": [{"slot": w.slot, "pid": w.pid, "generation": w.generation, "ready": w.ready,
+                         "draining": w.draining, "clients": w.clients, "servers": w.servers,
+                         "uptime": self.loop.clock() - w.started}
+                        for w in sorted(self.workers.values(), key=lambda w: (w.generation, w.slot))],
+        }
+
+    def _ask_workers(self, msg_type: str, link, fields: dict, targets=None, on_done=None):
+        """Send a request to workers and reply to ``link`` once all answered (or after 3 s)."""
+        rid = next(self._ids)
+        targets = [w for w in (targets or self.workers.values()) if w.ready]
+        req = {"link": link, "type": msg_type, "waiting": {w.pid for w in targets}, "replies": {},
+               "on_done": on_done}
+        self.pending[rid] = req
+        for w in targets:
+            w.link.post(msg_type, id=rid, **fields)
+        req["timer"] = self.loop.call_later(3.0, self._finish_request, rid)
+        if not targets:
+            self._finish_request(rid)
+
+    def _collect(self, wp, msg):
+        req = self.pending.get(msg.get("id"))
+        if req is None:
+            return
+        req["replies"][wp.pid] = msg
+        req["waiting"].discard(wp.pid)
+        if not req["waiting"]:
+            self._finish_request(msg["id"])
+
+    def _finish_request(self, rid):
+        req = self.pending.pop(rid, None)
+        if req is None:
+            return
+        req["timer"].cancel() if "timer" in req else None
+        if req["on_done"] is not None:
+            req["on_done"](req)
+            return
+        link = req["link"]
+        if req["type"] == "stats_request":
+            link.post("reply", ok=True, data=self._stats_report(req))
+
+    def _stats_report(self, req) -> dict:
+        def figures(pid):
+            try:
+                p = psutil.Process(pid)
+                t = p.cpu_times()
+                return {"rss": p.memory_info().rss, "cpu": t.user + t.system}
+            except psutil.Error:
+                return {"rss": 0, "cpu": 0.0}
+        workers = []
+        for pid, msg in sorted(req["replies"].items()):
+            wp = self.workers.get(pid)
+            data = dict(msg.get("data") or {})
+            data.update(figures(pid))
+            data.setdefault("slot", wp.slot if wp else -1)
+            data.setdefault("generation", wp.generation if wp else -1)
+            data["pid"] = pid
+            workers.append(data)
+        missing = sorted(req["waiting"])
+        return {"master": {"pid": os.getpid(), **figures(os.getpid())}, "workers": workers,
+                "missing": missing}
+
+    # -- reload --------------------------------------------------------------------------------
+    def reload(self, link=None):
+        notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        path = self.config.path
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            new = configmod.loads(text, path)
+            if new.auth_file:
+                load_auth_file(new.auth_file)
+        except (configmod.ConfigError, AuthFileError, OSError) as exc:
+            msg = str(exc) if not isinstance(exc, OSError) else f"cannot read {path}: {exc.strerror or exc}"
+            log.error("reload failed, keeping the running configuration:\n%s", msg)
+            notify("READY=1", f"STATUS=reload failed; {self.summary()}")
+            if link is not None:
+                link.post("reply", ok=False, error=msg)
+            return
+        live, restart = configmod.diff(self.config, new)
+        fixed = [n for n in restart if n in ("pidfile", "control_socket")]
+        if fixed:
+            log.warning("reload: %s cannot change while pgmp runs; restart pgmp to apply", ", ".join(fixed))
+        regen = [n for n in restart if n not in fixed]
+        old = self.config
+        self.config = new
+        from pgmp.cli import set_log_level
+        set_log_level(new.log_level)
+        if regen:
+            try:
+                self._new_generation()
+            except StartError as exc:
+                self.config = old
+                log.error("reload failed, keeping the running configuration: %s", exc)
+                notify("READY=1", f"STATUS=reload failed; {self.summary()}")
+                if link is not None:
+                    link.post("reply", ok=False, error=str(exc))
+                return
+            log.info("reload: %s changed: starting worker generation %d", ", ".join(regen), self.generation)
+            notify("READY=1", f"STATUS={self.summary()}")
+            if link is not None:
+                link.post("reply", ok=True, data={"changed": live + regen, "generation": self.generation})
+            return
+
+        def done(req):
+            errors = [m.get("error") for m in req["replies"].values() if not m.get("ok")]
+            if req["waiting"]:
+                errors.append(f"{len(req['waiting'])} workers did not answer")
+            if errors:
+                log.error("reload: some workers refused the configuration: %s", "; ".join(map(str, errors)))
+            else:
+                log.info("configuration reloaded from %s (%s)", path, ", ".join(live) or "no changes")
+            notify("READY=1", f"STATUS={self.summary()}")
+            if link is not None:
+                link.post("reply", ok=not errors, error="; ".join(map(str, errors)) or None,
+                          data={"changed": live, "generation": self.generation})
+
+        current = [w for w in self.workers.values() if not w.draining]
+        self._ask_workers("reload", None, {"path": path, "text": text}, targets=current, on_done=done)
+
+    def _new_generation(self):
+        cfg = self.config
+        n = cfg.workers or os.cpu_count() or 1
+        try:
+            socks = bind_all(cfg, n, takeover=True)
+        except ListenError as exc:
+            raise StartError(str(exc)) from None
+        old = self.generation
+        self.generation += 1
+        self.nworkers = n
+        self.listen[self.generation] = socks
+        self.retiring.append(old)
+        for slot in range(n):
+            self.spawn(slot, self.generation)
+
+    def _drain_generation(self, gen: int, mode: str):
+        for w in self.workers.values():
+            if w.generation == gen and not w.draining:
+                w.draining = True
+                w.link.post("drain", mode=mode)
+        self._close_listeners(gen)
+        if gen in self.retiring:
+            self.retiring.remove(gen)
+
+    def _close_listeners(self, gen: int):
+        tcp, unix = self.listen.pop(gen, ([], None))
+        for socks in tcp:
+            for s in socks:
+                s.close()
+        if unix is not None:
+            if _same_inode(self.config.unix_socket_path, unix):
+                try:
+                    os.unlink(self.config.unix_socket_path)
+                except OSError:
+                    pass
+            unix.close()
+
+    def _retire_check(self):
+        pass
+
+    # -- stop and restart --------------------------------------------------------------------
+    def stop(self, mode: str):
+        if self.stopping == "immediate" or (self.stopping == mode):
+            return
+        first = self.stopping is None
+        self.stopping = mode
+        log.info("stopping (%s)%s", mode, "" if first else " (escalated)")
+        notify("STOPPING=1", f"STATUS=stopping ({mode})")
+        for gen in list(self.listen):
+            self._close_listeners(gen)
+        for timer in self.respawn_timers.values():
+            timer.cancel()
+        if mode == "immediate":
+            for wp in self.workers.values():
+                _kill(wp.pid, signal.SIGKILL)
+            return
+        for wp in self.workers.values():
+            wp.draining = True
+            wp.link.post("drain", mode=mode)
+        if mode == "graceful":
+            self.loop.call_later(self.config.shutdown_timeout, self._shutdown_timeout)
+        else:
+            self.loop.call_later(KILL_GRACE, self._kill_all)
+
+    def _shutdown_timeout(self):
+        if self.workers:
+            log.warning("shutdown_timeout (%gs) reached with clients still connected: closing them",
+                        self.config.shutdown_timeout)
+            self.stopping = "fast"
+            for wp in self.workers.values():
+                wp.link.post("drain", mode="fast")
+            self.loop.call_later(KILL_GRACE, self._kill_all)
+
+    def _kill_all(self):
+        for wp in self.workers.values():
+            log.error("%r still running: SIGKILL", wp)
+            _kill(wp.pid, signal.SIGKILL)
+
+    def restart(self) -> dict:
+        """Start a new master on the same sockets (SO_REUSEPORT); it tells this one to drain when ready."""
+        if self.stopping:
+            return {"ok": False, "error": "pgmp is stopping"}
+        cmd = [sys.executable, "-m", "pgmp", "start", "-c", self.config.path, "--takeover", str(os.getpid())]
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+        except OSError as exc:
+            log.error("restart: cannot start a new master: %s", exc)
+            return {"ok": False, "error": f"cannot start a new master: {exc}"}
+        log.info("restart: new master started (pid %d); this one drains once it is ready", proc.pid)
+        return {"ok": True, "data": {"old_pid": os.getpid(), "new_pid": proc.pid}}
+
+    def cleanup(self):
+        cfg = self.config
+        for gen in list(self.listen):
+            self._close_listeners(gen)
+        if self.control_sock is not None:
+            if _same_inode(cfg.control_socket, self.control_sock):
+                try:
+                    os.unlink(cfg.control_socket)
+                except OSError:
+                    pass
+            self.control_sock.close()
+        if cfg.pidfile and read_pidfile(cfg.pidfile) == os.getpid():
+            try:
+                os.unlink(cfg.pidfile)
+            except OSError:
+                pass
+        log.info("pgmp stopped (pid %d)", os.getpid())
+
+    def _set_title(self):
+        try:
+            import setproctitle
+            setproctitle.setproctitle(f"pgmp: master [gen {self.generation}] {self.summary()} {self.config.path}")
+        except Exception:
+            pass
+
+
+def _record(signum, frame):
+    """Signal handler: the wakeup fd already carries the signal number; nothing else happens here."""
+
+
+def _kill(pid, sig):
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
