@@ -179,22 +179,35 @@ def run(cmd: list[str], *, pg_user: bool = False, env: dict | None = None, timeo
 
 
 def proc_tree_cpu(pid: int | None) -> float | None:
-    """CPU seconds (user+system) of a process, its live descendants and the children they reaped."""
+    """CPU seconds (user+system) of a process, its live descendants and the children they reaped.
+
+    A child reaped while we read the tree would be counted nowhere (gone from the
+    list, not yet in the parent's children times when we read those): read the
+    root's children times before and after, and read the tree again if they moved.
+    """
     if pid is None:
         return None
+
+    def reaped(p: psutil.Process) -> float:
+        t = p.cpu_times()
+        return t.children_user + t.children_system
+
     try:
         root = psutil.Process(pid)
-        procs = [root] + root.children(recursive=True)
+        for _ in range(20):
+            before = reaped(root)
+            total = 0.0
+            for p in [root] + root.children(recursive=True):
+                try:
+                    t = p.cpu_times()
+                except psutil.Error:
+                    continue
+                total += t.user + t.system + t.children_user + t.children_system
+            if reaped(root) == before:
+                break
+        return total
     except psutil.Error:
         return None
-    total = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-        except psutil.Error:
-            continue
-        total += t.user + t.system + t.children_user + t.children_system
-    return total
 
 
 def proc_tree_mem(pid: int | None) -> dict | None:
@@ -474,14 +487,16 @@ def percentile(sorted_values: list[int], q: float) -> float | None:
     return float(sorted_values[rank - 1])
 
 
-def read_latencies(prefix: Path) -> tuple[list[int], int]:
-    """Latency column (µs) of every pgbench -l log file of one run; also the count of failed lines.
+def read_latencies(prefix: Path) -> tuple[list[int], int, dict[str, int]]:
+    """Latency column (µs) of every pgbench -l log file of one run, the count of failed
+    transactions, and the transactions completed per client id.
 
     PostgreSQL 15 log line: client_id transaction_no time script_no time_epoch time_us [...],
     time = transaction duration in µs, or "failed"/"skipped".
     """
     lat: list[int] = []
     bad = 0
+    per_client: dict[str, int] = {}
     for path in glob.glob(f"{prefix}.*"):
         with open(path) as f:
             for line in f:
@@ -490,11 +505,12 @@ def read_latencies(prefix: Path) -> tuple[list[int], int]:
                     continue
                 if parts[2].isdigit():
                     lat.append(int(parts[2]))
+                    per_client[parts[0]] = per_client.get(parts[0], 0) + 1
                 else:
                     bad += 1
         os.unlink(path)
     lat.sort()
-    return lat, bad
+    return lat, bad, per_client
 
 
 @dataclasses.dataclass
@@ -589,10 +605,25 @@ class Runner:
         res["errors"] += errs[:5]
         if rc != 0 and not errs:
             res["errors"].append(f"pgbench exited with {rc}")
+        if not res["errors"] and not res.get("processed"):
+            res["errors"].append("no transaction completed"
+                                 + (f" (initial connection time {res['conn_time_ms']} ms)" if res.get("conn_time_ms")
+                                    else " (the clients' logins took the whole duration?)"))
         res["pgbench_output"] = out[-4000:]
 
-        lat, failed_lines = read_latencies(prefix)
+        lat, failed_lines, per_client = read_latencies(prefix)
         res["samples"] = len(lat)
+        res["clients_with_tx"] = len(per_client)
+        if per_client:
+            res["tx_per_client_min_max"] = [min(per_client.values()) if len(per_client) == sc.clients else 0,
+                                            max(per_client.values())]
+        lo_hi = res.get("tx_per_client_min_max")
+        if lo_hi and lo_hi[0] and lo_hi[1] > 10 * lo_hi[0]:
+            res["notes"].append(f"unfair: transactions per client from {lo_hi[0]} to {lo_hi[1]}")
+        if lat and len(per_client) < sc.clients:
+            # the latency log has completed transactions only: a starved client is not in p99
+            res["notes"].append(f"only {len(per_client)} of {sc.clients} clients completed a transaction "
+                                "(p99 covers completed ones only)")
         if lat:
             res["p50_ms"] = round(percentile(lat, 50) / 1000, 3)
             res["p99_ms"] = round(percentile(lat, 99) / 1000, 3)
@@ -614,7 +645,7 @@ class Runner:
         cpu["other"] = round(max(other, 0.0), 3)
         res["background_load"] = round(max(other, 0.0) / wall, 2) if wall > 0 else None
         if res["background_load"] and res["background_load"] > 0.15:
-            res["notes"].append(f"other processes used {res['background_load']:.2f} CPUs during the run")
+            res["notes"].append(f"background load {res['background_load']:.2f} CPU")
         res["cpu_s"] = cpu
         res["cpu_s_per_1000_tx"] = {k: (round(v / tx * 1000, 4) if tx else None) for k, v in cpu.items()
                                     if k in ("proxy", "postgres", "pgbench")}
@@ -824,6 +855,7 @@ def main(argv=None) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
     old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # also when started with SIGINT ignored (cmd &)
     tmp = Path(tempfile.mkdtemp(prefix="pgmp-bench-"))
     os.chmod(tmp, 0o755)
     chown_pg(tmp)
@@ -919,7 +951,7 @@ def main(argv=None) -> int:
             exit_code = 1
     except (KeyboardInterrupt, Interrupted) as exc:
         interrupted = True
-        log(f"interrupted ({exc or 'SIGINT'}); cleaning up")
+        log(f"interrupted ({str(exc) or 'SIGINT'}); cleaning up")
         exit_code = 130
     except Exception as exc:   # noqa: BLE001 - report, then clean up
         log(f"error: {exc}")

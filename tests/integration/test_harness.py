@@ -76,7 +76,7 @@ def test_run_reports_output_of_failing_command():
         run(["sh", "-c", "echo boom >&2; exit 3"])
 
 
-@pytest.mark.xfail(strict=False, reason="pgmp data path in progress")
+
 def test_psql_through_pgmp(pg, pgmp):
     proxy = pgmp.start()
     result = run(["psql", "-X", "-A", "-t", "-c", "select 1, current_user", proxy.dsn("scram_user")],

@@ -4,11 +4,11 @@ Tests import what they need from here, e.g. ``from tests.support import wait_for
 the fixtures `pg` and `pgmp` are defined in tests/conftest.py.
 """
 from .cluster import PASSWORDS, TEST_USERS, Cluster, conninfo
-from .proxy import PgmpProcess, PgmpStartError, start_pgmp, write_config
+from .proxy import PgmpProcess, PgmpStartError, pgmp_cli, start_pgmp, write_config
 from .waiting import CommandFailed, free_port, port_accepts, run, wait_for
 
 __all__ = [
     "PASSWORDS", "TEST_USERS", "Cluster", "conninfo",
-    "PgmpProcess", "PgmpStartError", "start_pgmp", "write_config",
+    "PgmpProcess", "PgmpStartError", "pgmp_cli", "start_pgmp", "write_config",
     "CommandFailed", "free_port", "port_accepts", "run", "wait_for",
 ]

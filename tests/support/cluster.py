@@ -12,9 +12,7 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import psutil
-
-from .waiting import CommandFailed, free_port, run, wait_for
+from .waiting import CommandFailed, free_port, process_alive, run, wait_for
 
 SUPERUSER = "postgres"
 
@@ -190,18 +188,11 @@ def postmaster_pid(datadir: Path) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def stop_cluster(base_dir: Path, timeout: float = 15.0) -> None:
     """Stop the cluster under base_dir, if one runs: immediate shutdown, then SIGKILL by pid."""
     datadir = base_dir / "data"
     pid = postmaster_pid(datadir)
-    if pid is None or not _alive(pid):
+    if pid is None or not process_alive(pid):
         return
     try:
         run([find_bin_dir() / "pg_ctl", "stop", "-D", datadir, "-m", "immediate", "-w",
@@ -209,9 +200,9 @@ def stop_cluster(base_dir: Path, timeout: float = 15.0) -> None:
             **_server_user_kwargs())
     except subprocess.TimeoutExpired:
         pass
-    if _alive(pid):
+    if process_alive(pid):
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not _alive(pid), timeout=timeout,
+        wait_for(lambda: not process_alive(pid), timeout=timeout,
                  message=f"postmaster {pid} still alive after SIGKILL")
     _reap(pid)
 

@@ -27,7 +27,9 @@ def banner(text: str) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="scripts/demo",
+        description="A throwaway PostgreSQL cluster, pgmp in front of it, pgbench and psql through pgmp.")
     parser.add_argument("--target", choices=("pgmp", "direct"), default=DEFAULT_TARGET,
                         help=f"where pgbench and psql connect (default: {DEFAULT_TARGET})")
     parser.add_argument("--seconds", type=int, default=10, help="pgbench -T (default: 10)")
@@ -40,7 +42,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    run_dir = create_run_dir()
+    run_dir = create_run_dir(prefix="pgmp-demo-")
     proxy = None
     try:
         banner("starting a throwaway PostgreSQL cluster")

@@ -1,12 +1,11 @@
 """Start pgmp processes for tests and the demo: write config + userlist, launch, wait, stop."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import functools
 import json
 import os
 import re
-from signal import SIGTERM
 import subprocess
 import sys
 import tempfile
@@ -14,12 +13,14 @@ import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache, partial
 from pathlib import Path
+from signal import SIGKILL, SIGTERM
 
 import psutil
 
 from .cluster import PASSWORDS, Cluster, conninfo
-from .waiting import free_port, port_accepts, wait_for
+from .waiting import RUN_DIR_ENV, free_port, port_accepts, process_alive, run, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT = 15.0
@@ -95,12 +96,15 @@ def write_config(
     with their plaintext passwords. `extra_toml` is appended as it is.
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    # Short, so that "<dir>/.s.PGSQL.<port>" fits in sun_path (108 bytes).
-    socket_dir = tempfile.mkdtemp(prefix="pgmp-s-", dir=os.environ.get("PGMP_TEST_RUN_DIR"))
+    config = dict(config or {})
+    if "listen_port" not in config:
+        config["listen_port"] = free_port()
+    if "unix_socket_dir" not in config:
+        # Short, so that "<dir>/.s.PGSQL.<port>" fits in sun_path (108 bytes).
+        config["unix_socket_dir"] = tempfile.mkdtemp(
+            prefix="pgmp-s-", dir=os.environ.get(RUN_DIR_ENV))
     settings = {
         "listen_addr": "127.0.0.1",
-        "listen_port": free_port(),
-        "unix_socket_dir": socket_dir,
         "auth_type": auth_type,
         "auth_file": f"{name}.users",
         "pool_mode": "session",
@@ -108,7 +112,7 @@ def write_config(
         "max_client_conn": 1000,
         "workers": workers,
         "log_level": "info",
-        **(config or {}),
+        **config,
     }
     if databases is None:
         databases = default_databases(cluster)
@@ -126,7 +130,7 @@ def write_config(
 
 # --- processes --------------------------------------------------------------
 
-@functools.cache
+@cache
 def pgmp_env() -> dict[str, str]:
     """The environment for pgmp: as it is if pgmp is installed, else with the repo on PYTHONPATH."""
     env = dict(os.environ)
@@ -134,6 +138,13 @@ def pgmp_env() -> dict[str, str]:
     if probe.returncode != 0:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return env
+
+
+def pgmp_cli(*args: str | os.PathLike, check: bool = False, timeout: float = 30.0,
+             **kwargs) -> subprocess.CompletedProcess[str]:
+    """Run `python -m pgmp ARGS...` (config check, reload, status, ...) and capture its output."""
+    return run([sys.executable, "-m", "pgmp", *args], check=check, timeout=timeout,
+               env=pgmp_env(), **kwargs)
 
 
 def _die_with_parent() -> None:
@@ -149,8 +160,10 @@ def _die_with_parent() -> None:
 class PgmpProcess:
     """One running `python -m pgmp start -c FILE` and how to talk to it."""
 
-    def __init__(self, config: PgmpConfig, log_path: Path, args: list[str] | None = None):
+    def __init__(self, config: PgmpConfig, log_path: Path, args: list[str] | None = None,
+                 rewrite=None):
         self.config = config
+        self._rewrite = rewrite
         self.config_path = config.path
         self.host, self.port = config.host, config.port
         self.unix_socket_dir = config.unix_socket_dir
@@ -167,6 +180,20 @@ class PgmpProcess:
 
     def __repr__(self) -> str:
         return f"<pgmp pid={self.pid} {self.host}:{self.port}>"
+
+    def rewrite_config(self, config: Mapping | None = None, **changes) -> PgmpConfig:
+        """Rewrite this pgmp's config file in place (same port and unix socket dir unless changed).
+
+        Takes start()'s arguments: `config` keys are merged into the current
+        [pgmp] overrides, other arguments (users=, databases=, ...) replace the
+        current ones. Changes accumulate over calls. Apply with .signal(SIGHUP)
+        or `pgmp reload`. .port/.unix_socket_dir keep the addresses pgmp runs on.
+        """
+        settings = {"listen_port": self.port, "unix_socket_dir": self.unix_socket_dir,
+                    **(self._rewrite.keywords.get("config") or {}), **(config or {})}
+        self._rewrite = partial(self._rewrite, **changes, config=settings)
+        self.config = self._rewrite()
+        return self.config
 
     # connecting
     def dsn(self, user: str = "scram_user", password: str | None = None,
@@ -231,18 +258,24 @@ class PgmpProcess:
     def _kill_leftovers(self) -> None:
         """Kill processes of pgmp's group still alive after the master exited (they are a bug)."""
         leftovers = []
-        for proc in psutil.process_iter(["pid", "status"]):
+        for proc in psutil.process_iter():
             try:
-                if os.getpgid(proc.pid) == self.pid and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                    leftovers.append(proc)
+                if os.getpgid(proc.pid) == self.pid and process_alive(proc.pid):
+                    leftovers.append(proc.pid)
             except (ProcessLookupError, psutil.NoSuchProcess):
                 continue
-        for proc in leftovers:
-            proc.kill()
-        if leftovers:
-            psutil.wait_procs(leftovers, timeout=5)
-            warnings.warn(f"{self!r} left processes {[p.pid for p in leftovers]} after exiting; "
-                          "killed them")
+        if not leftovers:
+            return
+        for pid in leftovers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, SIGKILL)
+        wait_for(lambda: not any(map(process_alive, leftovers)), timeout=5,
+                 message=f"pgmp's leftover processes {leftovers} survived SIGKILL")
+        for pid in leftovers:  # ours to reap if they were reparented to us (subreaper)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+        warnings.warn(f"{self!r} left processes {leftovers} after exiting; killed them",
+                      stacklevel=3)
 
 
 class PgmpStartError(RuntimeError):
@@ -261,14 +294,17 @@ def start_pgmp(workdir: Path, cluster: Cluster, ready_timeout: float = READY_TIM
     name = config_args.pop("name", None) or _unused_name(workdir)
     for attempt in range(BIND_ATTEMPTS):
         config = write_config(workdir, cluster, name=name, **config_args)
-        proc = PgmpProcess(config, workdir / f"{name}.log", args)
+
+        proc = PgmpProcess(config, workdir / f"{name}.log", args,
+                           rewrite=partial(write_config, workdir, cluster, name=name, **config_args))
         try:
             proc.wait_ready(ready_timeout)
             return proc
         except PgmpStartError:
             proc.stop(timeout=5)
-            in_use = "address already in use" in proc.log().lower()
-            if not in_use or attempt == BIND_ATTEMPTS - 1 or "listen_port" in (config_args.get("config") or {}):
+            port_taken = "address already in use" in proc.log().lower()
+            port_fixed = "listen_port" in (config_args.get("config") or {})
+            if not port_taken or port_fixed or attempt == BIND_ATTEMPTS - 1:
                 raise
     raise AssertionError("unreachable")
 
@@ -306,6 +342,12 @@ class PgmpFactory:
         """Only write a config (for `pgmp config check` or a reload); same arguments as start()."""
         kwargs.setdefault("name", _unused_name(self.workdir))
         return write_config(self.workdir, self.cluster, **kwargs)
+
+    @staticmethod
+    def cli(*args: str | os.PathLike, check: bool = False, timeout: float = 30.0,
+            **kwargs) -> subprocess.CompletedProcess[str]:
+        """`python -m pgmp ARGS...`, e.g. pgmp.cli("config", "check", "-c", path)."""
+        return pgmp_cli(*args, check=check, timeout=timeout, **kwargs)
 
     def stop_all(self) -> None:
         for proc in self.started:

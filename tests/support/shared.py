@@ -18,19 +18,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .cluster import Cluster, become_subreaper, start_cluster, stop_cluster
-from .waiting import PORT_REGISTRY_ENV
-
-RUN_DIR_ENV = PORT_REGISTRY_ENV
+from .waiting import RUN_DIR_ENV
 
 
-def create_run_dir() -> Path:
+def create_run_dir(prefix: str = "pgmp-test-") -> Path:
     """A fresh directory for this run, exported to child processes; the server user can enter it.
 
     The calling process (the pytest controller) also becomes the subreaper of
     its descendants, so the detached postmaster is reaped when it is stopped.
     """
     become_subreaper()
-    run_dir = Path(tempfile.mkdtemp(prefix="pgmp-test-"))
+    run_dir = Path(tempfile.mkdtemp(prefix=prefix))
     run_dir.chmod(0o711)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir

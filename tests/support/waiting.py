@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+import psutil
+
 T = TypeVar("T")
 
 # Ports handed out by free_port() come from below the kernel's ephemeral range
@@ -19,7 +21,8 @@ T = TypeVar("T")
 # a system postgres or the Debian pgbouncer service may listen.
 PORT_RANGE = (20000, 32000)
 RESERVED_PORTS = frozenset({5432, 5433, 6432, 6433})
-PORT_REGISTRY_ENV = "PGMP_TEST_RUN_DIR"
+# The run directory shared by every process of one test run (see shared.py).
+RUN_DIR_ENV = "PGMP_TEST_RUN_DIR"
 
 
 def wait_for(
@@ -42,6 +45,14 @@ def wait_for(
             text = message() if callable(message) else message
             raise TimeoutError(f"timed out after {timeout:g}s: {text or predicate!r}")
         time.sleep(interval)
+
+
+def process_alive(pid: int) -> bool:
+    """True if pid runs; a zombie (exited, not yet reaped) counts as gone."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def port_accepts(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -71,7 +82,7 @@ def free_port() -> int:
     Ports are recorded in the run directory (shared by all xdist workers) under
     a lock, so two workers never get the same port.
     """
-    run_dir = os.environ.get(PORT_REGISTRY_ENV)
+    run_dir = os.environ.get(RUN_DIR_ENV)
     registry = Path(run_dir) / "ports" if run_dir and Path(run_dir).is_dir() else None
     if registry is None:
         return _pick_port(set())
