@@ -472,7 +472,8 @@ class TestMalformed:
         # PostgreSQL answers this with 08P01 "invalid SCRAM response" (auth-scram.c), not 28P01.
         auth, nonce = after_client_first()
         proof = base64.b64encode(bytes(32))
-        err = expect(ClientProtocolError, "08P01", auth.feed, b"c=biws,r=abcX" + nonce[4:] + b",p=" + proof)
+        wrong = nonce[:3] + (b"Y" if nonce[3:4] == b"X" else b"X") + nonce[4:]   # differs in one byte
+        err = expect(ClientProtocolError, "08P01", auth.feed, b"c=biws,r=" + wrong + b",p=" + proof)
         assert err.detail == "Nonce does not match."
         auth, nonce = after_client_first()
         expect(ClientProtocolError, "08P01", auth.feed, b"c=biws,r=abc,p=" + proof)
