@@ -12,7 +12,8 @@ from pgmp.errors import AuthenticationFailed, ClientProtocolError, PgmpError
 from pgmp.loop import Endpoint
 from pgmp.protocol import messages, startup
 from pgmp.protocol.scanner import ERR_LONG, ERR_SHORT, ERR_TYPE, Scanner, make_flags
-from pgmp.relay import FORWARD, STOP, relay
+from pgmp.prepared import Pipeline
+from pgmp.relay import FORWARD, REPLACE, STOP, relay
 from pgmp.session import ClientState, TxTracker, check_transition, client_settings, login_parameters
 
 log = logging.getLogger("pgmp")
@@ -20,19 +21,22 @@ log = logging.getLogger("pgmp")
 FRONTEND_TYPES = b"BCcdDEfFHPQSX"
 SMALL_TYPES = b"CDEHSXcf"
 READY_FLAGS = make_flags(report=b"QSFcfX", small=SMALL_TYPES, valid=FRONTEND_TYPES)
+# Transaction and statement mode also follow the extended protocol message by message.
+POOLED_FLAGS = make_flags(report=b"QSFcfXPBCDE", small=SMALL_TYPES, valid=FRONTEND_TYPES)
+POOLED_WHOLE = bytes(1 if i in b"PBCD" else 0 for i in range(256))
 AUTH_FLAGS = make_flags(report=bytes(range(256)), small=b"X", valid=b"pX")
 NO_WHOLE = bytes(256)
 ALL_WHOLE = bytes([1]) * 256
 AUTH_MAX_MESSAGE = 65535 + 1024     # PG_MAX_AUTH_TOKEN_LENGTH plus the SASL header
 
 _auth_scanner = Scanner(AUTH_FLAGS, AUTH_MAX_MESSAGE)
-_ready_scanners: dict[int, Scanner] = {}
+_ready_scanners: dict[tuple[bytes, int], Scanner] = {}
 
 
-def ready_scanner(max_message_size: int) -> Scanner:
-    sc = _ready_scanners.get(max_message_size)
+def ready_scanner(flags: bytes, max_message_size: int) -> Scanner:
+    sc = _ready_scanners.get((flags, max_message_size))
     if sc is None:
-        sc = _ready_scanners[max_message_size] = Scanner(READY_FLAGS, max_message_size)
+        sc = _ready_scanners[(flags, max_message_size)] = Scanner(flags, max_message_size)
     return sc
 
 
@@ -40,7 +44,7 @@ class ClientConnection(Endpoint):
     __slots__ = ("worker", "state", "peer", "user", "database", "settings", "reported", "pool", "server",
                  "auth", "secret_entry", "tx", "key_pid", "key_secret", "timer", "scanner", "flags", "whole",
                  "terminating", "ssl_asked", "gss_asked", "connected_at", "over_limit", "wait_started",
-                 "close_at_boundary")
+                 "close_at_boundary", "pipeline", "replacement", "pinned")
 
     def __init__(self, worker, sock, peer: str, over_limit: bool = False):
         super().__init__(worker.loop, sock)
@@ -68,6 +72,9 @@ class ClientConnection(Endpoint):
         self.over_limit = over_limit
         self.wait_started = 0.0
         self.close_at_boundary = False
+        self.pipeline: Pipeline | None = None      # transaction/statement mode only
+        self.replacement = b""
+        self.pinned = False                        # a session feature (LISTEN) keeps the server
         timeout = worker.config.client_login_timeout
         self.timer = worker.loop.call_later(timeout, self._login_timeout) if timeout > 0 else None
 
@@ -90,6 +97,9 @@ class ClientConnection(Endpoint):
                     srv.send_views(out)
                     if srv.congested:
                         srv.hold_until_drained(self)
+                pl = self.pipeline
+                if pl is not None and pl.expect and pl.expect[0][0] == 30:     # SYNTHETIC first
+                    self.send(pl.synthetic_ready())
                 if self.terminating:
                     self.close("client sent Terminate")
             elif st is ClientState.IDLE:
@@ -108,6 +118,9 @@ class ClientConnection(Endpoint):
         if view[0] == 88 and n >= 5:                  # Terminate with no server: just leave
             self.close("client sent Terminate")
             return
+        if self.pool.link_idle(self):                 # the common case: no queueing, no copy
+            self.on_data(view, n)
+            return
         self.leftover = bytes(view[:n])
         self.pause_reading()
         self.set_state(ClientState.WAITING)
@@ -124,7 +137,15 @@ class ClientConnection(Endpoint):
                 self.terminating = True
                 return STOP
             self.tx.client_frame(kind)
-            return FORWARD
+            pl = self.pipeline
+            if pl is None:
+                return FORWARD
+            r = pl.client_frame(kind, bytes(view[off + 5:off + ln]) if view is not None and kind in b"PBCD"
+                                else b"", self.server.statements)
+            if r is None:
+                return FORWARD
+            self.replacement = r
+            return REPLACE
         # AUTH
         if kind == 88:
             self.close("client sent Terminate during login")
@@ -251,7 +272,12 @@ class ClientConnection(Endpoint):
         self.pool.stats.login_count += 1
         self.tx.clock = self.loop.clock
         self.tx.stats = self.pool.stats
-        self.scanner, self.flags, self.whole = ready_scanner(worker.config.max_message_size), READY_FLAGS, NO_WHOLE
+        if self.pool.mode == "session":
+            flags, whole = READY_FLAGS, NO_WHOLE
+        else:
+            flags, whole = POOLED_FLAGS, POOLED_WHOLE
+            self.pipeline = Pipeline(worker.statement_cache)
+        self.scanner, self.flags, self.whole = ready_scanner(flags, worker.config.max_message_size), flags, whole
         if worker.config.log_connections:
             log.info("login: user=%s db=%s from %s", self.user, self.database, self.peer)
         self.resume_reading()
@@ -265,7 +291,7 @@ class ClientConnection(Endpoint):
             self.timer = None
         self.server = srv
         self.set_state(ClientState.ACTIVE)
-        srv.use_normal_scanner()
+        srv.use_normal_scanner(self.pipeline is not None)
         from pgmp.session import settings_query
         q = settings_query(self.settings, srv.applied, srv.params)
         if q is not None:
@@ -278,6 +304,17 @@ class ClientConnection(Endpoint):
         if error is not None:
             srv.applied.clear()
             self.fail(error)
+
+    def detach(self):
+        """Transaction boundary in transaction or statement mode: the server goes back to the pool."""
+        srv = self.server
+        self.server = None
+        self.set_state(ClientState.IDLE)
+        if self.close_at_boundary:
+            self.pool.release(srv, True)
+            self.fail(PgmpError(errors.ADMIN_SHUTDOWN, "terminating connection due to administrator command"))
+            return
+        self.pool.release(srv, True)
 
     def server_lost(self, srv, exc: PgmpError):
         if self.server is srv:
@@ -322,8 +359,9 @@ class ClientConnection(Endpoint):
                 self.pool.clients.discard(self)
                 self.pool.stats.bytes_in += self.rx
             if srv is not None:
-                clean = self.tx.idle and srv.swallow == 0
-                self.pool.release(srv, clean)
+                pl = self.pipeline
+                clean = self.tx.idle and srv.swallow == 0 and (pl is None or pl.idle)
+                self.pool.release(srv, clean, reset=self.pinned)
         if reason and self.worker.config.log_disconnections and was is not ClientState.STARTUP:
             log.info("disconnect: user=%s db=%s from %s: %s", self.user or "-", self.database or "-",
                      self.peer, reason)

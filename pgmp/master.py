@@ -31,12 +31,23 @@ EXIT_ERROR = 1
 WORKER_BOOT_ERROR = 3          # a worker that could not start: the master stops instead of respawning
 HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_TIMEOUT = 30.0       # a worker silent this long is hung: SIGABRT, then SIGKILL
+HEARTBEAT_TIMEOUT_ENV = "PGMP_HEARTBEAT_TIMEOUT"   # overrides it (seconds), for tests and debugging
 KILL_GRACE = 5.0
 BOOT_TIMEOUT = 30.0
 
 
 class StartError(Exception):
     """pgmp cannot start: the message says what to fix."""
+
+
+def heartbeat_timeout() -> float:
+    """HEARTBEAT_TIMEOUT, or $PGMP_HEARTBEAT_TIMEOUT when it is a positive number of seconds."""
+    value = os.environ.get(HEARTBEAT_TIMEOUT_ENV, "")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    return seconds if seconds > 0 else HEARTBEAT_TIMEOUT
 
 
 # ---- pidfile --------------------------------------------------------------------
@@ -180,6 +191,7 @@ class Master:
         self.pending: dict[int, dict] = {}
         self._ids = itertools.count(1)
         self.retiring: list[int] = []          # generations being drained
+        self.heartbeat_timeout = heartbeat_timeout()
 
     # -- start ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -389,7 +401,7 @@ class Master:
     def murder_hung_workers(self):
         now = self.loop.clock()
         for wp in list(self.workers.values()):
-            limit = HEARTBEAT_TIMEOUT if wp.ready else BOOT_TIMEOUT
+            limit = self.heartbeat_timeout if wp.ready else BOOT_TIMEOUT
             if now - wp.last_heartbeat <= limit:
                 continue
             try:

@@ -89,6 +89,17 @@ class Pool:
                 raise self._no_server_error()
         return None
 
+    def link_idle(self, client) -> bool:
+        """Link an idle server to ``client`` if one is free right now (no queueing)."""
+        while self.idle and not self.waiting:
+            srv = self.idle.pop()
+            if self.worker.server_expired(srv):
+                srv.close("server_lifetime reached")
+                continue
+            self._link(srv, client)
+            return True
+        return False
+
     def request(self, client) -> None:
         """``client`` needs a server: link one now, or queue the client (FIFO)."""
         while self.idle:
@@ -183,22 +194,36 @@ class Pool:
         srv.last_used = self.worker.loop.clock()
         self.idle.append(srv)
 
-    def release(self, srv, clean: bool, why: str = "") -> None:
-        """The client is done with ``srv``: reset and reuse it if clean, close it otherwise."""
+    def release(self, srv, clean: bool, reset: bool = False) -> None:
+        """The client is done with ``srv``: reset and reuse it if clean, close it otherwise.
+
+        A server with a cancel request in flight is held until the cancel is done, so the
+        cancel cannot hit the next client's query.
+        """
         srv.client = None
         if not clean:
-            srv.close(f"client left with the server busy or in a transaction{why}")
+            srv.close("client left with the server busy or in a transaction")
             return
         if self.worker.server_expired(srv):
             srv.close("server_lifetime reached")
             return
-        reset = self.worker.config.server_reset_query
-        if reset and (self.mode == "session" or self.worker.config.server_reset_query_always):
+        if srv.cancel_pending:
+            srv.parked = True
+            srv.state = ServerState.IDLE
+            return
+        query = self.worker.config.server_reset_query
+        if query and (reset or self.mode == "session" or self.worker.config.server_reset_query_always):
             srv.state = ServerState.RESET
             self.resetting += 1
-            srv.internal_query(messages.query(reset), self._reset_done)
+            srv.internal_query(messages.query(query), self._reset_done)
             return
         self._put_idle(srv)
+
+    def cancel_done(self, srv) -> None:
+        """A cancel for ``srv`` completed: a server held back for it may serve again."""
+        if srv.parked and not srv.cancel_pending and not srv.closed:
+            srv.parked = False
+            self.release(srv, True)
 
     def _reset_done(self, srv, error) -> None:
         self.resetting -= 1

@@ -9,7 +9,8 @@ assembled. Reported frames are given to ``src.on_frame``, which answers:
 - FORWARD: pass the frame on;
 - DROP: consume it here (pgmp answered or acted on it);
 - RESCAN: consume it, and scan the rest with the (changed) current scanner;
-- STOP: consume it, and keep the rest in ``src.leftover`` for later.
+- STOP: consume it, and keep the rest in ``src.leftover`` for later;
+- REPLACE: send ``src.replacement`` instead of the frame.
 
 Reported types that ``src.whole`` does not mark are "header only": when
 such a frame is split across reads, ``on_frame`` sees it at its header
@@ -17,7 +18,7 @@ such a frame is split across reads, ``on_frame`` sees it at its header
 """
 from pgmp.errors import PgmpError
 
-FORWARD, DROP, RESCAN, STOP = 0, 1, 2, 3
+FORWARD, DROP, RESCAN, STOP, REPLACE = 0, 1, 2, 3, 4
 
 
 class FramingError(PgmpError):
@@ -45,9 +46,13 @@ def relay(src, view, n: int, out: list) -> None:
                 if off > fwd:
                     out.append(view[fwd:off])
                 fwd = off + ln
-                if act >= RESCAN:
+                if act == REPLACE:
+                    if src.replacement:
+                        out.append(src.replacement)
+                    act = FORWARD
+                elif act >= RESCAN:
                     break
-        if act >= RESCAN:
+        if act == RESCAN or act == STOP:
             pos = fwd
             if act == STOP:
                 if pos < n:

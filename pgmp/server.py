@@ -12,8 +12,9 @@ from pgmp import errors
 from pgmp.errors import PgmpError, ServerProtocolError
 from pgmp.loop import EVENT_READ, EVENT_WRITE, Endpoint
 from pgmp.protocol import messages
+from pgmp.prepared import RESPONSE_TYPES, ServerStatements
 from pgmp.protocol.scanner import Scanner, make_flags
-from pgmp.relay import DROP, FORWARD, RESCAN, relay
+from pgmp.relay import DROP, FORWARD, REPLACE, RESCAN, relay
 
 log = logging.getLogger("pgmp")
 
@@ -26,9 +27,13 @@ NORMAL_FLAGS = make_flags(report=b"ZGS")
 ALL_FLAGS = make_flags(report=_ALL)
 WHOLE_ALL = bytes([1]) * 256
 NORMAL_WHOLE = bytes(1 if i in b"ZGS" else 0 for i in range(256))
+# Transaction/statement mode: every frame that ends a response, for the client's Pipeline.
+POOLED_FLAGS = make_flags(report=b"ZGS" + RESPONSE_TYPES)
+POOLED_WHOLE = bytes(1 if i in b"ZGS" + RESPONSE_TYPES else 0 for i in range(256))
 
 _normal_scanner = Scanner(NORMAL_FLAGS, SERVER_MAX_MESSAGE)
 _internal_scanner = Scanner(ALL_FLAGS, 1 << 20)
+_pooled_scanner = Scanner(POOLED_FLAGS, SERVER_MAX_MESSAGE)
 
 
 class ServerState(enum.Enum):
@@ -93,7 +98,8 @@ class ServerConnection(Endpoint):
     """One connection to PostgreSQL, owned by a pool."""
     __slots__ = ("pool", "state", "login", "params", "applied", "client", "swallow", "swallow_error",
                  "swallow_done", "backend_pid", "backend_secret", "scanner", "flags", "whole", "created",
-                 "last_used", "timer", "addr_text", "cancel_pending")
+                 "last_used", "timer", "addr_text", "cancel_pending", "statements", "release_after",
+                 "replacement", "parked")
 
     def __init__(self, loop, pool, sock: socket.socket, addr_text: str, login: ServerLogin):
         super().__init__(loop, sock, EVENT_WRITE)
@@ -116,6 +122,10 @@ class ServerConnection(Endpoint):
         self.timer = None
         self.addr_text = addr_text
         self.cancel_pending = 0
+        self.statements = ServerStatements(pool.worker.config.max_prepared_statements)
+        self.release_after = False
+        self.replacement = b""
+        self.parked = False                # released, but held until a pending cancel is done
 
     def __repr__(self):
         return f"<server {self.pool.name} {self.addr_text} pid={self.backend_pid} {self.state.value}>"
@@ -152,13 +162,19 @@ class ServerConnection(Endpoint):
                 client.send_views(out)
                 if client.congested:
                     client.hold_until_drained(self)
-                if client.close_at_boundary and client.tx.idle:
+                if self.release_after:
+                    self.release_after = False
+                    if client.server is self:
+                        client.detach()
+                elif client.close_at_boundary and client.tx.idle:
                     client.fail(PgmpError(errors.ADMIN_SHUTDOWN,
                                           "terminating connection due to administrator command"))
             elif not self.closed:
                 self.abort(ServerProtocolError("server sent data while idle"), quiet=False)
 
     def on_frame(self, kind, view, off, ln):
+        if self.scanner is _pooled_scanner:
+            return self._pooled_frame(kind, view, off, ln)
         if self.scanner is _normal_scanner:
             client = self.client
             if kind == 90:                                   # ReadyForQuery
@@ -190,6 +206,45 @@ class ServerConnection(Endpoint):
                 client.reported[name] = value
                 return FORWARD
         return DROP
+
+    def _pooled_frame(self, kind, view, off, ln):
+        """Transaction/statement mode: keep the client's Pipeline in step, release at the boundary."""
+        client = self.client
+        if kind == 83 and ln > 5:                        # ParameterStatus (not Sync: servers send no 'S' Sync)
+            name, value = messages.parse_parameter_status(bytes(view[off + 5:off + ln]))
+            self._param_changed(name, value)
+            return FORWARD
+        pl = client.pipeline
+        r = pl.server_frame(kind, view[off:off + ln], self.statements)
+        tx = client.tx
+        if kind == 90:                                   # ReadyForQuery
+            tx.server_ready(1, view[off + 5])
+            if tx.outstanding == 0 and pl.idle and not client.pinned:
+                if tx.status == 73:
+                    self.release_after = True
+                elif self.pool.mode == "statement":
+                    client.close_at_boundary = False
+                    self.loop.call_later(0, client.fail, PgmpError(
+                        errors.FEATURE_NOT_SUPPORTED, "transaction blocks not allowed in statement mode",
+                        hint="use pool_mode = \"transaction\" for this database or user"))
+        elif kind == 71:                                 # CopyInResponse
+            tx.server_copy_in()
+            if pl.dropped_syncs:
+                tx.outstanding -= pl.dropped_syncs
+                pl.dropped_syncs = 0
+        elif kind == 67:                                 # CommandComplete: session features pin the client
+            tag = bytes(view[off + 5:off + 11])
+            if tag == b"LISTEN" or tag == b"PREPAR":
+                if not client.pinned:
+                    client.pinned = True
+                    log.info("client %s@%s pinned to its server by %s (session feature in %s mode)",
+                             client.user, client.database, tag.decode(), self.pool.mode)
+        if r is None:
+            return FORWARD
+        if not r:
+            return DROP
+        self.replacement = r
+        return REPLACE
 
     def _login_frame(self, kind, payload):
         try:
@@ -237,8 +292,13 @@ class ServerConnection(Endpoint):
         if done is not None:
             done(self, err)
 
-    def use_normal_scanner(self):
-        self.scanner, self.flags, self.whole = _normal_scanner, NORMAL_FLAGS, NORMAL_WHOLE
+    def use_normal_scanner(self, pooled: bool | None = None):
+        if pooled is None:
+            pooled = self.client is not None and self.client.pipeline is not None
+        if pooled:
+            self.scanner, self.flags, self.whole = _pooled_scanner, POOLED_FLAGS, POOLED_WHOLE
+        else:
+            self.scanner, self.flags, self.whole = _normal_scanner, NORMAL_FLAGS, NORMAL_WHOLE
 
     # -- ending ----------------------------------------------------------------
     def on_eof(self, reason: str):

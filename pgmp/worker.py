@@ -17,6 +17,7 @@ from pgmp.auth.server import ServerAuthenticator
 from pgmp.client import ClientConnection
 from pgmp.loop import EVENT_READ, EVENT_WRITE, Endpoint, Loop
 from pgmp.pool import Pool, worker_share
+from pgmp.prepared import StatementCache
 from pgmp.protocol import messages
 from pgmp.server import ServerConnection, ServerLogin
 from pgmp.session import ClientState
@@ -109,6 +110,7 @@ class Worker:
         self.secrets = load_auth_file(config.auth_file) if config.auth_file else {}
         self.mock_seed = os.urandom(32)
         self.pools: dict[tuple[str, str], Pool] = {}
+        self.statement_cache = StatementCache()
         self.keys: dict[int, ClientConnection] = {}
         self.clients: set[ClientConnection] = set()
         self._seq = 0
@@ -236,6 +238,7 @@ class Worker:
 
         def done(srv=srv):
             srv.cancel_pending -= 1
+            srv.pool.cancel_done(srv)
 
         CancelConnection(self.loop, sock, messages.cancel_request(srv.backend_pid, srv.backend_secret),
                          self.config.cancel_wait_timeout or 10, done)

@@ -1,0 +1,272 @@
+"""Transaction pooling's bookkeeping of the extended protocol: the responses a client is owed, and its prepared statements.
+
+In transaction mode a client's named prepared statements must survive on
+whichever server it gets next. :class:`Pipeline` keeps, per client, the
+client's statement names (mapped to the statement text and types) and the
+queue of responses the client expects, in order. It rewrites the client's
+Parse/Bind/Describe/Close to server-side names (``pgmp_<n>``, one name per
+distinct statement per worker), prepares a statement lazily on a server that
+lacks it (an injected Parse whose ParseComplete the client never sees), and
+answers what needs no server work itself (a Parse of a statement the server
+already has, a Close of a client statement) with synthetic responses put at
+the right place in the response stream.
+
+Server-side statements are an LRU of ``max_prepared_statements`` per server;
+an evicted one is closed on the server with a Close whose CloseComplete is
+dropped. Sans-IO: frames in, bytes out.
+"""
+import collections
+import struct
+
+from pgmp.protocol.messages import frame, read_cstr
+
+_I16 = struct.Struct("!h")
+
+# What the client is owed, per message it sent (entries of Pipeline.expect).
+R_PARSE, R_BIND, R_CLOSE, R_DESC_STMT, R_DESC_PORTAL, R_EXEC, R_SYNC, R_QUERY, R_FUNC = range(9)
+DROP_PARSE, DROP_CLOSE = 20, 21        # responses to pgmp's own messages: never forwarded
+SYNTHETIC = 30                         # a response pgmp makes up (data = the frame)
+
+PARSE_COMPLETE = frame(b"1")
+CLOSE_COMPLETE = frame(b"3")
+
+# Server frames that end (or may end) a response: the only ones the pipeline looks at.
+RESPONSE_TYPES = b"123tTnCIsEZGV"
+
+
+class StatementCache:
+    """Per worker: one server-side name per distinct statement (text and parameter types)."""
+
+    def __init__(self):
+        self.names: dict[bytes, bytes] = {}
+        self.seq = 0
+
+    def name_for(self, key: bytes) -> bytes:
+        name = self.names.get(key)
+        if name is None:
+            self.seq += 1
+            name = self.names[key] = b"pgmp_%d" % self.seq
+        return name
+
+
+class ServerStatements:
+    """The statements prepared (or being prepared) on one server, least recently used first."""
+    __slots__ = ("names", "limit")
+
+    def __init__(self, limit: int):
+        self.names: collections.OrderedDict[bytes, bool] = collections.OrderedDict()   # name -> confirmed
+        self.limit = limit
+
+    def has(self, name: bytes) -> bool:
+        if name in self.names:
+            self.names.move_to_end(name)
+            return True
+        return False
+
+    def add(self, name: bytes) -> list[bytes]:
+        """Mark ``name`` as being prepared; returns the names evicted to stay within the limit."""
+        self.names[name] = False
+        self.names.move_to_end(name)
+        evicted = []
+        while self.limit > 0 and len(self.names) > self.limit:
+            old, _ = self.names.popitem(last=False)
+            evicted.append(old)
+        return evicted
+
+    def confirm(self, name: bytes) -> None:
+        if name in self.names:
+            self.names[name] = True
+
+    def forget(self, name: bytes) -> None:
+        self.names.pop(name, None)
+
+    def clear(self) -> None:
+        self.names.clear()
+
+
+def parse_frame(name: bytes, key: bytes) -> bytes:
+    return frame(b"P", name + b"\0" + key)
+
+
+class Pipeline:
+    """One client's statements and owed responses in transaction or statement mode."""
+    __slots__ = ("cache", "statements", "expect", "skipping", "dropped_syncs")
+
+    def __init__(self, cache: StatementCache):
+        self.cache = cache
+        self.statements: dict[bytes, bytes] = {}      # client name -> key (text\0 + types)
+        self.expect: collections.deque = collections.deque()
+        self.skipping = False                          # the server discards until Sync after an error
+        self.dropped_syncs = 0                         # Syncs swallowed by the last COPY IN
+
+    @property
+    def idle(self) -> bool:
+        return not self.expect
+
+    # -- client to server ----------------------------------------------------------
+    def client_frame(self, kind: int, payload: bytes, srv: ServerStatements) -> bytes | None:
+        """A frame from the client; returns None to forward it as is, or the bytes to send instead."""
+        if self.skipping and kind != 83:
+            return None                     # the server ignores it; so do we
+        exp = self.expect
+        if kind == 80:                                  # Parse
+            name, pos = read_cstr(payload, 0)
+            if not name:
+                exp.append((R_PARSE, None))
+                return None
+            key = payload[pos:]
+            self.statements[name] = key
+            sname = self.cache.name_for(key)
+            if srv.has(sname):
+                exp.append((SYNTHETIC, PARSE_COMPLETE))
+                return b""
+            out = self._evict(srv.add(sname))
+            exp.append((R_PARSE, sname))
+            return out + parse_frame(sname, key)
+        if kind == 66:                                  # Bind
+            portal, pos = read_cstr(payload, 0)
+            name, pos2 = read_cstr(payload, pos)
+            exp_entry = (R_BIND, None)
+            if not name or name not in self.statements:
+                exp.append(exp_entry)
+                return None
+            out = self._ensure(name, srv)
+            exp.append(exp_entry)
+            sname = self.cache.name_for(self.statements[name])
+            body = portal + b"\0" + sname + b"\0" + payload[pos2:]
+            return out + frame(b"B", body)
+        if kind == 68:                                  # Describe
+            what = payload[:1]
+            name, _ = read_cstr(payload, 1)
+            if what == b"S":
+                if name and name in self.statements:
+                    out = self._ensure(name, srv)
+                    exp.append((R_DESC_STMT, None))
+                    return out + frame(b"D", b"S" + self.cache.name_for(self.statements[name]) + b"\0")
+                exp.append((R_DESC_STMT, None))
+                return None
+            exp.append((R_DESC_PORTAL, None))
+            return None
+        if kind == 67:                                  # Close
+            what = payload[:1]
+            name, _ = read_cstr(payload, 1)
+            if what == b"S" and name:
+                # the server keeps the statement for others; the client's name is gone
+                self.statements.pop(name, None)
+                exp.append((SYNTHETIC, CLOSE_COMPLETE))
+                return b""
+            exp.append((R_CLOSE, None))
+            return None
+        if kind == 69:                                  # Execute
+            exp.append((R_EXEC, None))
+        elif kind == 83:                                # Sync
+            self.skipping = False
+            exp.append((R_SYNC, None))
+        elif kind == 81:                                # Query
+            exp.append((R_QUERY, None))
+        elif kind == 70:                                # FunctionCall
+            exp.append((R_FUNC, None))
+        return None
+
+    def _ensure(self, name: bytes, srv: ServerStatements) -> bytes:
+        """Prepare a client statement on this server if it lacks it (the ParseComplete is pgmp's)."""
+        key = self.statements[name]
+        sname = self.cache.name_for(key)
+        if srv.has(sname):
+            return b""
+        out = self._evict(srv.add(sname))
+        self.expect.append((DROP_PARSE, sname))
+        return out + parse_frame(sname, key)
+
+    def _evict(self, names: list[bytes]) -> bytes:
+        out = b""
+        for old in names:
+            self.expect.append((DROP_CLOSE, None))
+            out += frame(b"C", b"S" + old + b"\0")
+        return out
+
+    def synthetic_ready(self) -> bytes:
+        """Made-up responses owed before anything the server still has to answer: send them now."""
+        out = []
+        exp = self.expect
+        while exp and exp[0][0] == SYNTHETIC:
+            out.append(exp.popleft()[1])
+        return b"".join(out)
+
+    # -- server to client ----------------------------------------------------------
+    def server_frame(self, kind: int, frame_bytes, srv: ServerStatements) -> bytes | None:
+        """A response-type frame from the server: None = forward, b"" = drop, else what to send instead."""
+        exp = self.expect
+        pre = self.synthetic_ready() if exp and exp[0][0] == SYNTHETIC else b""
+        if not exp:
+            return pre + bytes(frame_bytes) if pre else None
+        code, data = exp[0]
+        drop = False
+        if kind == 69:                                  # ErrorResponse
+            if code in (R_QUERY, R_FUNC, R_SYNC):
+                pass                                    # their ReadyForQuery still comes
+            else:
+                if code == DROP_PARSE:
+                    srv.forget(data)
+                elif code == R_PARSE and data is not None:
+                    srv.forget(data)
+                exp.popleft()
+                self._skip_to_sync(srv)
+        elif kind == 49:                                # ParseComplete
+            if code == R_PARSE or code == DROP_PARSE:
+                exp.popleft()
+                if data is not None:
+                    srv.confirm(data)
+                drop = code == DROP_PARSE
+        elif kind == 50:                                # BindComplete
+            if code == R_BIND:
+                exp.popleft()
+        elif kind == 51:                                # CloseComplete
+            if code == R_CLOSE or code == DROP_CLOSE:
+                exp.popleft()
+                drop = code == DROP_CLOSE
+        elif kind == 90:                                # ReadyForQuery
+            if code in (R_SYNC, R_QUERY, R_FUNC):
+                exp.popleft()
+        elif kind == 67 or kind == 73 or kind == 115:   # CommandComplete, EmptyQuery, PortalSuspended
+            if code == R_EXEC:
+                exp.popleft()
+            if kind == 67:
+                tag = bytes(frame_bytes[5:-1])
+                if tag in (b"DISCARD ALL", b"DEALLOCATE ALL"):
+                    srv.clear()
+                    self.statements.clear()
+        elif kind == 84 or kind == 110:                 # RowDescription, NoData
+            if code == R_DESC_STMT or code == R_DESC_PORTAL:
+                exp.popleft()
+        elif kind == 71:                                # CopyInResponse
+            if code == R_EXEC:
+                self._copy_in_from_execute()
+        post = self.synthetic_ready() if exp and exp[0][0] == SYNTHETIC else b""
+        if drop:
+            return pre + post
+        if pre or post:
+            return pre + bytes(frame_bytes) + post
+        return None
+
+    def _skip_to_sync(self, srv: ServerStatements) -> None:
+        """After an error the server discards everything up to the next Sync."""
+        exp = self.expect
+        while exp and exp[0][0] != R_SYNC:
+            code, data = exp.popleft()
+            if code in (R_PARSE, DROP_PARSE) and data is not None:
+                srv.forget(data)
+        if not exp:
+            self.skipping = True
+
+    def _copy_in_from_execute(self) -> int:
+        """COPY FROM STDIN started by Execute: Syncs already sent are swallowed by copy mode."""
+        exp = self.expect
+        head = exp.popleft()
+        kept = [e for e in exp if e[0] != R_SYNC]
+        dropped = len(exp) - len(kept)
+        self.dropped_syncs = dropped
+        exp.clear()
+        exp.append(head)
+        exp.extend(kept)
+        return dropped
