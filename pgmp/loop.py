@@ -1,4 +1,4 @@
-"""The worker's IO loop: one selector, a timer heap, and the only code that calls accept, recv and send.
+"""The worker's IO loop: one epoll selector, a timer heap, and the only code that calls accept, recv and send.
 
 Connections are :class:`Endpoint` objects. An endpoint reads into the
 loop's shared scratch buffer and hands the bytes to its ``on_data``; what it
@@ -10,13 +10,16 @@ import errno
 import heapq
 import itertools
 import logging
-import selectors
+import select
 import socket
 
 log = logging.getLogger("pgmp")
 
-EVENT_READ = selectors.EVENT_READ
-EVENT_WRITE = selectors.EVENT_WRITE
+# epoll used directly: the selectors module's per-event bookkeeping costs more than the
+# rest of a relayed round trip's Python code.
+EVENT_READ = select.EPOLLIN
+EVENT_WRITE = select.EPOLLOUT
+_EVENT_FAIL = select.EPOLLERR | select.EPOLLHUP
 _BLOCKED = (BlockingIOError, InterruptedError)
 
 
@@ -39,7 +42,8 @@ class Loop:
     def __init__(self, buffer_size: int = 65536, clock=None):
         import time
         self.clock = clock or time.monotonic
-        self.selector = selectors.DefaultSelector()
+        self.poller = select.epoll()
+        self.endpoints: dict[int, "Endpoint"] = {}
         self.buffer_size = buffer_size
         # room for one recv plus a carried-over partial frame of up to buffer_size
         self.scratch = bytearray(2 * buffer_size)
@@ -71,24 +75,50 @@ class Loop:
             return None
         return max(0.0, timers[0][0] - self.clock())
 
+    # -- registration --------------------------------------------------------
+    def register(self, ep: "Endpoint", mask: int):
+        self.poller.register(ep.fd, mask)
+        self.endpoints[ep.fd] = ep
+
+    def modify(self, ep: "Endpoint", mask: int):
+        self.poller.modify(ep.fd, mask)
+
+    def unregister(self, ep: "Endpoint"):
+        try:
+            self.poller.unregister(ep.fd)
+        except (OSError, ValueError):
+            pass
+        if self.endpoints.get(ep.fd) is ep:
+            del self.endpoints[ep.fd]
+
+    def close(self):
+        self.poller.close()
+
     # -- the loop ------------------------------------------------------------
     def run(self):
         self.running = True
-        select = self.selector.select
         while self.running:
-            timeout = self._run_timers()
-            if timeout is None or timeout > 1.0:
-                timeout = 1.0
-            for key, mask in select(timeout):
-                ep = key.data
+            self.run_once()
+
+    def run_once(self, max_timeout: float = 1.0):
+        timeout = self._run_timers() if self._timers else None
+        if timeout is None or timeout > max_timeout:
+            timeout = max_timeout
+        endpoints = self.endpoints
+        for fd, ev in self.poller.poll(timeout):
+            ep = endpoints.get(fd)
+            if ep is None:
+                continue
+            if ev & _EVENT_FAIL:
+                ev |= EVENT_READ | EVENT_WRITE
+            try:
+                ep.handle_event(ev)
+            except Exception as exc:        # one connection's bug must not stop the worker
+                log.exception("internal error on %s", ep)
                 try:
-                    ep.handle_event(mask)
-                except Exception as exc:        # one connection's bug must not stop the worker
-                    log.exception("internal error on %s", ep)
-                    try:
-                        ep.fail(exc)
-                    except Exception:
-                        log.exception("error while closing %s", ep)
+                    ep.fail(exc)
+                except Exception:
+                    log.exception("error while closing %s", ep)
 
     def stop(self):
         self.running = False
@@ -126,7 +156,7 @@ class Endpoint:
         self.rx = 0                            # bytes received, for the stats
         self.mask = events
         sock.setblocking(False)
-        loop.selector.register(sock, events, self)
+        loop.register(self, events)
 
     # -- events --------------------------------------------------------------
     def handle_event(self, mask: int):
@@ -294,13 +324,13 @@ class Endpoint:
             return
         mask = (EVENT_READ if self.reading else 0) | (EVENT_WRITE if self.outq else 0)
         if mask != self.mask:
-            sel = self.loop.selector
+            loop = self.loop
             if self.mask == 0:
-                sel.register(self.sock, mask, self)
+                loop.register(self, mask)
             elif mask == 0:
-                sel.unregister(self.sock)
+                loop.unregister(self)
             else:
-                sel.modify(self.sock, mask, self)
+                loop.modify(self, mask)
             self.mask = mask
 
     # -- closing -------------------------------------------------------------
@@ -309,10 +339,7 @@ class Endpoint:
             return
         self.closed = True
         if self.mask:
-            try:
-                self.loop.selector.unregister(self.sock)
-            except (KeyError, ValueError):
-                pass
+            self.loop.unregister(self)
             self.mask = 0
         try:
             self.sock.close()

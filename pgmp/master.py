@@ -259,12 +259,7 @@ class Master:
         loop = self.loop
         loop.running = True
         while loop.running:
-            timeout = loop._run_timers()
-            for key, mask in loop.selector.select(min(timeout if timeout is not None else 1.0, 1.0)):
-                try:
-                    key.data.handle_event(mask)
-                except Exception:
-                    log.exception("master: error handling an event")
+            loop.run_once()
             self.dispatch_signals()
             self.reap_workers()
             if self.stopping and not self.workers:
@@ -345,9 +340,9 @@ class Master:
                     keep.append(unix)
                 else:
                     unix.close()
-        for key in list(self.loop.selector.get_map().values()):
-            key.fileobj.close()              # siblings' control links, CLI socket, signal pipe
-        self.loop.selector.close()
+        for ep in list(self.loop.endpoints.values()):
+            ep.sock.close()                  # siblings' control links, CLI socket, signal pipe
+        self.loop.close()
         from pgmp.worker import Worker
         worker = Worker(self.config, slot, self.nworkers_of(generation), generation=generation)
         worker.listen_on(keep)
