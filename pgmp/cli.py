@@ -65,10 +65,13 @@ def start(config: str = ConfigOpt,
     """Start pgmp: a master and its workers, in the foreground unless --daemon."""
     cfg = _load(config)
     from pgmp.auth.authfile import AuthFileError, load_auth_file
+    from pgmp.hba import HbaError, load_hba
     try:
         if cfg.auth_file:
             load_auth_file(cfg.auth_file)
-    except AuthFileError as exc:
+        if cfg.hba_file:
+            load_hba(cfg.hba_file)
+    except (AuthFileError, HbaError) as exc:
         typer.echo(f"pgmp: {exc}", err=True)
         raise typer.Exit(1)
     except OSError as exc:
@@ -248,6 +251,14 @@ def config_check(config: str = ConfigOpt):
             typer.echo(f"pgmp: cannot read auth_file {cfg.auth_file}: {exc.strerror or exc}", err=True)
             raise typer.Exit(1)
         typer.echo(f"{cfg.auth_file}: {len(users)} users")
+    if cfg.hba_file:
+        from pgmp.hba import HbaError, load_hba
+        try:
+            rules = load_hba(cfg.hba_file)
+        except HbaError as exc:
+            typer.echo(f"pgmp: {exc}", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"{cfg.hba_file}: {len(rules.rules)} rules")
     typer.echo(f"{cfg.path}: OK ({len(cfg.databases)} databases)")
 
 

@@ -222,7 +222,7 @@ class ClientConnection(Endpoint):
         if packet.minor > 0 or packet.unrecognized:
             self.send(messages.negotiate_protocol_version(0, packet.unrecognized))
         worker = self.worker
-        method = worker.config.auth_type
+        method = self._auth_method()
         secret = worker.secrets.get(self.user)
         self.secret_entry = secret
         if method == "trust" and secret is None and worker.config.auth_file:
@@ -236,6 +236,31 @@ class ClientConnection(Endpoint):
             self.send(first)
         if self.auth.done:
             self._authenticated()
+
+    def _auth_method(self) -> str:
+        """auth_type, or the method of the first hba_file rule that matches this client."""
+        worker = self.worker
+        if worker.hba is None:
+            return worker.config.auth_type
+        from pgmp import hba
+        addr = None if self.peer == "unix" else self.peer.rsplit(":", 1)[0]
+        conn_type = "local" if addr is None else "host"
+        rule = worker.hba.match(conn_type=conn_type, database=self.database, user=self.user, addr=addr, tls=False)
+        if rule is None:
+            raise AuthenticationFailed(hba.no_match_message(addr=addr, user=self.user, database=self.database,
+                                                            tls=False),
+                                       reason="no hba_file rule matches", sqlstate=errors.INVALID_AUTHORIZATION)
+        if rule.method == "reject":
+            raise AuthenticationFailed(
+                f'pg_hba.conf rejects connection for host "{addr or "[local]"}", user "{self.user}", '
+                f'database "{self.database}", no encryption',
+                reason=f"hba_file line {rule.lineno}: reject", sqlstate=errors.INVALID_AUTHORIZATION)
+        if rule.method == "cert":
+            raise AuthenticationFailed(
+                f'certificate authentication failed for user "{self.user}"',
+                reason=f"hba_file line {rule.lineno}: cert needs a TLS client certificate",
+                sqlstate=errors.INVALID_AUTHORIZATION)
+        return rule.method
 
     def _authenticated(self):
         worker = self.worker

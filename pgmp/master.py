@@ -20,6 +20,7 @@ import psutil
 from pgmp import __version__, control
 from pgmp import config as configmod
 from pgmp.auth.authfile import AuthFileError, load_auth_file
+from pgmp.hba import HbaError, load_hba
 from pgmp.listen import ListenError, bind_all, unix_listener
 from pgmp.loop import Endpoint, Loop
 from pgmp.notify import notify
@@ -568,7 +569,9 @@ class Master:
             new = configmod.loads(text, path)
             if new.auth_file:
                 load_auth_file(new.auth_file)
-        except (configmod.ConfigError, AuthFileError, OSError) as exc:
+            if new.hba_file:
+                load_hba(new.hba_file)
+        except (configmod.ConfigError, AuthFileError, HbaError, OSError) as exc:
             msg = str(exc) if not isinstance(exc, OSError) else f"cannot read {path}: {exc.strerror or exc}"
             log.error("reload failed, keeping the running configuration:\n%s", msg)
             notify("READY=1", f"STATUS=reload failed; {self.summary()}")

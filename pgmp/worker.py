@@ -14,6 +14,7 @@ from pgmp import config as configmod
 from pgmp import control, errors
 from pgmp.auth.authfile import load_auth_file
 from pgmp.auth.server import ServerAuthenticator
+from pgmp.hba import load_hba
 from pgmp.client import ClientConnection
 from pgmp.loop import EVENT_READ, EVENT_WRITE, Endpoint, Loop
 from pgmp.pool import Pool, worker_share
@@ -108,6 +109,7 @@ class Worker:
         self.loop = Loop(config.buffer_size)
         self.loop.max_unsent = config.max_unsent
         self.secrets = load_auth_file(config.auth_file) if config.auth_file else {}
+        self.hba = load_hba(config.hba_file) if config.hba_file else None
         self.mock_seed = os.urandom(32)
         self.pools: dict[tuple[str, str], Pool] = {}
         self.statement_cache = StatementCache()
@@ -313,11 +315,13 @@ class Worker:
         try:
             new = configmod.loads(text, path) if text is not None else configmod.load(path)
             secrets = load_auth_file(new.auth_file) if new.auth_file else {}
+            rules = load_hba(new.hba_file) if new.hba_file else None
         except Exception as exc:
             log.error("reload failed, keeping the old configuration: %s", exc)
             return str(exc)
         self.config = new
         self.secrets = secrets
+        self.hba = rules
         self.loop.max_unsent = new.max_unsent
         log.debug("worker %d: configuration reloaded", self.slot)
         return None
