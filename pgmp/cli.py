@@ -206,6 +206,50 @@ def restart(config: str = ConfigOpt):
     raise typer.Exit(1)
 
 
+def _pool_command(config: str, action: str, database: str | None) -> dict:
+    cfg = _load(config)
+    reply = _ask(cfg, action, {"database": database})
+    if not reply.get("ok"):
+        typer.echo(f"pgmp: {action} failed: {reply.get('error')}", err=True)
+        raise typer.Exit(1)
+    return reply.get("data") or {}
+
+
+DatabaseArg = typer.Argument(None, help="The database (as clients name it); all databases when omitted.")
+
+
+@app.command()
+def pause(database: str = DatabaseArg, config: str = ConfigOpt,
+          timeout: float = typer.Option(60.0, help="Seconds to wait for transactions in flight to end.")):
+    """Hand out no server connection: waits until every transaction in flight has ended; new ones queue."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        data = _pool_command(config, "pause", database)
+        if data.get("busy_servers", 0) == 0:
+            typer.echo(f"paused {database or 'all databases'} ({data.get('pools', 0)} pools)")
+            return
+        if time.monotonic() > deadline:
+            typer.echo(f"pgmp: still {data['busy_servers']} servers in use after {timeout:g}s; "
+                       "the pause stays in force (pgmp resume undoes it)", err=True)
+            raise typer.Exit(1)
+        time.sleep(0.2)
+
+
+@app.command()
+def resume(database: str = DatabaseArg, config: str = ConfigOpt):
+    """Undo pgmp pause: queued clients get their servers."""
+    data = _pool_command(config, "resume", database)
+    typer.echo(f"resumed {database or 'all databases'} ({data.get('pools', 0)} pools)")
+
+
+@app.command()
+def reconnect(database: str = DatabaseArg, config: str = ConfigOpt):
+    """Close server connections as soon as they are not in use (after a failover); new ones are opened."""
+    data = _pool_command(config, "reconnect", database)
+    typer.echo(f"reconnecting {database or 'all databases'} ({data.get('pools', 0)} pools)")
+
+
 @app.command()
 def status(config: str = ConfigOpt, json_out: bool = typer.Option(False, "--json", help="Machine-readable.")):
     """Say whether pgmp runs: pid, version, uptime, workers and their generation."""

@@ -44,7 +44,7 @@ class ClientConnection(Endpoint):
     __slots__ = ("worker", "state", "peer", "user", "database", "settings", "reported", "pool", "server",
                  "auth", "secret_entry", "tx", "key_pid", "key_secret", "timer", "scanner", "flags", "whole",
                  "terminating", "ssl_asked", "gss_asked", "connected_at", "over_limit", "wait_started",
-                 "close_at_boundary", "pipeline", "replacement", "pinned")
+                 "close_at_boundary", "pipeline", "replacement", "pinned", "cancelled_at")
 
     def __init__(self, worker, sock, peer: str, over_limit: bool = False):
         super().__init__(worker.loop, sock)
@@ -75,6 +75,7 @@ class ClientConnection(Endpoint):
         self.pipeline: Pipeline | None = None      # transaction/statement mode only
         self.replacement = b""
         self.pinned = False                        # a session feature (LISTEN) keeps the server
+        self.cancelled_at = 0.0                    # query_timeout: the query already cancelled
         timeout = worker.config.client_login_timeout
         self.timer = worker.loop.call_later(timeout, self._login_timeout) if timeout > 0 else None
 
@@ -297,6 +298,7 @@ class ClientConnection(Endpoint):
         self.pool.stats.login_count += 1
         self.tx.clock = self.loop.clock
         self.tx.stats = self.pool.stats
+        self.tx.t_ready = self.loop.clock()
         if self.pool.mode == "session":
             flags, whole = READY_FLAGS, NO_WHOLE
         else:

@@ -22,8 +22,12 @@ stats_request      master→worker   id
 stats              worker→master   id, data
 cancel             worker→master   pid, secret: a CancelRequest for a session
                    master→worker   of another worker, forwarded to its owner
+pool_command       master→worker   id, action ("pause" | "resume" | "reconnect"),
+                                   database (None = all)
+pool_result        worker→master   id, ok, data (pools, busy_servers)
 command            CLI→master      command ("status" | "stats" | "reload" |
-                                   "stop" | "restart"), args
+                                   "stop" | "restart" | "pause" | "resume" |
+                                   "reconnect"), args
 reply              master→CLI      ok, error, data
 =================  ==============  =============================================
 """
@@ -35,7 +39,7 @@ MAX_MESSAGE = 16 << 20
 _LEN = struct.Struct("!I")
 
 TYPES = frozenset({"ready", "heartbeat", "reload", "reload_result", "drain", "stop", "stats_request",
-                   "stats", "cancel", "command", "reply"})
+                   "stats", "cancel", "pool_command", "pool_result", "command", "reply"})
 
 
 class ControlError(Exception):

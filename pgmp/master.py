@@ -426,7 +426,7 @@ class Master:
                 wp.servers = msg.get("servers", 0)
             elif kind == "cancel":
                 self._forward_cancel(msg)
-            elif kind in ("stats", "reload_result"):
+            elif kind in ("stats", "reload_result", "pool_result"):
                 self._collect(wp, msg)
             return
         if kind == "command":
@@ -490,6 +490,19 @@ class Master:
             self.stop(mode)
         elif name == "restart":
             link.post("reply", **self.restart())
+        elif name in ("pause", "resume", "reconnect"):
+            database = args.get("database") or None
+
+            def done(req):
+                busy = sum((m.get("data") or {}).get("busy_servers", 0) for m in req["replies"].values())
+                pools = sum((m.get("data") or {}).get("pools", 0) for m in req["replies"].values())
+                log.info("%s %s: %d pools in %d workers", name, database or "all databases", pools,
+                         len(req["replies"]))
+                link.post("reply", ok=not req["waiting"], error="some workers did not answer" if req["waiting"]
+                          else None, data={"pools": pools, "busy_servers": busy})
+            current = [w for w in self.workers.values() if not w.draining]
+            self._ask_workers("pool_command", link, {"action": name, "database": database}, targets=current,
+                              on_done=done)
         else:
             link.post("reply", ok=False, error=f"unknown command {name!r}")
 

@@ -30,9 +30,10 @@ def worker_share(total: int, workers: int, slot: int) -> int:
 class Pool:
     __slots__ = ("worker", "db", "client_user", "name", "dbname", "server_user", "size", "mode",
                  "idle", "servers", "connecting", "waiting", "login_waiters", "params",
-                 "password", "scram_keys", "secret", "last_error", "_addr", "stats", "clients", "resetting")
+                 "password", "scram_keys", "secret", "last_error", "_addr", "stats", "clients", "resetting",
+                 "min_size", "reserve", "use_reserve", "paused", "reconnect_before", "login_failed_at")
 
-    def __init__(self, worker, db, client_user: str, size: int, mode: str):
+    def __init__(self, worker, db, client_user: str, size: int, mode: str, min_size: int = 0, reserve: int = 0):
         self.worker = worker
         self.db = db
         self.client_user = client_user
@@ -55,6 +56,12 @@ class Pool:
         self.stats = PoolStats()
         self.clients: set = set()           # logged-in clients of this pool
         self.resetting = 0                  # servers running the reset query: idle in a moment
+        self.min_size = min(min_size, size)
+        self.reserve = reserve
+        self.use_reserve = False            # a client waited reserve_pool_timeout: allow the reserve
+        self.paused = False                 # pgmp pause: hand out no server
+        self.reconnect_before = 0.0         # pgmp reconnect: servers older than this are closed at release
+        self.login_failed_at = 0.0          # server_login_retry counts from here
 
     def __repr__(self):
         return f"<pool {self.name} servers={len(self.servers)} idle={len(self.idle)} waiting={len(self.waiting)}>"
@@ -84,33 +91,52 @@ class Pool:
             self._finish_logins()
             return self.params
         if self.connecting == 0:
-            if not self._open_server():
+            if self._login_retry_pending() or not self._open_server():
                 self.login_waiters.remove(client)
                 raise self._no_server_error()
         return None
 
+    def _usable_idle(self):
+        """Pop an idle server fit to hand out now, or None (checks and closes the others)."""
+        worker = self.worker
+        cfg = worker.config
+        now = worker.loop.clock()
+        while self.idle:
+            srv = self.idle.pop()
+            if worker.server_expired(srv) or srv.created < self.reconnect_before:
+                srv.close("server_lifetime reached" if worker.server_expired(srv) else "pgmp reconnect")
+                continue
+            if cfg.server_check_query and now - srv.last_used > cfg.server_check_delay:
+                self._check(srv)            # back in the idle list if it answers
+                continue
+            return srv
+        return None
+
     def link_idle(self, client) -> bool:
         """Link an idle server to ``client`` if one is free right now (no queueing)."""
-        while self.idle and not self.waiting:
-            srv = self.idle.pop()
-            if self.worker.server_expired(srv):
-                srv.close("server_lifetime reached")
-                continue
-            self._link(srv, client)
-            return True
-        return False
+        if self.waiting or self.paused:
+            return False
+        srv = self._usable_idle()
+        if srv is None:
+            return False
+        self._link(srv, client)
+        return True
 
     def request(self, client) -> None:
         """``client`` needs a server: link one now, or queue the client (FIFO)."""
-        while self.idle:
-            srv = self.idle.pop()
-            if self.worker.server_expired(srv):
-                srv.close("server_lifetime reached")
-                continue
-            self._link(srv, client)
-            return
+        if not self.paused and not self.waiting:
+            srv = self._usable_idle()
+            if srv is not None:
+                self._link(srv, client)
+                return
         self.waiting.append(client)
         self._grow()
+
+    def _check(self, srv) -> None:
+        """server_check_query on a server idle longer than server_check_delay, before reuse."""
+        srv.state = ServerState.RESET
+        self.resetting += 1
+        srv.internal_query(messages.query(self.worker.config.server_check_query), self._reset_done)
 
     def forget(self, client) -> None:
         try:
@@ -133,14 +159,33 @@ class Pool:
         client.attach(srv)
 
     # -- servers -----------------------------------------------------------------
+    @property
+    def limit(self) -> int:
+        return self.size + (self.reserve if self.use_reserve else 0)
+
     def _grow(self):
+        if self.paused:
+            return
         # A server finishing its reset is free within a round trip; a new one costs a backend fork.
         need = len(self.waiting) + (1 if self.login_waiters else 0) - self.resetting
-        while self.connecting < need and len(self.servers) < self.size:
+        if need > self.connecting and self._login_retry_pending():
+            if not self.servers:
+                self._fail_waiters(self._no_server_error())
+            return
+        while self.connecting < need and len(self.servers) < self.limit:
             if not self._open_server():
                 break
-        if self.size <= 0 and self.waiting:
+        if self.limit <= 0 and self.waiting:
             self._fail_waiters(self._no_server_error())
+
+    def _login_retry_pending(self) -> bool:
+        """After a failed login, wait server_login_retry before trying again; clients fail fast meanwhile."""
+        if not self.login_failed_at:
+            return False
+        if self.worker.loop.clock() - self.login_failed_at < self.worker.config.server_login_retry:
+            return True
+        self.login_failed_at = 0.0
+        return False
 
     def _no_server_error(self) -> PgmpError:
         if self.size <= 0:
@@ -149,7 +194,7 @@ class Pool:
         return self.last_error or PgmpError(errors.CONNECTION_FAILURE, f"no server available for {self.name}")
 
     def _open_server(self) -> bool:
-        if len(self.servers) >= self.size:
+        if len(self.servers) >= self.limit or not self.worker.may_open_server(self):
             return False
         srv = self.worker.open_server(self)
         if srv is None:
@@ -185,7 +230,10 @@ class Pool:
             client.finish_login(self.params)
 
     def _put_idle(self, srv) -> None:
-        while self.waiting:
+        if srv.created < self.reconnect_before:
+            srv.close("pgmp reconnect")
+            return
+        while self.waiting and not self.paused:
             client = self.waiting.popleft()
             if not client.closed:
                 self._link(srv, client)
@@ -242,8 +290,13 @@ class Pool:
             self.resetting -= 1
         if was in (ServerState.CONNECTING, ServerState.LOGIN):
             self.connecting -= 1
+            if exc is not None and exc.sqlstate == errors.CANNOT_CONNECT_NOW:
+                # "the database system is starting up": temporary, try again shortly
+                self.worker.loop.call_later(0.5, self._grow)
+                return
             if exc is not None:
                 self.last_error = exc
+                self.login_failed_at = self.worker.loop.clock()
                 if self.connecting == 0 and not self.idle:
                     # nothing else can serve the queue now: say why instead of letting clients hang
                     self._fail_waiters(exc)
@@ -257,10 +310,58 @@ class Pool:
         for client in waiters:
             client.fail(exc)
 
+    def janitor(self, now: float) -> None:
+        """Once a second: idle timeouts and lifetimes, min_pool_size, the reserve pool."""
+        worker = self.worker
+        cfg = worker.config
+        for srv in list(self.idle):
+            if len(self.servers) <= self.min_size:
+                break
+            if cfg.server_idle_timeout and now - srv.last_used > cfg.server_idle_timeout:
+                self.idle.remove(srv)
+                srv.close("server_idle_timeout")
+            elif worker.server_expired(srv):
+                self.idle.remove(srv)
+                srv.close("server_lifetime reached")
+        if self.waiting and self.reserve and not self.use_reserve:
+            first = next((c for c in self.waiting if not c.closed), None)
+            if first is not None and now - first.wait_started >= cfg.reserve_pool_timeout:
+                self.use_reserve = True
+                log.warning("pool %s: a client waited %.1fs, using the reserve pool (%d more)",
+                            self.name, now - first.wait_started, self.reserve)
+        elif not self.waiting:
+            self.use_reserve = False
+        if self.waiting:
+            self._grow()
+        if not self.paused and len(self.servers) < self.min_size and not self._login_retry_pending():
+            self._open_server()
+
+    def pause(self) -> int:
+        """Hand out no more servers; returns how many are still in use."""
+        self.paused = True
+        return sum(1 for s in self.servers if s.state is ServerState.ACTIVE)
+
+    def resume(self) -> None:
+        self.paused = False
+        for srv in list(self.idle):
+            if not self.waiting:
+                break
+            self.idle.remove(srv)
+            self._put_idle(srv)
+        self._grow()
+
+    def reconnect(self) -> None:
+        """Close every server as soon as it is not in use (after a failover, for example)."""
+        self.reconnect_before = self.worker.loop.clock() + 1e-6
+        for srv in list(self.idle):
+            self.idle.remove(srv)
+            srv.close("pgmp reconnect")
+
     def snapshot(self) -> dict:
         """Counters and gauges of this pool now, for ``pgmp stats``."""
         from pgmp.session import ClientState
-        row = {"database": self.db.name, "user": self.client_user, "mode": self.mode, "pool_size": self.size}
+        row = {"database": self.db.name, "user": self.client_user, "mode": self.mode, "pool_size": self.size,
+               "paused": self.paused}
         row.update(self.stats.as_dict())
         row["bytes_in"] += sum(c.rx for c in self.clients)
         row["bytes_out"] += sum(s.rx for s in self.servers)

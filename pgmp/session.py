@@ -55,7 +55,7 @@ class TxTracker:
     says "busy": a busy server is closed instead of being reused dirty.
     ``stats`` (a PoolStats) gets query and transaction counts and times.
     """
-    __slots__ = ("outstanding", "status", "copy_in", "stats", "clock", "t_query", "t_xact")
+    __slots__ = ("outstanding", "status", "copy_in", "stats", "clock", "t_query", "t_xact", "t_ready")
 
     def __init__(self, clock=None, stats=None):
         self.outstanding = 0
@@ -65,6 +65,7 @@ class TxTracker:
         self.clock = clock
         self.t_query = 0.0
         self.t_xact = 0.0
+        self.t_ready = 0.0          # when the server last finished all outstanding requests
 
     def client_frame(self, kind: int) -> None:
         if kind == 81 or kind == 70 or (kind == 83 and not self.copy_in):   # Query, FunctionCall, Sync
@@ -86,7 +87,7 @@ class TxTracker:
         if st is not None:
             st.query_count += count
             if self.outstanding == 0:
-                now = self.clock()
+                self.t_ready = now = self.clock()
                 st.query_time_us += int((now - self.t_query) * 1e6)
                 if status == 73:
                     st.xact_count += 1

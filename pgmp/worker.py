@@ -113,6 +113,7 @@ class Worker:
         self.mock_seed = os.urandom(32)
         self.pools: dict[tuple[str, str], Pool] = {}
         self.statement_cache = StatementCache()
+        self.paused_dbs: set[str] = set()
         self.keys: dict[int, ClientConnection] = {}
         self.clients: set[ClientConnection] = set()
         self._seq = 0
@@ -152,11 +153,80 @@ class Worker:
         pool = self.pools.get(key)
         if pool is None or pool.db != db:
             mode = configmod.pool_mode_for(db, self.config.users.get(user))
-            size = worker_share(db.pool_size, self.nworkers, self.slot)
+            share = lambda n: worker_share(n, self.nworkers, self.slot)   # noqa: E731
             if pool is not None:                      # the database section changed on reload
                 pool.close_all("database settings changed")
-            pool = self.pools[key] = Pool(self, db, user, size, mode)
+            pool = self.pools[key] = Pool(self, db, user, share(db.pool_size), mode,
+                                          min_size=share(db.min_pool_size), reserve=share(db.reserve_pool_size))
+            pool.paused = db.name in self.paused_dbs
         return pool
+
+    def may_open_server(self, pool: Pool) -> bool:
+        """max_db_connections and max_user_connections, this worker's share of them."""
+        db_max = worker_share(pool.db.max_db_connections, self.nworkers, self.slot) \
+            if pool.db.max_db_connections else 0
+        user_cfg = self.config.users.get(pool.client_user)
+        user_limit = user_cfg.max_user_connections if user_cfg else self.config.max_user_connections
+        user_max = worker_share(user_limit, self.nworkers, self.slot) if user_limit else 0
+        if db_max:
+            n = sum(len(p.servers) for p in self.pools.values() if p.db.name == pool.db.name)
+            if n >= db_max:
+                return False
+        if user_max:
+            n = sum(len(p.servers) for p in self.pools.values() if p.server_user == pool.server_user)
+            if n >= user_max:
+                return False
+        return True
+
+    def _janitor(self):
+        """Once a second: pool maintenance, client timeouts, the freeing of servers other pools wait for."""
+        now = self.loop.clock()
+        for pool in list(self.pools.values()):
+            pool.janitor(now)
+        cfg = self.config
+        qt, itt, cit = cfg.query_timeout, cfg.idle_transaction_timeout, cfg.client_idle_timeout
+        if qt or itt or cit:
+            for client in list(self.clients):
+                self._client_timeouts(client, now, qt, itt, cit)
+        self.loop.call_later(1.0, self._janitor)
+
+    def _client_timeouts(self, client, now, qt, itt, cit):
+        tx = client.tx
+        if client.state is ClientState.ACTIVE:
+            if tx.outstanding:
+                if qt and now - tx.t_query > qt and client.server is not None \
+                        and client.server.cancel_pending == 0 and tx.t_query != client.cancelled_at:
+                    client.cancelled_at = tx.t_query
+                    log.warning("query_timeout: cancelling the query of %s@%s after %.1fs",
+                                client.user, client.database, now - tx.t_query)
+                    self.cancel_server(client)
+                return
+            if tx.status != 73:
+                if itt and now - tx.t_ready > itt:
+                    client.fail(errors.PgmpError(errors.PROTOCOL_VIOLATION, "idle_transaction_timeout",
+                                                 detail=f"idle in a transaction for more than {itt:g}s"))
+                return
+        if cit and client.state in (ClientState.IDLE, ClientState.ACTIVE) and \
+                now - max(tx.t_ready, client.connected_at) > cit:
+            client.fail(errors.PgmpError(errors.PROTOCOL_VIOLATION, "client_idle_timeout",
+                                         detail=f"idle for more than {cit:g}s"))
+
+    def pool_command(self, action: str, database: str | None) -> dict:
+        """pause / resume / reconnect the pools of ``database`` (all when None)."""
+        pools = [p for p in self.pools.values() if database is None or p.db.name == database]
+        busy = 0
+        for pool in pools:
+            if action == "pause":
+                busy += pool.pause()
+            elif action == "resume":
+                pool.resume()
+            elif action == "reconnect":
+                pool.reconnect()
+        if action == "pause" and database is not None:
+            self.paused_dbs.add(database)
+        elif action == "resume":
+            self.paused_dbs.discard(database) if database else self.paused_dbs.clear()
+        return {"pools": len(pools), "busy_servers": busy}
 
     def open_server(self, pool: Pool):
         try:
@@ -229,6 +299,12 @@ class Worker:
         srv = client.server
         if srv is None or not srv.backend_pid:
             return
+        self.cancel_server(client)
+        log.info("cancel: user=%s db=%s server pid=%d", client.user, client.database, srv.backend_pid)
+
+    def cancel_server(self, client):
+        """Cancel the query running on ``client``'s server; the server is held until it is done."""
+        srv = client.server
         family, sockaddr, text = srv.pool.address()
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
@@ -244,12 +320,12 @@ class Worker:
 
         CancelConnection(self.loop, sock, messages.cancel_request(srv.backend_pid, srv.backend_secret),
                          self.config.cancel_wait_timeout or 10, done)
-        log.info("cancel: user=%s db=%s server pid=%d", client.user, client.database, srv.backend_pid)
 
     # -- running ---------------------------------------------------------------------
     def run(self):
         self._install_signals()
         self.loop.call_later(0, self._heartbeat)
+        self.loop.call_later(1.0, self._janitor)
         self.loop.run()
         for pool in self.pools.values():
             pool.close_all("pgmp worker exiting")
@@ -309,6 +385,9 @@ class Worker:
             self.master.post("stats", id=msg.get("id"), data=self.snapshot())
         elif kind == "cancel":
             self.cancel_request(int(msg.get("pid", 0)), int(msg.get("secret", 0)))
+        elif kind == "pool_command":
+            data = self.pool_command(msg.get("action", ""), msg.get("database"))
+            self.master.post("pool_result", id=msg.get("id"), ok=True, data=data)
 
     def reload_from(self, path: str, text: str | None = None) -> str | None:
         """Apply a new configuration to new logins and released servers; the error text, or None."""
