@@ -6,7 +6,7 @@ import logging
 import secrets as _secrets
 import struct
 
-from pgmp import errors
+from pgmp import errors, tls
 from pgmp.auth.client import ClientAuthenticator
 from pgmp.errors import AuthenticationFailed, ClientProtocolError, PgmpError
 from pgmp.loop import Endpoint
@@ -173,6 +173,9 @@ class ClientConnection(Endpoint):
 
     # -- startup -----------------------------------------------------------------
     def _startup_data(self, view, n):
+        if view[0] == 0x16 and self.tls is None and not (self.ssl_asked or self.gss_asked):
+            self._direct_tls(view, n)           # a TLS record where a packet length should be
+            return
         pos = 0
         while pos < n and self.state is ClientState.STARTUP:
             if n - pos < 4:
@@ -202,6 +205,16 @@ class ClientConnection(Endpoint):
                 self.on_data(memoryview(rest), len(rest))
 
     def _negotiate(self, what: str, pending: int):
+        """SSLRequest: 'S' and the TLS handshake, or 'N' (client_tls_mode disable). GSSENCRequest: 'N'.
+
+        ``pending`` bytes arrived after the request. Before a handshake they would be
+        taken for part of the encrypted stream (CVE-2021-23214), and after an 'N' a
+        client has no reason to send anything unanswered: refused either way, as
+        PostgreSQL and PgBouncer do.
+        """
+        name = "SSL request" if what == "ssl" else "GSSAPI encryption request"
+        if self.tls is not None:
+            raise ClientProtocolError(f"{name} inside an encrypted connection")
         if what == "ssl":
             if self.ssl_asked:
                 raise ClientProtocolError("duplicate SSLRequest")
@@ -210,9 +223,37 @@ class ClientConnection(Endpoint):
             if self.gss_asked:
                 raise ClientProtocolError("duplicate GSSENCRequest")
             self.gss_asked = True
-        # TLS is the worker's business (client_tls_mode); without it the answer is 'N' and
-        # the client goes on in cleartext.
-        self.send(b"N")
+        if pending:
+            raise ClientProtocolError(f"received unencrypted data after {name}",
+                                      detail="This could be either a client-software bug or evidence "
+                                             "of an attempted man-in-the-middle attack.")
+        context = self.worker.client_tls if what == "ssl" else None
+        if context is None:
+            self.send(b"N")                     # the client may go on in cleartext or ask for TLS next
+            return
+        self.send(b"S")
+        self.start_tls(context, server_side=True)
+
+    def _direct_tls(self, view, n):
+        """PostgreSQL 17's direct TLS (sslnegotiation=direct): the connection opens with a ClientHello."""
+        context = self.worker.client_tls
+        if context is None:
+            # The client speaks TLS only: an ErrorResponse in cleartext would be noise to it.
+            log.info("client %s: direct TLS attempted, but client_tls_mode is disable; closing", self.peer)
+            self.close(None)
+            return
+        self.start_tls(context, server_side=True, received=view[:n])
+
+    def on_tls_ready(self):
+        # PostgreSQL 17 requires ALPN on direct TLS, so that a TLS connection meant for another
+        # protocol cannot be turned into a PostgreSQL session.
+        if not self.ssl_asked and self.tls.obj.selected_alpn_protocol() != tls.ALPN:
+            self.fail(ClientProtocolError("received direct SSL connection request without ALPN protocol "
+                                          "negotiation extension"))
+
+    def on_tls_failed(self, exc):
+        log.info("client %s: TLS handshake failed: %s", self.peer, tls.describe(exc))
+        self.close(None)
 
     def _startup(self, packet):
         self.user = packet.user
@@ -239,29 +280,73 @@ class ClientConnection(Endpoint):
             self._authenticated()
 
     def _auth_method(self) -> str:
-        """auth_type, or the method of the first hba_file rule that matches this client."""
+        """auth_type, or the method of the first hba_file rule that matches this client.
+
+        TLS requirements are enforced here, before any authentication exchange:
+        client_tls_mode, hostssl rules, clientcert=, and the cert method (a verified
+        client certificate whose CN is the user name; it then logs in as trust does).
+        """
         worker = self.worker
+        encrypted = self.tls is not None
+        addr = None if self.peer == "unix" else self.peer.rsplit(":", 1)[0]
+        self._check_tls_mode(addr, encrypted)
         if worker.hba is None:
             return worker.config.auth_type
         from pgmp import hba
-        addr = None if self.peer == "unix" else self.peer.rsplit(":", 1)[0]
         conn_type = "local" if addr is None else "host"
-        rule = worker.hba.match(conn_type=conn_type, database=self.database, user=self.user, addr=addr, tls=False)
+        rule = worker.hba.match(conn_type=conn_type, database=self.database, user=self.user, addr=addr,
+                                tls=encrypted)
         if rule is None:
             raise AuthenticationFailed(hba.no_match_message(addr=addr, user=self.user, database=self.database,
-                                                            tls=False),
+                                                            tls=encrypted),
                                        reason="no hba_file rule matches", sqlstate=errors.INVALID_AUTHORIZATION)
+        where = f"hba_file line {rule.lineno}"
         if rule.method == "reject":
             raise AuthenticationFailed(
                 f'pg_hba.conf rejects connection for host "{addr or "[local]"}", user "{self.user}", '
-                f'database "{self.database}", no encryption',
-                reason=f"hba_file line {rule.lineno}: reject", sqlstate=errors.INVALID_AUTHORIZATION)
+                f'database "{self.database}", {"SSL encryption" if encrypted else "no encryption"}',
+                reason=f"{where}: reject", sqlstate=errors.INVALID_AUTHORIZATION)
         if rule.method == "cert":
-            raise AuthenticationFailed(
-                f'certificate authentication failed for user "{self.user}"',
-                reason=f"hba_file line {rule.lineno}: cert needs a TLS client certificate",
-                sqlstate=errors.INVALID_AUTHORIZATION)
+            if "map" in rule.options:
+                raise AuthenticationFailed(f'certificate authentication failed for user "{self.user}"',
+                                           reason=f"{where}: cert with map= is not supported by pgmp",
+                                           sqlstate=errors.INVALID_AUTHORIZATION)
+            self._check_certificate(where, "cert")
+            return "trust"
+        if "clientcert" in rule.options:
+            self._check_certificate(where, rule.options["clientcert"])
         return rule.method
+
+    def _check_tls_mode(self, addr: str | None, encrypted: bool) -> None:
+        """client_tls_mode require, verify-ca and verify-full refuse TCP clients without TLS (verify-*: without
+        a verified certificate). Unix socket clients are exempt: libpq never uses TLS on them."""
+        mode = self.worker.config.client_tls_mode
+        if addr is None or mode not in ("require", "verify-ca", "verify-full"):
+            return
+        if not encrypted:
+            raise AuthenticationFailed(f'TLS is required for connections from host "{addr}"',
+                                       reason=f"client_tls_mode = {mode}: the client did not ask for TLS",
+                                       sqlstate=errors.INVALID_AUTHORIZATION)
+        if mode != "require":
+            self._check_certificate(f"client_tls_mode = {mode}", "verify-ca")
+
+    def _check_certificate(self, where: str, check: str) -> None:
+        """A verified client certificate is required; "verify-full" and "cert" also want its CN = the user name."""
+        obj = self.tls.obj if self.tls is not None else None
+        if obj is None or not obj.getpeercert():
+            raise AuthenticationFailed("connection requires a valid client certificate",
+                                       reason=f"{where}: no verified client certificate"
+                                              + ("" if self.worker.config.client_tls_ca_file
+                                                 else " (client_tls_ca_file is not set)"),
+                                       sqlstate=errors.INVALID_AUTHORIZATION)
+        if check == "verify-ca":
+            return
+        name = tls.peer_common_name(obj)
+        if name != self.user:
+            message = (f'certificate authentication failed for user "{self.user}"' if check == "cert" else
+                       f'certificate validation (clientcert=verify-full) failed for user "{self.user}": CN mismatch')
+            raise AuthenticationFailed(message, reason=f"{where}: certificate CN {name!r} is not the user name",
+                                       sqlstate=errors.INVALID_AUTHORIZATION)
 
     def _authenticated(self):
         worker = self.worker
@@ -282,7 +367,9 @@ class ClientConnection(Endpoint):
         if self.closed:
             return
         worker = self.worker
-        self.reported = login_parameters(params, self.settings)
+        reported = login_parameters(params, self.settings)
+        # most clients see exactly the pool's values: share one dict until one changes (memory per idle client)
+        self.reported = params if reported == params else reported
         self.key_pid, self.key_secret = worker.new_cancel_key(self)
         out = [messages.auth_ok()]
         for name, value in self.reported.items():
@@ -331,6 +418,16 @@ class ClientConnection(Endpoint):
         if error is not None:
             srv.applied.clear()
             self.fail(error)
+
+    def report(self, name: str, value: str) -> bool:
+        """Record a ParameterStatus value the client has seen; False if it already had it."""
+        reported = self.reported
+        if reported.get(name) == value:
+            return False
+        if self.pool is not None and reported is self.pool.params:
+            reported = self.reported = dict(reported)
+        reported[name] = value
+        return True
 
     def detach(self):
         """Transaction boundary in transaction or statement mode: the server goes back to the pool."""

@@ -5,6 +5,13 @@ loop's shared scratch buffer and hands the bytes to its ``on_data``; what it
 cannot send at once is copied into its own unsent queue and the loop is
 told to wait for writability. Memory per idle connection is therefore the
 Python objects alone: no buffer is kept while nothing is pending.
+
+TLS sits inside the endpoint (``start_tls``): an ssl.SSLObject over memory
+BIOs, so the socket still only sees recv and send, handshake bytes that
+were already read can be fed in (direct TLS), and nothing blocks. A
+plaintext endpoint pays one ``tls is None`` check per read and send.
+Decrypted bytes can stay in the SSLObject when reading pauses; epoll does
+not know about them, so resume_reading schedules their delivery.
 """
 import errno
 import heapq
@@ -12,6 +19,9 @@ import itertools
 import logging
 import select
 import socket
+import ssl
+
+from pgmp.tls import describe as describe_tls_error
 
 log = logging.getLogger("pgmp")
 
@@ -24,16 +34,19 @@ _BLOCKED = (BlockingIOError, InterruptedError)
 
 
 class Timer:
-    __slots__ = ("deadline", "fn", "args", "cancelled")
+    __slots__ = ("deadline", "fn", "args", "cancelled", "loop")
 
-    def __init__(self, deadline, fn, args):
+    def __init__(self, deadline, fn, args, loop):
         self.deadline = deadline
         self.fn = fn
         self.args = args
         self.cancelled = False
+        self.loop = loop
 
     def cancel(self):
-        self.cancelled = True
+        if not self.cancelled:
+            self.cancelled = True
+            self.loop.cancelled_timers += 1
 
 
 class Loop:
@@ -50,27 +63,37 @@ class Loop:
         self.view = memoryview(self.scratch)
         self._timers: list = []
         self._seq = itertools.count()
+        self.cancelled_timers = 0
         self.running = False
         self.max_unsent = 4 * buffer_size
 
     # -- timers --------------------------------------------------------------
     def call_later(self, delay: float, fn, *args) -> Timer:
-        t = Timer(self.clock() + delay, fn, args)
+        t = Timer(self.clock() + delay, fn, args, self)
         heapq.heappush(self._timers, (t.deadline, next(self._seq), t))
         return t
 
     def _run_timers(self) -> float | None:
         now = self.clock()
         timers = self._timers
+        if self.cancelled_timers > 256 and self.cancelled_timers * 2 > len(timers):
+            # login timers of 10,000 idle clients would otherwise sit here for client_login_timeout
+            timers[:] = [e for e in timers if not e[2].cancelled]
+            heapq.heapify(timers)
+            self.cancelled_timers = 0
         while timers and timers[0][0] <= now:
             _, _, t = heapq.heappop(timers)
-            if not t.cancelled:
-                try:
-                    t.fn(*t.args)
-                except Exception:
-                    log.exception("timer callback %r failed", t.fn)
+            if t.cancelled:
+                self.cancelled_timers -= 1
+                continue
+            t.cancelled = True              # fired: a later cancel() must not count it
+            try:
+                t.fn(*t.args)
+            except Exception:
+                log.exception("timer callback %r failed", t.fn)
         while timers and timers[0][2].cancelled:
             heapq.heappop(timers)
+            self.cancelled_timers -= 1
         if not timers:
             return None
         return max(0.0, timers[0][0] - self.clock())
@@ -137,10 +160,40 @@ def _sent_split(views: list, sent: int) -> list[bytes]:
     return rest
 
 
+class TlsLayer:
+    """An ssl.SSLObject between an endpoint's socket and its plaintext, fed through memory BIOs.
+
+    Ciphertext read from the socket goes into ``incoming``; what the SSLObject
+    writes (handshake, records, alerts) comes out of ``outgoing`` and joins the
+    endpoint's unsent queue like any other bytes.
+    """
+    __slots__ = ("obj", "incoming", "outgoing", "ready")
+
+    def __init__(self, context: ssl.SSLContext, server_side: bool, server_hostname: str | None = None):
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
+                                    server_hostname=server_hostname)
+        self.ready = False                     # the handshake is done
+
+    def buffered(self) -> bool:
+        """Received bytes wait here, decrypted or not (epoll cannot know); during the handshake, never."""
+        return self.ready and (self.incoming.pending > 0 or self.obj.pending() > 0)
+
+    def seal(self, data) -> bytes:
+        """``data`` as TLS records for the socket; b"" before the handshake is done (nothing may go out)."""
+        if not self.ready:
+            return b""
+        view = memoryview(data)
+        while view:
+            view = view[self.obj.write(view):]
+        return self.outgoing.read()
+
+
 class Endpoint:
     """One non-blocking socket in the loop: reading, sending with an unsent queue, backpressure."""
     __slots__ = ("loop", "sock", "fd", "outq", "unsent", "reading", "mask", "closed",
-                 "leftover", "skip", "paused_peer", "rx", "__weakref__")
+                 "leftover", "skip", "paused_peer", "rx", "tls", "__weakref__")
 
     def __init__(self, loop: Loop, sock: socket.socket, events: int = EVENT_READ):
         self.loop = loop
@@ -154,6 +207,7 @@ class Endpoint:
         self.skip = 0                          # bytes of a streamed frame still to pass through
         self.paused_peer = None                # the endpoint that stopped reading because of us
         self.rx = 0                            # bytes received, for the stats
+        self.tls: TlsLayer | None = None       # set by start_tls: then every byte goes through it
         self.mask = events
         sock.setblocking(False)
         loop.register(self, events)
@@ -166,6 +220,9 @@ class Endpoint:
             self.read()
 
     def read(self):
+        if self.tls is not None:
+            self._tls_read()
+            return
         loop = self.loop
         lo = self.leftover
         k = len(lo) if lo else 0
@@ -198,6 +255,16 @@ class Endpoint:
             return
         self.on_eof("closed by peer")
 
+    def receive(self, size: int) -> bytes | None:
+        """One plain recv, for the answer to a negotiation before on_data takes over.
+
+        None when nothing has arrived yet, b"" at end of stream; an OSError goes to the caller.
+        """
+        try:
+            return self.sock.recv(size)
+        except _BLOCKED:
+            return None
+
     def kick(self):
         """Process carried-over bytes now (after a state change made them processable)."""
         lo = self.leftover
@@ -208,6 +275,9 @@ class Endpoint:
     # -- sending -------------------------------------------------------------
     def send(self, data: bytes) -> None:
         if self.closed or not data:
+            return
+        if self.tls is not None:
+            self._tls_send(data)
             return
         if self.outq:
             self.outq.append(bytes(data))
@@ -229,6 +299,9 @@ class Endpoint:
     def send_views(self, views: list) -> None:
         """Send byte ranges (memoryviews into a buffer the caller will reuse) with one writev."""
         if self.closed or not views:
+            return
+        if self.tls is not None:
+            self._tls_send(b"".join(views))
             return
         if len(views) == 1:
             self.send(views[0])
@@ -318,6 +391,9 @@ class Endpoint:
         if not self.reading and not self.closed:
             self.reading = True
             self._update_mask()
+            if self.tls is not None and self.tls.buffered():
+                # decrypted data waits in the TLS layer: epoll will not report it
+                self.loop.call_later(0, self._tls_deliver)
 
     def _update_mask(self):
         if self.closed:
@@ -333,6 +409,142 @@ class Endpoint:
                 loop.modify(self, mask)
             self.mask = mask
 
+    # -- TLS -----------------------------------------------------------------
+    def start_tls(self, context: ssl.SSLContext, server_side: bool, server_hostname: str | None = None,
+                  received=b"") -> None:
+        """Encrypt this connection from now on; ``received``: handshake bytes already read (direct TLS).
+
+        As the TLS client, the hello goes out at once; as the TLS server, pgmp waits
+        for the peer's. on_tls_ready or on_tls_failed reports how the handshake ended.
+        """
+        self.tls = TlsLayer(context, server_side, server_hostname)
+        if received:
+            self.tls.incoming.write(received)
+        if received or not server_side:
+            self._tls_handshake()
+
+    def _tls_handshake(self) -> bool:
+        """One handshake step with what has arrived; True once it is done (and the endpoint still open)."""
+        tls = self.tls
+        try:
+            tls.obj.do_handshake()
+        except ssl.SSLWantReadError:
+            self._tls_output()
+            return False
+        except ssl.SSLError as exc:
+            self._tls_output()                 # the alert that tells the peer why
+            self.on_tls_failed(exc)
+            return False
+        tls.ready = True
+        self._tls_output()
+        self.on_tls_ready()
+        return not self.closed
+
+    def _tls_read(self):
+        """Ciphertext from the socket into the TLS layer; then the handshake, or plaintext to on_data."""
+        loop = self.loop
+        tls = self.tls
+        try:
+            n = self.sock.recv_into(loop.view[:loop.buffer_size])
+        except _BLOCKED:
+            return
+        except (ConnectionError, OSError) as exc:
+            self.on_eof(f"read error: {exc.strerror or exc}")
+            return
+        if n:
+            tls.incoming.write(loop.view[:n])
+        else:
+            tls.incoming.write_eof()
+        if tls.ready or self._tls_handshake():
+            self._tls_deliver()
+        if not n and not self.closed:
+            self.on_eof("closed by peer")
+
+    def _tls_deliver(self):
+        """Hand decrypted bytes to on_data as read() does, until none is left or reading pauses."""
+        loop = self.loop
+        view = loop.view
+        size = loop.buffer_size
+        ended = None
+        while self.reading and not self.closed and ended is None:
+            lo = self.leftover
+            k = len(lo) if lo else 0
+            big = k > size                     # a large partial frame being assembled
+            if k and not big:
+                loop.scratch[:k] = lo
+            start = 0 if big else k
+            got, ended = self._tls_decrypt(view[start:start + size])
+            if not got:
+                break
+            self.rx += got
+            self.leftover = None
+            if big:
+                data = lo + bytes(view[:got])
+                self.on_data(memoryview(data), len(data))
+            else:
+                self.on_data(view, k + got)
+        if not self.closed:
+            if ended is not None:
+                self.on_eof(ended)
+            elif self.tls.outgoing.pending:
+                self._tls_output()             # e.g. a TLS 1.3 KeyUpdate answer
+
+    def _tls_decrypt(self, into: memoryview) -> tuple[int, str | None]:
+        """Decrypt into ``into``: (bytes written, why the stream ended or None)."""
+        obj = self.tls.obj
+        got, size = 0, len(into)
+        try:
+            while got < size:                  # one record per read: fill the buffer for one on_data
+                m = obj.read(size - got, into[got:])
+                if not m:
+                    break
+                got += m
+        except ssl.SSLWantReadError:
+            pass
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return got, "closed by peer"
+        except ssl.SSLError as exc:
+            return got, f"TLS error: {describe_tls_error(exc)}"
+        return got, None
+
+    def _tls_send(self, data) -> None:
+        try:
+            out = self.tls.seal(data)
+        except ssl.SSLError as exc:
+            self._write_failed(exc)
+            return
+        if out:
+            self._send_raw(out)
+
+    def _tls_output(self) -> None:
+        out = self.tls.outgoing.read()
+        if out:
+            self._send_raw(out)
+
+    def _send_raw(self, data: bytes) -> None:
+        """Queue bytes that are already encrypted and send what the socket takes."""
+        self.outq.append(data)
+        self.unsent += len(data)
+        self.flush()
+        if self.outq:
+            self._want_write()
+
+    def _tls_close_notify(self) -> None:
+        """Best effort: tell the peer the stream ends here (close_notify), without waiting for its answer."""
+        tls = self.tls
+        if not tls.ready:
+            return
+        try:
+            tls.obj.unwrap()
+        except (ssl.SSLError, ValueError):
+            pass
+        out = tls.outgoing.read()
+        if out:
+            try:
+                self.sock.send(out)
+            except OSError:
+                pass
+
     # -- closing -------------------------------------------------------------
     def close_socket(self):
         if self.closed:
@@ -341,6 +553,8 @@ class Endpoint:
         if self.mask:
             self.loop.unregister(self)
             self.mask = 0
+        if self.tls is not None and not self.outq:
+            self._tls_close_notify()
         try:
             self.sock.close()
         except OSError:
@@ -355,8 +569,10 @@ class Endpoint:
     def send_and_close(self, data: bytes):
         """Best effort: send a final message (an ErrorResponse) and close."""
         if not self.closed and data:
+            if self.tls is not None:
+                data = self.tls.seal(data)
             try:
-                if not self.outq:
+                if data and not self.outq:
                     self.sock.send(data)
             except OSError:
                 pass
@@ -371,3 +587,9 @@ class Endpoint:
 
     def fail(self, exc: Exception):
         self.on_eof(f"internal error: {exc!r}")
+
+    def on_tls_ready(self):
+        """The TLS handshake is done: decisions that depend on the peer's certificate go here."""
+
+    def on_tls_failed(self, exc: Exception):
+        self.on_eof(f"TLS handshake failed: {describe_tls_error(exc)}")

@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 
-from pgmp import errors
+from pgmp import errors, tls
 from pgmp.errors import PgmpError, ServerProtocolError
 from pgmp.loop import EVENT_READ, EVENT_WRITE, Endpoint
 from pgmp.protocol import messages
@@ -139,15 +139,82 @@ class ServerConnection(Endpoint):
         super().handle_event(mask)
 
     def _connected(self):
+        """An event while CONNECTING: the TCP connect finished, or the answer to our SSLRequest came.
+
+        With server_tls_mode other than disable, pgmp sends an SSLRequest first (not on
+        unix sockets, where PostgreSQL has no TLS) and reads its answer in _tls_answer,
+        still CONNECTING. Then comes LOGIN: the TLS handshake if any, the StartupMessage.
+        """
+        if self.reading:                         # only set once the SSLRequest is sent
+            self._tls_answer()
+            return
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self.abort(ServerProtocolError(
                 f"could not connect to server {self.addr_text}: {os.strerror(err)}"))
             return
-        self.state = ServerState.LOGIN
         self.reading = True
         self._update_mask()
+        if self.pool.worker.server_tls is not None and self.sock.family != socket.AF_UNIX:
+            self.send(messages.ssl_request())
+            return
+        self.state = ServerState.LOGIN
         self.send(self.login.startup())
+
+    def _tls_answer(self):
+        """The server's one-byte answer to the SSLRequest: 'S' starts the handshake, 'N' is cleartext if allowed."""
+        if self.outq:
+            self.flush()
+        try:
+            answer = self.receive(64)
+        except OSError as exc:
+            self.abort(ServerProtocolError(f"could not connect to server {self.addr_text}: {exc.strerror or exc}"))
+            return
+        if answer is None:
+            return
+        worker = self.pool.worker
+        mode = worker.config.server_tls_mode
+        kind = answer[:1]
+        if len(answer) > 1 and kind in (b"S", b"N"):
+            # CVE-2021-23222: bytes before the handshake would be taken for the server's own.
+            self.abort(ServerProtocolError(
+                f"server {self.addr_text} sent unencrypted data after its answer to SSLRequest "
+                f"(CVE-2021-23222)", sqlstate=errors.PROTOCOL_VIOLATION,
+                detail="This could be either a server bug or evidence of an attempted man-in-the-middle attack."))
+        elif kind == b"S":
+            self.state = ServerState.LOGIN
+            self.start_tls(worker.server_tls, server_side=False, server_hostname=self.pool.db.host)
+        elif kind == b"N" and mode == "prefer":
+            self.state = ServerState.LOGIN
+            self.send(self.login.startup())
+        elif kind == b"N":
+            self.abort(ServerProtocolError(
+                f'server {self.addr_text} does not support TLS, but server_tls_mode is "{mode}"',
+                hint='turn on ssl in the server, or set server_tls_mode = "prefer" to allow cleartext'))
+        elif not kind:
+            self.abort(ServerProtocolError(f"server {self.addr_text} closed the connection after SSLRequest"))
+        else:
+            self.abort(ServerProtocolError(
+                f"server {self.addr_text} answered SSLRequest with {kind!r}, not 'S' or 'N'",
+                detail="is it a PostgreSQL server?"))
+
+    def on_tls_ready(self):
+        self.send(self.login.startup())
+
+    def on_tls_failed(self, exc):
+        host = self.pool.db.host
+        if tls.is_name_mismatch(exc):
+            err = ServerProtocolError(
+                f'server certificate does not match host name "{host}"', detail=tls.describe(exc),
+                hint=f'server_tls_mode = "verify-full" checks the host of the database section against the '
+                     f"names in the server's certificate")
+        elif tls.is_unverified(exc):
+            err = ServerProtocolError(
+                f"server certificate of {self.addr_text} could not be verified: {tls.describe(exc)}",
+                hint="server_tls_ca_file must hold the CA that signed the server's certificate")
+        else:
+            err = ServerProtocolError(f"TLS handshake with server {self.addr_text} failed: {tls.describe(exc)}")
+        self.abort(err)
 
     def on_data(self, view, n):
         out: list = []
@@ -202,8 +269,7 @@ class ServerConnection(Endpoint):
             name, value = messages.parse_parameter_status(payload)
             self.params[name] = value
             client = self.client
-            if client is not None and client.reported.get(name) != value:
-                client.reported[name] = value
+            if client is not None and client.report(name, value):
                 return FORWARD
         return DROP
 
@@ -273,7 +339,7 @@ class ServerConnection(Endpoint):
         self.applied.pop(name, None)
         client = self.client
         if client is not None:
-            client.reported[name] = value
+            client.report(name, value)
 
     # -- internal queries --------------------------------------------------------
     def internal_query(self, query: bytes, done=None):
