@@ -77,12 +77,13 @@ def start(config: str = ConfigOpt,
     except OSError as exc:
         typer.echo(f"pgmp: cannot read auth_file {cfg.auth_file}: {exc.strerror or exc}", err=True)
         raise typer.Exit(1)
+    started = None
     if daemon:
         if not cfg.logfile or not cfg.pidfile:
             typer.echo("pgmp: --daemon needs logfile and pidfile set in the configuration "
                        "(a detached pgmp has no terminal to log to)", err=True)
             raise typer.Exit(1)
-        _daemonize()
+        started = _daemonize(cfg.logfile)
     setup_logging(cfg.log_level, cfg.logfile)
     from pgmp.master import Master, StartError
     master = Master(cfg, takeover_pid=takeover or None)
@@ -93,13 +94,25 @@ def start(config: str = ConfigOpt,
         if not daemon:
             typer.echo(f"pgmp: {exc}", err=True)
         raise typer.Exit(1)
+    if started is not None:
+        import os
+        os.write(started, b"1")          # the waiting `pgmp start --daemon` exits 0
+        os.close(started)
     raise typer.Exit(master.run())
 
 
-def _daemonize():
+def _daemonize(logfile: str) -> int:
+    """Detach (double fork). The command itself returns only once the daemon has bound its sockets:
+    exit 0 when it did, 1 (pointing at the log) when it could not start. Returns the fd to report on."""
     import os
+    r, w = os.pipe()
     if os.fork():
-        os._exit(0)
+        os.close(w)
+        ok = os.read(r, 1) == b"1"       # EOF: the daemon exited before it was started
+        if not ok:
+            sys.stderr.write(f"pgmp: could not start; see {logfile}\n")
+        os._exit(0 if ok else 1)
+    os.close(r)
     os.setsid()
     if os.fork():
         os._exit(0)
@@ -107,6 +120,7 @@ def _daemonize():
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
+    return w
 
 
 def _ask(cfg, command: str, args: dict | None = None, timeout: float = 10.0) -> dict:
@@ -144,6 +158,30 @@ def _ask(cfg, command: str, args: dict | None = None, timeout: float = 10.0) -> 
                     return msg
 
 
+def _wait_exit(pid: int, timeout: float) -> bool:
+    """Wait until process ``pid`` has exited; a zombie (exited, its parent has not reaped it yet) counts.
+
+    psutil's wait() polls a non-child until its pid disappears, which never happens to a zombie whose
+    parent does not reap (a shell that is busy, an init that does not reap).
+    """
+    import time
+    import psutil
+    try:
+        proc = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return True
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
 @app.command()
 def stop(config: str = ConfigOpt,
          mode: str = typer.Option("graceful", "--mode", "-m",
@@ -157,22 +195,50 @@ def stop(config: str = ConfigOpt,
         typer.echo(f"pgmp: {reply.get('error')}", err=True)
         raise typer.Exit(1)
     pid = reply["data"]["pid"]
-    if wait:
-        import psutil
-        try:
-            psutil.Process(pid).wait(timeout=cfg.shutdown_timeout + 15)
-        except psutil.NoSuchProcess:
-            pass
-        except psutil.TimeoutExpired:
-            typer.echo(f"pgmp: pid {pid} still running", err=True)
-            raise typer.Exit(1)
+    if wait and not _wait_exit(pid, cfg.shutdown_timeout + 15):
+        typer.echo(f"pgmp: pid {pid} still running", err=True)
+        raise typer.Exit(1)
     typer.echo(f"pgmp stopped ({mode}, pid {pid})")
+
+
+def _control_socket_of(path: str) -> str | None:
+    """The control socket named by a config file that does not validate (as config.check derives it).
+
+    Lets ``pgmp reload`` of a broken file still reach the running master, which then refuses
+    the file itself: the failure is in pgmp's log, not only on the operator's terminal.
+    """
+    import os
+    import tomllib
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    g = doc.get("pgmp") if isinstance(doc.get("pgmp"), dict) else {}
+    base = os.path.dirname(os.path.abspath(path))
+    sock, pidfile, port = g.get("control_socket"), g.get("pidfile"), g.get("listen_port", 6432)
+    if isinstance(sock, str) and sock:
+        return os.path.join(base, sock)
+    if not isinstance(port, int) or isinstance(port, bool):
+        return None
+    run_dir = os.path.dirname(os.path.join(base, pidfile)) if isinstance(pidfile, str) and pidfile else "/tmp"
+    return os.path.join(run_dir, f".pgmp.{port}.ctl")
 
 
 @app.command()
 def reload(config: str = ConfigOpt):
     """Re-read the configuration; an invalid one is refused and the running one stays."""
-    cfg = _load(config)
+    import os
+    import types
+    from pgmp import config as configmod
+    try:
+        cfg = configmod.load(config)
+    except (configmod.ConfigError, OSError):
+        sock = _control_socket_of(config)
+        if sock is None or not os.path.exists(sock):
+            cfg = _load(config)                            # prints the error, exits 1
+        else:
+            cfg = types.SimpleNamespace(control_socket=sock)   # the master refuses the file and logs why
     reply = _ask(cfg, "reload", timeout=15)
     if not reply.get("ok"):
         typer.echo(f"pgmp: reload failed, the running configuration stays:\n{reply.get('error')}", err=True)

@@ -270,7 +270,8 @@ class ClientConnection(Endpoint):
         if method == "trust" and secret is None and worker.config.auth_file:
             raise AuthenticationFailed(f'user "{self.user}" is not in auth_file',
                                        reason="trust: user not in auth_file", sqlstate=errors.INVALID_AUTHORIZATION)
-        self.auth = ClientAuthenticator(method, self.user, secret, mock_seed=worker.mock_seed)
+        self.auth = ClientAuthenticator(method, self.user, secret, mock_seed=worker.mock_seed,
+                                        channel_binding=tls.channel_binding(self.tls))
         first = self.auth.start()
         self.set_state(ClientState.AUTH)
         self.scanner, self.flags, self.whole = _auth_scanner, AUTH_FLAGS, ALL_WHOLE

@@ -569,9 +569,9 @@ class Endpoint:
     def send_and_close(self, data: bytes):
         """Best effort: send a final message (an ErrorResponse) and close."""
         if not self.closed and data:
-            if self.tls is not None:
-                data = self.tls.seal(data)
             try:
+                if self.tls is not None:
+                    data = self.tls.seal(data)          # an SSLError is an OSError
                 if data and not self.outq:
                     self.sock.send(data)
             except OSError:

@@ -81,11 +81,30 @@ def write_pidfile(path: str) -> None:
     os.replace(tmp, path)
 
 
-def _same_inode(path: str, sock: socket.socket) -> bool:
+def _socket_file(path: str) -> tuple[str, tuple[int, int]] | None:
+    """The path of a socket file we just bound and its identity, to remove it later only if still ours.
+
+    (fstat on a socket fd describes the socket, not the file it is bound to: compare the file's own
+    device and inode as they were right after bind.)
+    """
     try:
-        return os.stat(path).st_ino == os.fstat(sock.fileno()).st_ino
+        st = os.stat(path)
     except OSError:
-        return False
+        return None
+    return path, (st.st_dev, st.st_ino)
+
+
+def _unlink_if_ours(entry: tuple[str, tuple[int, int]] | None) -> None:
+    """Remove a socket file recorded by _socket_file, unless another process has replaced it since."""
+    if entry is None:
+        return
+    path, ident = entry
+    try:
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) == ident:
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 # ---- control links ----------------------------------------------------------------
@@ -188,6 +207,9 @@ class Master:
         self.exit_code = EXIT_OK
         self.started = time.time()
         self.control_sock = None
+        self.control_file = None               # (path, identity) of the control socket we bound
+        self.unix_files: dict[int, tuple] = {}  # generation -> (path, identity) of its unix socket file
+        self.pidfile = ""                      # as at start: reload cannot move it
         self.announced = False
         self.pending: dict[int, dict] = {}
         self._ids = itertools.count(1)
@@ -207,9 +229,12 @@ class Master:
             self.listen[0] = bind_all(cfg, self.nworkers, takeover=self.takeover_pid is not None)
         except ListenError as exc:
             raise StartError(str(exc)) from None
+        if self.listen[0][1] is not None:
+            self.unix_files[0] = _socket_file(cfg.unix_socket_path)
         self._bind_control_socket()
         if cfg.pidfile:
             write_pidfile(cfg.pidfile)
+            self.pidfile = cfg.pidfile
         self._install_signals()
         for slot in range(self.nworkers):
             self.spawn(slot, 0)
@@ -243,6 +268,7 @@ class Master:
         os.chmod(path, 0o600)
         sock.listen(64)
         self.control_sock = sock
+        self.control_file = _socket_file(path)
         _ControlListener(self.loop, sock, self)
 
     def _install_signals(self):
@@ -345,9 +371,16 @@ class Master:
             ep.sock.close()                  # siblings' control links, CLI socket, signal pipe
         self.loop.close()
         from pgmp.worker import Worker
-        worker = Worker(self.config, slot, self.nworkers_of(generation), generation=generation)
-        worker.listen_on(keep)
-        worker.attach_master(link)
+        try:
+            worker = Worker(self.config, slot, self.nworkers_of(generation), generation=generation)
+            worker.listen_on(keep)
+            worker.attach_master(link)
+        except Exception as exc:
+            # One line the operator can act on (the auth_file, a TLS file...): workers booting
+            # together would otherwise interleave their tracebacks in the log.
+            log.error("worker %d could not start: %s: %s", slot, type(exc).__name__, exc)
+            log.debug("worker %d boot failure", slot, exc_info=True)
+            return WORKER_BOOT_ERROR
         worker.run()
         return EXIT_OK
 
@@ -643,6 +676,8 @@ class Master:
         self.generation += 1
         self.nworkers = n
         self.listen[self.generation] = socks
+        if socks[1] is not None:
+            self.unix_files[self.generation] = _socket_file(cfg.unix_socket_path)
         self.retiring.append(old)
         for slot in range(n):
             self.spawn(slot, self.generation)
@@ -661,12 +696,8 @@ class Master:
         for socks in tcp:
             for s in socks:
                 s.close()
+        _unlink_if_ours(self.unix_files.pop(gen, None))
         if unix is not None:
-            if _same_inode(self.config.unix_socket_path, unix):
-                try:
-                    os.unlink(self.config.unix_socket_path)
-                except OSError:
-                    pass
             unix.close()
 
     def _retire_check(self):
@@ -724,19 +755,14 @@ class Master:
         return {"ok": True, "data": {"old_pid": os.getpid(), "new_pid": proc.pid}}
 
     def cleanup(self):
-        cfg = self.config
         for gen in list(self.listen):
             self._close_listeners(gen)
         if self.control_sock is not None:
-            if _same_inode(cfg.control_socket, self.control_sock):
-                try:
-                    os.unlink(cfg.control_socket)
-                except OSError:
-                    pass
+            _unlink_if_ours(self.control_file)
             self.control_sock.close()
-        if cfg.pidfile and read_pidfile(cfg.pidfile) == os.getpid():
+        if self.pidfile and read_pidfile(self.pidfile) == os.getpid():
             try:
-                os.unlink(cfg.pidfile)
+                os.unlink(self.pidfile)
             except OSError:
                 pass
         log.info("pgmp stopped (pid %d)", os.getpid())

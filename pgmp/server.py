@@ -206,8 +206,8 @@ class ServerConnection(Endpoint):
         if tls.is_name_mismatch(exc):
             err = ServerProtocolError(
                 f'server certificate does not match host name "{host}"', detail=tls.describe(exc),
-                hint=f'server_tls_mode = "verify-full" checks the host of the database section against the '
-                     f"names in the server's certificate")
+                hint='server_tls_mode = "verify-full" checks the host of the database section against the '
+                     "names in the server's certificate")
         elif tls.is_unverified(exc):
             err = ServerProtocolError(
                 f"server certificate of {self.addr_text} could not be verified: {tls.describe(exc)}",

@@ -11,7 +11,7 @@ import signal
 import socket
 
 from pgmp import config as configmod
-from pgmp import control, errors
+from pgmp import control, errors, tls
 from pgmp.auth.authfile import load_auth_file
 from pgmp.auth.server import ServerAuthenticator
 from pgmp.hba import load_hba
@@ -110,6 +110,9 @@ class Worker:
         self.loop.max_unsent = config.max_unsent
         self.secrets = load_auth_file(config.auth_file) if config.auth_file else {}
         self.hba = load_hba(config.hba_file) if config.hba_file else None
+        # TLS contexts towards clients and towards servers (None: TLS off on that side)
+        self.client_tls = tls.for_clients(config)
+        self.server_tls = tls.for_servers(config)
         self.mock_seed = os.urandom(32)
         self.pools: dict[tuple[str, str], Pool] = {}
         self.statement_cache = StatementCache()
@@ -140,7 +143,7 @@ class Worker:
     def client_closed(self, client):
         self.clients.discard(client)
         if self.draining and not self.clients:
-            self.loop.call_later(0, self._drained)
+            self._drained()         # now: a timer would first wait out the poll
         if client.key_pid and self.keys.get(client.key_pid) is client:
             del self.keys[client.key_pid]
 
@@ -395,12 +398,14 @@ class Worker:
             new = configmod.loads(text, path) if text is not None else configmod.load(path)
             secrets = load_auth_file(new.auth_file) if new.auth_file else {}
             rules = load_hba(new.hba_file) if new.hba_file else None
+            client_tls, server_tls = tls.for_clients(new), tls.for_servers(new)    # certificates re-read
         except Exception as exc:
             log.error("reload failed, keeping the old configuration: %s", exc)
             return str(exc)
         self.config = new
         self.secrets = secrets
         self.hba = rules
+        self.client_tls, self.server_tls = client_tls, server_tls
         self.loop.max_unsent = new.max_unsent
         log.debug("worker %d: configuration reloaded", self.slot)
         return None
@@ -418,24 +423,41 @@ class Worker:
         if self.draining == "fast" or self.draining == mode:
             return
         self.draining = mode
-        log.info("worker %d: draining (%s), %d clients connected", self.slot, mode, len(self.clients))
         for lst in self.listeners:
+            if mode == "graceful":
+                lst.read()                  # connections the kernel already completed are served, not reset
             lst.close_socket()
         self.listeners = []
+        log.info("worker %d: draining (%s), %d clients connected", self.slot, mode, len(self.clients))
         shutdown = errors.PgmpError(errors.ADMIN_SHUTDOWN, "terminating connection due to administrator command")
         for client in list(self.clients):
-            if mode == "fast" or client.state is not ClientState.ACTIVE and client.state is not ClientState.WAITING \
-                    or (client.state is ClientState.ACTIVE and client.tx.idle):
+            if mode == "fast" or not self._may_finish(client):
                 client.fail(shutdown)
             else:
                 client.close_at_boundary = True
         for pool in self.pools.values():
             pool.close_all("pgmp is stopping")
         if not self.clients:
-            self.loop.call_later(0, self._drained)
+            self._drained()         # now: a timer would first wait out the poll
+
+    @staticmethod
+    def _may_finish(client) -> bool:
+        """Graceful drain: does this client get to reach its next transaction boundary?
+
+        Yes for a transaction or request in flight, and for a client that connected just before
+        the drain: still logging in, or logged in without having sent a request yet (it came to
+        run something; during `pgmp restart` it is the one the old master accepted last).
+        An idle client between transactions is closed at once.
+        """
+        st = client.state
+        if st is ClientState.ACTIVE:
+            return not client.tx.idle
+        if st is ClientState.IDLE:
+            return client.tx.t_query == 0.0         # no request since login
+        return st is not ClientState.CLOSED         # STARTUP, AUTH, LOGIN_WAIT, WAITING
 
     def _drained(self):
-        if self.draining and not self.clients:
+        if self.draining and not self.clients and self.loop.running:
             log.info("worker %d: no clients left, exiting", self.slot)
             self.loop.stop()
 

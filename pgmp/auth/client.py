@@ -5,7 +5,7 @@ The IO loop sends what ``start()`` returns, then hands the payload of each
 sends AuthenticationOk itself) or an exception: ``AuthenticationFailed``
 (28P01, same client message whatever the reason; ``reason`` is for the log)
 or ``ClientProtocolError`` (08P01 malformed message, 0A000 unsupported SCRAM
-feature). The rules and limits are PostgreSQL's (auth.c, auth-sasl.c,
+feature, 28000 failed channel binding). The rules and limits are PostgreSQL's (auth.c, auth-sasl.c,
 auth-scram.c):
 
 - "md5" with a SCRAM secret runs SCRAM instead; "password" checks the
@@ -16,6 +16,11 @@ auth-scram.c):
   would. Its SCRAM salt is HMAC(mock_seed, user)[:16], stable per user, with
   the default iteration count, so it looks like a real secret. A plaintext
   secret gets the same salt, so even those users look alike.
+- SCRAM-SHA-256-PLUS (channel binding tls-server-end-point, a hash of
+  pgmp's own certificate) is offered only when the client connection is
+  TLS and the caller passes ``channel_binding``. A client that answers "y"
+  (it could bind but believes the server cannot) while PLUS was offered is
+  refused: someone removed PLUS from the offer on the way.
 - Password messages are capped at 65535 bytes (PG_MAX_AUTH_TOKEN_LENGTH),
   SASL messages at 1024 (PG_MAX_SASL_MESSAGE_LENGTH); ``max_payload`` says
   which applies next so the loop can refuse before buffering.
@@ -40,17 +45,18 @@ from pgmp.auth.authfile import (
     Secret, hmac_sha256, md5_hex, md5_response, md5_secret, scram_keys, scram_keys_cached,
     sha256, to_bytes, xor,
 )
-from pgmp.errors import FEATURE_NOT_SUPPORTED, AuthenticationFailed, ClientProtocolError
+from pgmp.errors import FEATURE_NOT_SUPPORTED, INVALID_AUTHORIZATION, AuthenticationFailed, ClientProtocolError
 from pgmp.protocol import messages
 
 METHODS = ("trust", "password", "md5", "scram-sha-256")
 SCRAM_MECHANISM = "SCRAM-SHA-256"
+SCRAM_PLUS_MECHANISM = "SCRAM-SHA-256-PLUS"
+CHANNEL_BINDING_TYPE = b"tls-server-end-point"
 MAX_PASSWORD_PAYLOAD = 65535      # PG_MAX_AUTH_TOKEN_LENGTH
 MAX_SASL_PAYLOAD = 1024           # PG_MAX_SASL_MESSAGE_LENGTH
 MOCK_ITERATIONS = 4096            # SCRAM_DEFAULT_ITERATIONS
 MOCK_SALT_LEN = 16                # SCRAM_DEFAULT_SALT_LEN
 RAW_NONCE_LEN = 18                # SCRAM_RAW_NONCE_LEN
-_CBIND = {b"n": b"biws", b"y": b"eSws"}   # base64 of "n,," and "y,,"
 _I32 = struct.Struct("!i")
 
 
@@ -93,7 +99,7 @@ class ClientAuthenticator:
     """
 
     def __init__(self, method: str, user: str, secret: Secret | None, *, mock_seed: bytes,
-                 mock_iterations: int = MOCK_ITERATIONS):
+                 mock_iterations: int = MOCK_ITERATIONS, channel_binding: bytes | None = None):
         if method not in METHODS:
             raise ValueError(f"unknown authentication method {method!r}; expected one of {METHODS}")
         self.method = method
@@ -106,6 +112,9 @@ class ClientAuthenticator:
         self._user = to_bytes(user)
         self._mock_seed = mock_seed
         self._mock_iterations = mock_iterations
+        # tls-server-end-point data when the client came over TLS: SCRAM-SHA-256-PLUS is offered
+        self._channel_binding = channel_binding
+        self._plus = False                       # the client chose SCRAM-SHA-256-PLUS
         self._state = _State.START
         # The exchange actually run: "md5" with a SCRAM secret runs SCRAM, as in PostgreSQL.
         if method == "md5" and secret is not None and secret.kind == "scram":
@@ -138,7 +147,8 @@ class ClientAuthenticator:
         if self.exchange == "scram-sha-256":
             self._state = _State.SASL_INITIAL
             self.max_payload = MAX_SASL_PAYLOAD
-            return messages.auth_sasl([SCRAM_MECHANISM])
+            offered = [SCRAM_PLUS_MECHANISM, SCRAM_MECHANISM] if self._channel_binding else [SCRAM_MECHANISM]
+            return messages.auth_sasl(offered)
         self._state = _State.PASSWORD
         self.max_payload = MAX_PASSWORD_PAYLOAD
         if self.exchange == "md5":
@@ -220,7 +230,10 @@ class ClientAuthenticator:
         if end < 0:
             raise ClientProtocolError("invalid string in message",
                                       detail="SASLInitialResponse has no terminated mechanism name")
-        if payload[:end] != SCRAM_MECHANISM.encode():
+        mechanism = payload[:end]
+        if mechanism == SCRAM_PLUS_MECHANISM.encode() and self._channel_binding:
+            self._plus = True
+        elif mechanism != SCRAM_MECHANISM.encode():
             raise ClientProtocolError("client selected an invalid SASL authentication mechanism")
         pos = end + 1
         if len(payload) - pos < 4:
@@ -248,22 +261,47 @@ class ClientAuthenticator:
             raise _malformed("Message length does not match input length.")
         return data
 
-    def _client_first(self, data: bytes) -> bytes:
-        # gs2-header: "n,," or "y,," (no channel binding offered yet), no authzid.
+    def _gs2_header_length(self, data: bytes) -> int:
+        """Check the gs2-header ("n,,", "y,," or "p=tls-server-end-point,,", no authzid); its length.
+
+        A client that says "y" (it could bind, but believes pgmp cannot) while pgmp offered
+        SCRAM-SHA-256-PLUS is being downgraded by someone in the middle: refused.
+        """
         flag = data[:1]
         if flag == b"p":
-            raise _malformed("The client selected SCRAM-SHA-256 without channel binding, "
-                             "but the SCRAM message includes channel binding data.")
-        if flag not in _CBIND:
+            if not self._plus:
+                raise _malformed("The client selected SCRAM-SHA-256 without channel binding, "
+                                 "but the SCRAM message includes channel binding data.")
+            comma = data.find(b",")
+            if data[1:2] != b"=" or comma < 0:
+                raise _malformed('Expected attribute "p" in client-first-message.')
+            if data[2:comma] != CHANNEL_BINDING_TYPE:
+                raise ClientProtocolError(f'unsupported SCRAM channel-binding type '
+                                          f'"{_printable(data[2:comma].decode("latin-1"))}"')
+            pos = comma
+        elif flag in (b"n", b"y"):
+            if self._plus:
+                raise _malformed("The client selected SCRAM-SHA-256-PLUS, but the SCRAM message "
+                                 "does not include channel binding data.")
+            if flag == b"y" and self._channel_binding:
+                raise ClientProtocolError("SCRAM channel binding negotiation error",
+                                          detail="The client supports SCRAM channel binding but thinks the server "
+                                                 "does not.  However, this server does support channel binding.")
+            if data[1:2] != b",":
+                raise _malformed("Comma expected after the channel-binding flag.")
+            pos = 1
+        else:
             raise _malformed("Unexpected channel-binding flag.")
-        if data[1:2] != b",":
-            raise _malformed("Comma expected after the channel-binding flag.")
-        if data[2:3] == b"a":
+        if data[pos + 1:pos + 2] == b"a":
             raise ClientProtocolError("client uses authorization identity, but it is not supported",
                                       FEATURE_NOT_SUPPORTED)
-        if data[2:3] != b",":
+        if data[pos + 1:pos + 2] != b",":
             raise _malformed("Unexpected attribute in client-first-message.")
-        bare = data[3:]
+        return pos + 2
+
+    def _client_first(self, data: bytes) -> bytes:
+        header = self._gs2_header_length(data)
+        bare = data[header:]
         if bare[:1] == b"m":
             raise ClientProtocolError("client requires an unsupported SCRAM extension",
                                       FEATURE_NOT_SUPPORTED)
@@ -275,7 +313,8 @@ class ClientAuthenticator:
         nonce = parts[1][2:]
         if not nonce or not all(0x21 <= c <= 0x7E for c in nonce):
             raise ClientProtocolError("non-printable characters in SCRAM nonce")
-        self._gs2_flag = flag
+        # what client-final's c= must carry: the gs2-header, then the binding data with PLUS
+        self._cbind_input = data[:header] + (self._channel_binding if self._plus else b"")
         self._client_first_bare = bare
         self._client_nonce = nonce
         self._server_nonce = _new_nonce()
@@ -305,7 +344,9 @@ class ClientAuthenticator:
         parts = data.split(b",")
         if not parts[0].startswith(b"c="):
             raise _malformed('Expected attribute "c" in client-final-message.')
-        if parts[0][2:] != _CBIND[self._gs2_flag]:
+        if not hmac.compare_digest(parts[0][2:], base64.b64encode(self._cbind_input)):
+            if self._plus:
+                raise ClientProtocolError("SCRAM channel binding check failed", INVALID_AUTHORIZATION)
             raise ClientProtocolError("unexpected SCRAM channel-binding attribute in client-final-message")
         if len(parts) < 2 or not parts[1].startswith(b"r="):
             raise _malformed('Expected attribute "r" in client-final-message.')
