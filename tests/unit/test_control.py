@@ -18,6 +18,8 @@ EXAMPLES = {
     "stats_request": {"id": 12},
     "stats": {"id": 12, "data": {"slot": 0, "pools": [{"database": "appdb", "user": "u", "xact_count": 5}]}},
     "cancel": {"pid": (1 << 30) | (3 << 22) | 17, "secret": 0xDEADBEEF},
+    "pool_command": {"id": 3, "action": "pause", "database": None},
+    "pool_result": {"id": 3, "ok": True, "data": {"pools": ["appdb/alice"], "busy_servers": 0}},
     "command": {"command": "stop", "args": {"mode": "fast"}},
     "reply": {"ok": True, "error": None, "data": {"pid": 1, "workers": []}},
 }
