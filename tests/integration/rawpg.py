@@ -74,6 +74,42 @@ def password(text: str) -> bytes:
     return messages.password_message(cstr(text))
 
 
+def flush() -> bytes:
+    return frame(b"H")
+
+
+def parse(sql: str, name: str = "", types: tuple[int, ...] = ()) -> bytes:
+    return frame(b"P", cstr(name) + cstr(sql) + _I16.pack(len(types)) + b"".join(_U32.pack(t) for t in types))
+
+
+def bind(params: tuple[str | None, ...] = (), portal: str = "", statement: str = "") -> bytes:
+    """Bind with text parameters and text results."""
+    body = cstr(portal) + cstr(statement) + _I16.pack(0) + _I16.pack(len(params))
+    for p in params:
+        body += _I32.pack(-1) if p is None else _I32.pack(len(p.encode())) + p.encode()
+    return frame(b"B", body + _I16.pack(0))
+
+
+def describe_portal(portal: str = "") -> bytes:
+    return frame(b"D", b"P" + cstr(portal))
+
+
+def execute(portal: str = "", max_rows: int = 0) -> bytes:
+    return frame(b"E", cstr(portal) + _I32.pack(max_rows))
+
+
+def copy_data(data: bytes) -> bytes:
+    return frame(b"d", data)
+
+
+def copy_done() -> bytes:
+    return frame(b"c")
+
+
+def copy_fail(message: str) -> bytes:
+    return frame(b"f", cstr(message))
+
+
 def function_call(oid: int, args: list[bytes | None], arg_format: int = 1, result_format: int = 1) -> bytes:
     """FunctionCall ('F'): every argument in ``arg_format`` (1 = binary), the result in ``result_format``."""
     body = _U32.pack(oid) + _I16.pack(1) + _I16.pack(arg_format) + _I16.pack(len(args))
@@ -299,7 +335,8 @@ def data_row(payload: bytes) -> list[str | None]:
 
 __all__ = [
     "CANCEL_REQUEST_CODE", "SSL_REQUEST_CODE", "GSSENC_REQUEST_CODE", "PROTOCOL_3_0",
-    "Closed", "Message", "RawPG", "ServerError", "cancel_request", "data_row", "function_call",
-    "gssenc_request", "header", "password", "query", "ssl_request", "startup_packet", "sync",
-    "terminate", "version_code",
+    "Closed", "Message", "RawPG", "ServerError", "bind", "cancel_request", "copy_data", "copy_done",
+    "copy_fail", "data_row", "describe_portal", "execute", "flush", "function_call", "gssenc_request",
+    "header", "parse", "password", "query", "ssl_request", "startup_packet", "sync", "terminate",
+    "version_code",
 ]
