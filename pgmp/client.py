@@ -14,7 +14,8 @@ from pgmp.protocol import messages, startup
 from pgmp.protocol.scanner import ERR_LONG, ERR_SHORT, ERR_TYPE, Scanner, make_flags
 from pgmp.prepared import Pipeline
 from pgmp.relay import FORWARD, REPLACE, STOP, relay
-from pgmp.session import ClientState, TxTracker, check_transition, client_settings, login_parameters
+from pgmp.session import (ClientState, TxTracker, check_transition, client_settings, login_parameters,
+                          settings_query)
 
 log = logging.getLogger("pgmp")
 
@@ -44,7 +45,7 @@ class ClientConnection(Endpoint):
     __slots__ = ("worker", "state", "peer", "user", "database", "settings", "reported", "pool", "server",
                  "auth", "secret_entry", "tx", "key_pid", "key_secret", "timer", "scanner", "flags", "whole",
                  "terminating", "ssl_asked", "gss_asked", "connected_at", "over_limit", "wait_started",
-                 "close_at_boundary", "pipeline", "replacement", "pinned", "cancelled_at")
+                 "close_at_boundary", "pipeline", "replacement", "pinned", "cancelled_at", "settings_pending")
 
     def __init__(self, worker, sock, peer: str, over_limit: bool = False):
         super().__init__(worker.loop, sock)
@@ -76,6 +77,7 @@ class ClientConnection(Endpoint):
         self.replacement = b""
         self.pinned = False                        # a session feature (LISTEN) keeps the server
         self.cancelled_at = 0.0                    # query_timeout: the query already cancelled
+        self.settings_pending = False              # waiting for the server to accept our settings
         timeout = worker.config.client_login_timeout
         self.timer = worker.loop.call_later(timeout, self._login_timeout) if timeout > 0 else None
 
@@ -90,7 +92,7 @@ class ClientConnection(Endpoint):
     def on_data(self, view, n):
         st = self.state
         try:
-            if st is ClientState.ACTIVE:
+            if st is ClientState.ACTIVE and not self.settings_pending:
                 out: list = []
                 relay(self, view, n, out)
                 srv = self.server
@@ -120,7 +122,10 @@ class ClientConnection(Endpoint):
             self.close("client sent Terminate")
             return
         if self.pool.link_idle(self):                 # the common case: no queueing, no copy
-            self.on_data(view, n)
+            if self.settings_pending:
+                self.leftover = bytes(view[:n])
+            else:
+                self.on_data(view, n)
             return
         self.leftover = bytes(view[:n])
         self.pause_reading()
@@ -407,18 +412,27 @@ class ClientConnection(Endpoint):
         self.server = srv
         self.set_state(ClientState.ACTIVE)
         srv.use_normal_scanner(self.pipeline is not None)
-        from pgmp.session import settings_query
         q = settings_query(self.settings, srv.applied, srv.params)
         if q is not None:
+            # The client's own messages wait for the answer: a setting the server refuses must
+            # stop the session before any of its queries runs with the others half applied.
+            self.settings_pending = True
+            self.pause_reading()
             srv.applied.update(self.settings)
             srv.internal_query(q, self._settings_applied)
+            return
         self.resume_reading()
         self.kick()
 
     def _settings_applied(self, srv, error):
+        self.settings_pending = False
         if error is not None:
             srv.applied.clear()
             self.fail(error)
+            return
+        if self.server is srv:
+            self.resume_reading()
+            self.kick()
 
     def report(self, name: str, value: str) -> bool:
         """Record a ParameterStatus value the client has seen; False if it already had it."""

@@ -125,6 +125,8 @@ class Loop:
 
     def run_once(self, max_timeout: float = 1.0):
         timeout = self._run_timers() if self._timers else None
+        if not self.running:
+            return                          # a timer stopped the loop: do not wait out a poll
         if timeout is None or timeout > max_timeout:
             timeout = max_timeout
         endpoints = self.endpoints

@@ -405,9 +405,15 @@ class Master:
             expected = self.stopping or wp.draining
             (log.info if expected and code == 0 else log.error)("%r exited with %s after %.1fs", wp, how, lived)
             if code == WORKER_BOOT_ERROR and not wp.ready:
-                log.error("worker %d could not start; stopping pgmp (see the error above)", wp.slot)
-                self.exit_code = EXIT_ERROR
-                self.stop("fast")
+                if not self.announced:
+                    log.error("worker %d could not start; stopping pgmp (see the error above)", wp.slot)
+                    self.exit_code = EXIT_ERROR
+                    self.stop("fast")
+                    continue
+                # pgmp is serving: a file edited into a broken state must not take the proxy down.
+                log.error("worker %d could not start (see the error above); the other workers go on serving "
+                          "and the slot is retried with backoff: fix the file, then run pgmp reload", wp.slot)
+                self._schedule_respawn(wp, 0.0)
                 continue
             if expected or wp.generation != self.generation:
                 self._retire_check()
@@ -630,6 +636,9 @@ class Master:
             log.warning("reload: %s cannot change while pgmp runs; restart pgmp to apply", ", ".join(fixed))
         regen = [n for n in restart if n not in fixed]
         old = self.config
+        if fixed:
+            import dataclasses
+            new = dataclasses.replace(new, pidfile=old.pidfile, control_socket=old.control_socket)
         self.config = new
         from pgmp.cli import set_log_level
         set_log_level(new.log_level)

@@ -294,10 +294,8 @@ class ServerConnection(Endpoint):
                         errors.FEATURE_NOT_SUPPORTED, "transaction blocks not allowed in statement mode",
                         hint="use pool_mode = \"transaction\" for this database or user"))
         elif kind == 71:                                 # CopyInResponse
-            tx.server_copy_in()
-            if pl.dropped_syncs:
-                tx.outstanding -= pl.dropped_syncs
-                pl.dropped_syncs = 0
+            tx.server_copy_in()             # the tracker drops the Syncs copy mode swallows
+            pl.dropped_syncs = 0
         elif kind == 67:                                 # CommandComplete: session features pin the client
             tag = bytes(view[off + 5:off + 11])
             if tag == b"LISTEN" or tag == b"PREPAR":

@@ -3,6 +3,7 @@
 The IO glue (pgmp.client) asks this module what a state change means; it
 never decides protocol questions itself.
 """
+import collections
 import enum
 import re
 
@@ -55,7 +56,7 @@ class TxTracker:
     says "busy": a busy server is closed instead of being reused dirty.
     ``stats`` (a PoolStats) gets query and transaction counts and times.
     """
-    __slots__ = ("outstanding", "status", "copy_in", "stats", "clock", "t_query", "t_xact", "t_ready")
+    __slots__ = ("outstanding", "status", "copy_in", "stats", "clock", "t_query", "t_xact", "t_ready", "kinds")
 
     def __init__(self, clock=None, stats=None):
         self.outstanding = 0
@@ -66,13 +67,16 @@ class TxTracker:
         self.t_query = 0.0
         self.t_xact = 0.0
         self.t_ready = 0.0          # when the server last finished all outstanding requests
+        self.kinds: collections.deque = collections.deque()   # outstanding request kinds, oldest first
 
     def client_frame(self, kind: int) -> None:
         if kind == 81 or kind == 70 or (kind == 83 and not self.copy_in):   # Query, FunctionCall, Sync
-            if self.outstanding == 0 and self.clock is not None:
-                self.t_query = now = self.clock()
-                if self.status == 73:
-                    self.t_xact = now
+            self.kinds.append(kind)
+            if self.outstanding == 0:
+                if self.clock is not None:
+                    self.t_query = now = self.clock()
+                    if self.status == 73:
+                        self.t_xact = now
             self.outstanding += 1
         elif kind == 99 or kind == 102:         # 'c' CopyDone, 'f' CopyFail
             self.copy_in = False
@@ -81,6 +85,9 @@ class TxTracker:
         self.outstanding -= count
         if self.outstanding < 0:
             self.outstanding = 0
+        kinds = self.kinds
+        for _ in range(min(count, len(kinds))):
+            kinds.popleft()
         self.status = status
         self.copy_in = False
         st = self.stats
@@ -94,7 +101,21 @@ class TxTracker:
                     st.xact_time_us += int((now - self.t_xact) * 1e6)
 
     def server_copy_in(self) -> None:
+        """CopyInResponse: requests sent after the statement that started the COPY are swallowed.
+
+        A COPY started by a Query is answered by that Query's ReadyForQuery; one started by an
+        extended-protocol Execute ends at a Sync the client sends after CopyDone, so every Sync
+        already counted was (or will be) ignored by the server in copy mode.
+        """
         self.copy_in = True
+        kinds = self.kinds
+        if kinds and kinds[0] != 83:        # the Query (or FunctionCall) that started the COPY
+            first = kinds[0]
+            kinds.clear()
+            kinds.append(first)
+        else:
+            kinds.clear()
+        self.outstanding = len(kinds)
 
     @property
     def idle(self) -> bool:
@@ -137,10 +158,16 @@ def quote_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def _clean_encoding(value: str) -> str:
+    """PostgreSQL's clean_encoding_name: lower case, letters and digits only."""
+    return "".join(ch for ch in value.lower() if ch.isalnum())
+
+
 def normalize(name: str, value: str) -> str:
     """A comparable form of a setting, so 'utf-8' and 'UTF8' count as the same encoding."""
     if name == "client_encoding":
-        return value.replace("-", "").replace("_", "").upper()
+        clean = _clean_encoding(value)
+        return ENCODING_ALIASES.get(clean, clean.upper())
     if name.lower() == "datestyle":
         return value.replace(" ", "").upper()
     return value
@@ -159,15 +186,35 @@ def settings_query(wanted: dict[str, str], applied: dict[str, str], reported: di
         cur = reported.get(name)
         if cur is not None and normalize(name, cur) == normalize(name, value):
             continue
-        stmts.append(f"SET {name} = {quote_literal(value)}")
+        # set_config takes the value as a startup option would: a list setting such as
+        # search_path = 'a,b' stays a list (SET x = 'a,b' would make it one quoted name).
+        stmts.append(f"pg_catalog.set_config({quote_literal(name)}, {quote_literal(value)}, false)")
     if not stmts:
         return None
-    return messages.query(";".join(stmts))
+    return messages.query("SELECT " + ", ".join(stmts))
 
 
-CANONICAL_ENCODINGS = {
-    "UTF8": "UTF8", "UNICODE": "UTF8", "SQLASCII": "SQL_ASCII", "LATIN1": "LATIN1",
-    "ISO88591": "LATIN1", "WIN1252": "WIN1252", "EUCJP": "EUC_JP",
+# PostgreSQL's encoding names and aliases (encnames.c), keyed by the cleaned name.
+ENCODING_ALIASES = {
+    "abc": "WIN1258", "alt": "WIN866", "big5": "BIG5", "euccn": "EUC_CN", "eucjis2004": "EUC_JIS_2004",
+    "eucjp": "EUC_JP", "euckr": "EUC_KR", "euctw": "EUC_TW", "gb18030": "GB18030", "gbk": "GBK",
+    "iso88591": "LATIN1", "iso885910": "LATIN6", "iso885913": "LATIN7", "iso885914": "LATIN8",
+    "iso885915": "LATIN9", "iso885916": "LATIN10", "iso88592": "LATIN2", "iso88593": "LATIN3",
+    "iso88594": "LATIN4", "iso88595": "ISO_8859_5", "iso88596": "ISO_8859_6", "iso88597": "ISO_8859_7",
+    "iso88598": "ISO_8859_8", "iso88599": "LATIN5", "johab": "JOHAB", "koi8": "KOI8R", "koi8r": "KOI8R",
+    "koi8u": "KOI8U", "latin1": "LATIN1", "latin2": "LATIN2", "latin3": "LATIN3", "latin4": "LATIN4",
+    "latin5": "LATIN5", "latin6": "LATIN6", "latin7": "LATIN7", "latin8": "LATIN8", "latin9": "LATIN9",
+    "latin10": "LATIN10", "mskanji": "SJIS", "muleinternal": "MULE_INTERNAL", "shiftjis": "SJIS",
+    "shiftjis2004": "SHIFT_JIS_2004", "sjis": "SJIS", "sqlascii": "SQL_ASCII", "tcvn": "WIN1258",
+    "tcvn5712": "WIN1258", "uhc": "UHC", "unicode": "UTF8", "utf8": "UTF8", "vscii": "WIN1258",
+    "win": "WIN1251", "win1250": "WIN1250", "win1251": "WIN1251", "win1252": "WIN1252",
+    "win1253": "WIN1253", "win1254": "WIN1254", "win1255": "WIN1255", "win1256": "WIN1256",
+    "win1257": "WIN1257", "win1258": "WIN1258", "win866": "WIN866", "win874": "WIN874", "win932": "SJIS",
+    "win936": "GBK", "win949": "UHC", "win950": "BIG5", "windows1250": "WIN1250", "windows1251": "WIN1251",
+    "windows1252": "WIN1252", "windows1253": "WIN1253", "windows1254": "WIN1254", "windows1255": "WIN1255",
+    "windows1256": "WIN1256", "windows1257": "WIN1257", "windows1258": "WIN1258", "windows866": "WIN866",
+    "windows874": "WIN874", "windows932": "SJIS", "windows936": "GBK", "windows949": "UHC",
+    "windows950": "BIG5",
 }
 
 
@@ -177,7 +224,7 @@ def login_parameters(server_params: dict[str, str], settings: dict[str, str]) ->
     for name, value in settings.items():
         if name in out:
             if name == "client_encoding":
-                value = CANONICAL_ENCODINGS.get(normalize(name, value), value.upper())
+                value = normalize(name, value)
             out[name] = value
     if "application_name" in settings:
         out["application_name"] = settings["application_name"]
