@@ -13,7 +13,7 @@ from pgmp.loop import Endpoint
 from pgmp.protocol import messages, startup
 from pgmp.protocol.scanner import ERR_LONG, ERR_SHORT, ERR_TYPE, Scanner, make_flags
 from pgmp.prepared import Pipeline
-from pgmp.relay import FORWARD, REPLACE, STOP, relay
+from pgmp.relay import ASSEMBLE, FORWARD, REPLACE, STOP, WAIT, relay
 from pgmp.session import (ClientState, TxTracker, check_transition, client_settings, login_parameters,
                           settings_query)
 
@@ -24,7 +24,10 @@ SMALL_TYPES = b"CDEHSXcf"
 READY_FLAGS = make_flags(report=b"QSFcfX", small=SMALL_TYPES, valid=FRONTEND_TYPES)
 # Transaction and statement mode also follow the extended protocol message by message.
 POOLED_FLAGS = make_flags(report=b"QSFcfXPBCDE", small=SMALL_TYPES, valid=FRONTEND_TYPES)
-POOLED_WHOLE = bytes(1 if i in b"PBCD" else 0 for i in range(256))
+# Close and Describe are small; a named Parse is assembled (its text is the statement's key);
+# a Bind and an unnamed Parse stream, with only their heads rewritten (on_partial).
+POOLED_WHOLE = bytes(1 if i in b"CD" else 0 for i in range(256))
+HEAD_MAX = 2 * 64 + 16            # two names of at most NAMEDATALEN bytes each, with their NULs
 AUTH_FLAGS = make_flags(report=bytes(range(256)), small=b"X", valid=b"pX")
 NO_WHOLE = bytes(256)
 ALL_WHOLE = bytes([1]) * 256
@@ -45,7 +48,7 @@ class ClientConnection(Endpoint):
     __slots__ = ("worker", "state", "peer", "user", "database", "settings", "reported", "pool", "server",
                  "auth", "secret_entry", "tx", "key_pid", "key_secret", "timer", "scanner", "flags", "whole",
                  "terminating", "ssl_asked", "gss_asked", "connected_at", "over_limit", "wait_started",
-                 "close_at_boundary", "pipeline", "replacement", "pinned", "cancelled_at", "settings_pending")
+                 "close_at_boundary", "pipeline", "replacement", "pinned", "cancelled_at", "settings_pending", "tracked")
 
     def __init__(self, worker, sock, peer: str, over_limit: bool = False):
         super().__init__(worker.loop, sock)
@@ -78,6 +81,7 @@ class ClientConnection(Endpoint):
         self.pinned = False                        # a session feature (LISTEN) keeps the server
         self.cancelled_at = 0.0                    # query_timeout: the query already cancelled
         self.settings_pending = False              # waiting for the server to accept our settings
+        self.tracked = worker.tracked_parameters   # reported parameters whose SET follows the client
         timeout = worker.config.client_login_timeout
         self.timer = worker.loop.call_later(timeout, self._login_timeout) if timeout > 0 else None
 
@@ -163,6 +167,25 @@ class ClientConnection(Endpoint):
             self._authenticated()
             return STOP
         return 1                                    # DROP
+
+    def on_partial(self, kind, view, pos, n, length):
+        """A Bind or Parse too large for one read, in transaction mode: rewrite its head, stream the rest."""
+        pl = self.pipeline
+        if pl is None or self.state is not ClientState.ACTIVE or (kind != 66 and kind != 80):
+            self.on_frame(kind, None, pos, length)
+            return None
+        head = bytes(view[pos + 5:min(n, pos + 5 + HEAD_MAX)])
+        names = 2 if kind == 66 else 1
+        if head.count(b"\0") < names:
+            if n - pos - 5 >= HEAD_MAX:
+                raise ClientProtocolError("invalid statement or portal name in message")
+            return WAIT
+        if kind == 80:                                  # Parse: only an unnamed one can stream
+            if head[0] != 0:
+                return ASSEMBLE                         # its text is the statement's key
+            pl.client_frame(kind, head, self.server.statements)
+            return None
+        return pl.bind_head(head, length, self.server.statements)
 
     def framing_error(self, code, view, off):
         kind = view[off]
@@ -396,7 +419,7 @@ class ClientConnection(Endpoint):
             flags, whole = READY_FLAGS, NO_WHOLE
         else:
             flags, whole = POOLED_FLAGS, POOLED_WHOLE
-            self.pipeline = Pipeline(worker.statement_cache)
+            self.pipeline = Pipeline(worker.statement_cache, worker.config.max_prepared_statements > 0)
         self.scanner, self.flags, self.whole = ready_scanner(flags, worker.config.max_message_size), flags, whole
         if worker.config.log_connections:
             log.info("login: user=%s db=%s from %s", self.user, self.database, self.peer)
@@ -412,13 +435,13 @@ class ClientConnection(Endpoint):
         self.server = srv
         self.set_state(ClientState.ACTIVE)
         srv.use_normal_scanner(self.pipeline is not None)
-        q = settings_query(self.settings, srv.applied, srv.params)
+        q = settings_query(self.settings, srv.applied, srv.reported_lc, srv.settings_dirty)
+        srv.settings_dirty = False
         if q is not None:
             # The client's own messages wait for the answer: a setting the server refuses must
             # stop the session before any of its queries runs with the others half applied.
             self.settings_pending = True
             self.pause_reading()
-            srv.applied.update(self.settings)
             srv.internal_query(q, self._settings_applied)
             return
         self.resume_reading()
@@ -427,7 +450,7 @@ class ClientConnection(Endpoint):
     def _settings_applied(self, srv, error):
         self.settings_pending = False
         if error is not None:
-            srv.applied.clear()
+            srv.settings_dirty = True        # what the server holds now is unknown
             self.fail(error)
             return
         if self.server is srv:

@@ -65,6 +65,7 @@ class Loop:
         self._seq = itertools.count()
         self.cancelled_timers = 0
         self.running = False
+        self.stopped = False
         self.max_unsent = 4 * buffer_size
 
     # -- timers --------------------------------------------------------------
@@ -120,12 +121,13 @@ class Loop:
     # -- the loop ------------------------------------------------------------
     def run(self):
         self.running = True
+        self.stopped = False
         while self.running:
             self.run_once()
 
     def run_once(self, max_timeout: float = 1.0):
         timeout = self._run_timers() if self._timers else None
-        if not self.running:
+        if self.stopped:
             return                          # a timer stopped the loop: do not wait out a poll
         if timeout is None or timeout > max_timeout:
             timeout = max_timeout
@@ -147,6 +149,7 @@ class Loop:
 
     def stop(self):
         self.running = False
+        self.stopped = True
 
 
 def _sent_split(views: list, sent: int) -> list[bytes]:
@@ -195,7 +198,7 @@ class TlsLayer:
 class Endpoint:
     """One non-blocking socket in the loop: reading, sending with an unsent queue, backpressure."""
     __slots__ = ("loop", "sock", "fd", "outq", "unsent", "reading", "mask", "closed",
-                 "leftover", "skip", "paused_peer", "rx", "tls", "__weakref__")
+                 "leftover", "need", "skip", "paused_peer", "rx", "tls", "__weakref__")
 
     def __init__(self, loop: Loop, sock: socket.socket, events: int = EVENT_READ):
         self.loop = loop
@@ -206,6 +209,7 @@ class Endpoint:
         self.reading = bool(events & EVENT_READ)
         self.closed = False
         self.leftover: bytes | None = None    # unprocessed bytes carried to the next read
+        self.need = 0                          # bytes the leftover must reach before it is worth processing
         self.skip = 0                          # bytes of a streamed frame still to pass through
         self.paused_peer = None                # the endpoint that stopped reading because of us
         self.rx = 0                            # bytes received, for the stats
@@ -230,14 +234,21 @@ class Endpoint:
         k = len(lo) if lo else 0
         size = loop.buffer_size
         try:
-            if k > size:
-                # a large partial frame being assembled (bounded by its type's limit)
+            if k > size or (k and self.need > k + size):
+                # a frame larger than one read being assembled (bounded by its type's limit):
+                # append in place and look at it again only once it is complete
                 chunk = self.sock.recv(size)
                 n = len(chunk)
                 if n:
                     self.rx += n
-                    lo = lo + chunk
+                    if type(lo) is not bytearray:
+                        lo = bytearray(lo)
+                    lo += chunk
+                    if len(lo) < self.need:
+                        self.leftover = lo
+                        return
                     self.leftover = None
+                    self.need = 0
                     self.on_data(memoryview(lo), len(lo))
                     return
             else:
@@ -248,6 +259,7 @@ class Endpoint:
                 if n:
                     self.rx += n
                     self.leftover = None
+                    self.need = 0
                     self.on_data(view, k + n)
                     return
         except _BLOCKED:
@@ -272,6 +284,7 @@ class Endpoint:
         lo = self.leftover
         if lo and not self.closed:
             self.leftover = None
+            self.need = 0
             self.on_data(memoryview(lo), len(lo))
 
     # -- sending -------------------------------------------------------------
@@ -581,6 +594,11 @@ class Endpoint:
         self.close_socket()
 
     # -- hooks ---------------------------------------------------------------
+    def on_partial(self, kind: int, view, pos: int, n: int, length: int):
+        """A reported frame split across reads (relay): by default it is seen at its header."""
+        self.on_frame(kind, None, pos, length)
+        return None
+
     def on_data(self, view: memoryview, n: int):
         raise NotImplementedError
 

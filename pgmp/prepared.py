@@ -18,9 +18,11 @@ dropped. Sans-IO: frames in, bytes out.
 import collections
 import struct
 
+from pgmp.errors import PgmpError
 from pgmp.protocol.messages import frame, read_cstr
 
 _I16 = struct.Struct("!h")
+_U32 = struct.Struct("!I")
 
 # What the client is owed, per message it sent (entries of Pipeline.expect).
 R_PARSE, R_BIND, R_CLOSE, R_DESC_STMT, R_DESC_PORTAL, R_EXEC, R_SYNC, R_QUERY, R_FUNC = range(9)
@@ -90,10 +92,11 @@ def parse_frame(name: bytes, key: bytes) -> bytes:
 
 class Pipeline:
     """One client's statements and owed responses in transaction or statement mode."""
-    __slots__ = ("cache", "statements", "expect", "skipping", "dropped_syncs")
+    __slots__ = ("cache", "statements", "expect", "skipping", "dropped_syncs", "enabled")
 
-    def __init__(self, cache: StatementCache):
+    def __init__(self, cache: StatementCache, enabled: bool = True):
         self.cache = cache
+        self.enabled = enabled                         # max_prepared_statements = 0: names pass through
         self.statements: dict[bytes, bytes] = {}      # client name -> key (text\0 + types)
         self.expect: collections.deque = collections.deque()
         self.skipping = False                          # the server discards until Sync after an error
@@ -111,22 +114,35 @@ class Pipeline:
         exp = self.expect
         if kind == 80:                                  # Parse
             name, pos = read_cstr(payload, 0)
-            if not name:
-                exp.append((R_PARSE, None))
+            if not name or not self.enabled:
+                exp.append((R_PARSE, None, None))
                 return None
+            if name in self.statements and not self._query_ahead():
+                # PostgreSQL refuses this (42P05); answering it inside a pipeline would mean
+                # skipping the client's messages up to its Sync, so pgmp ends the session instead.
+                raise PgmpError("42P05", f'prepared statement "{name.decode("utf-8", "replace")}" already exists',
+                                hint="Close (DEALLOCATE) a prepared statement before preparing another with "
+                                     "its name")
             key = payload[pos:]
+            undo = (name, self.statements.get(name), key)
             self.statements[name] = key
             sname = self.cache.name_for(key)
             if srv.has(sname):
-                exp.append((SYNTHETIC, PARSE_COMPLETE))
-                return b""
+                if not self._query_ahead():
+                    exp.append((SYNTHETIC, PARSE_COMPLETE, undo))
+                    return b""
+                # a simple Query still unanswered ahead may be a DISCARD ALL / DEALLOCATE ALL
+                # that drops the statement: close it (a no-op if it is gone) and prepare it again
+                exp.append((DROP_CLOSE, sname, None))
+                exp.append((R_PARSE, sname, undo))
+                return frame(b"C", b"S" + sname + b"\0") + parse_frame(sname, key)
             out = self._evict(srv.add(sname))
-            exp.append((R_PARSE, sname))
+            exp.append((R_PARSE, sname, undo))
             return out + parse_frame(sname, key)
         if kind == 66:                                  # Bind
             portal, pos = read_cstr(payload, 0)
             name, pos2 = read_cstr(payload, pos)
-            exp_entry = (R_BIND, None)
+            exp_entry = (R_BIND, None, None)
             if not name or name not in self.statements:
                 exp.append(exp_entry)
                 return None
@@ -141,47 +157,79 @@ class Pipeline:
             if what == b"S":
                 if name and name in self.statements:
                     out = self._ensure(name, srv)
-                    exp.append((R_DESC_STMT, None))
+                    exp.append((R_DESC_STMT, None, None))
                     return out + frame(b"D", b"S" + self.cache.name_for(self.statements[name]) + b"\0")
-                exp.append((R_DESC_STMT, None))
+                exp.append((R_DESC_STMT, None, None))
                 return None
-            exp.append((R_DESC_PORTAL, None))
+            exp.append((R_DESC_PORTAL, None, None))
             return None
         if kind == 67:                                  # Close
             what = payload[:1]
             name, _ = read_cstr(payload, 1)
-            if what == b"S" and name:
+            if what == b"S" and name and self.enabled:
                 # the server keeps the statement for others; the client's name is gone
-                self.statements.pop(name, None)
-                exp.append((SYNTHETIC, CLOSE_COMPLETE))
+                undo = (name, self.statements.pop(name, None), None)
+                exp.append((SYNTHETIC, CLOSE_COMPLETE, undo))
                 return b""
-            exp.append((R_CLOSE, None))
+            exp.append((R_CLOSE, None, None))
             return None
         if kind == 69:                                  # Execute
-            exp.append((R_EXEC, None))
+            exp.append((R_EXEC, None, None))
         elif kind == 83:                                # Sync
             self.skipping = False
-            exp.append((R_SYNC, None))
+            exp.append((R_SYNC, None, None))
         elif kind == 81:                                # Query
-            exp.append((R_QUERY, None))
+            exp.append((R_QUERY, None, None))
         elif kind == 70:                                # FunctionCall
-            exp.append((R_FUNC, None))
+            exp.append((R_FUNC, None, None))
         return None
+
+    def bind_head(self, head: bytes, length: int, srv: ServerStatements) -> tuple[bytes, int] | None:
+        """A Bind too large to assemble: (bytes to send instead of its head, how many bytes of the
+        frame they replace), or None to forward it as is. ``head`` holds the payload's start with
+        both names; ``length`` is the whole frame's size (type byte included)."""
+        if self.skipping:
+            return None
+        portal, pos = read_cstr(head, 0)
+        name, pos2 = read_cstr(head, pos)
+        if not name or name not in self.statements:
+            self.expect.append((R_BIND, None, None))
+            return None
+        out = self._ensure(name, srv)
+        self.expect.append((R_BIND, None, None))
+        sname = self.cache.name_for(self.statements[name])
+        new_len = length - 1 - len(name) + len(sname)
+        return out + b"B" + _U32.pack(new_len) + portal + b"\0" + sname + b"\0", 5 + pos2
 
     def _ensure(self, name: bytes, srv: ServerStatements) -> bytes:
         """Prepare a client statement on this server if it lacks it (the ParseComplete is pgmp's)."""
         key = self.statements[name]
         sname = self.cache.name_for(key)
         if srv.has(sname):
-            return b""
+            if not self._query_ahead(sname):
+                return b""
+            self.expect.append((DROP_CLOSE, sname, None))       # see client_frame's Parse
+            self.expect.append((DROP_PARSE, sname, None))
+            return frame(b"C", b"S" + sname + b"\0") + parse_frame(sname, key)
         out = self._evict(srv.add(sname))
-        self.expect.append((DROP_PARSE, sname))
+        self.expect.append((DROP_PARSE, sname, None))
         return out + parse_frame(sname, key)
+
+    def _query_ahead(self, sname: bytes | None = None) -> bool:
+        """A simple Query is still unanswered ahead (it might DISCARD ALL), and ``sname`` is not
+        prepared again after it."""
+        risky = False
+        for code, data, _ in self.expect:
+            if code == R_QUERY:
+                risky = True
+            elif risky and data == sname and (code == R_PARSE or code == DROP_PARSE):
+                risky = False
+        return risky
 
     def _evict(self, names: list[bytes]) -> bytes:
         out = b""
         for old in names:
-            self.expect.append((DROP_CLOSE, None))
+            self.expect.append((DROP_CLOSE, old, None))
             out += frame(b"C", b"S" + old + b"\0")
         return out
 
@@ -200,17 +248,12 @@ class Pipeline:
         pre = self.synthetic_ready() if exp and exp[0][0] == SYNTHETIC else b""
         if not exp:
             return pre + bytes(frame_bytes) if pre else None
-        code, data = exp[0]
+        code, data, _u = exp[0]
         drop = False
         if kind == 69:                                  # ErrorResponse
             if code in (R_QUERY, R_FUNC, R_SYNC):
                 pass                                    # their ReadyForQuery still comes
             else:
-                if code == DROP_PARSE:
-                    srv.forget(data)
-                elif code == R_PARSE and data is not None:
-                    srv.forget(data)
-                exp.popleft()
                 self._skip_to_sync(srv)
         elif kind == 49:                                # ParseComplete
             if code == R_PARSE or code == DROP_PARSE:
@@ -236,6 +279,14 @@ class Pipeline:
                 if tag in (b"DISCARD ALL", b"DEALLOCATE ALL"):
                     srv.clear()
                     self.statements.clear()
+                    for c2, d2, u2 in exp:
+                        if c2 in (R_PARSE, DROP_PARSE) and d2 is not None:
+                            srv.add(d2)
+                        if u2 is not None:
+                            if u2[2] is None:
+                                self.statements.pop(u2[0], None)
+                            else:
+                                self.statements[u2[0]] = u2[2]
         elif kind == 84 or kind == 110:                 # RowDescription, NoData
             if code == R_DESC_STMT or code == R_DESC_PORTAL:
                 exp.popleft()
@@ -252,10 +303,21 @@ class Pipeline:
     def _skip_to_sync(self, srv: ServerStatements) -> None:
         """After an error the server discards everything up to the next Sync."""
         exp = self.expect
+        undone = []
         while exp and exp[0][0] != R_SYNC:
-            code, data = exp.popleft()
+            undone.append(exp.popleft())
+        for code, data, undo in reversed(undone):
             if code in (R_PARSE, DROP_PARSE) and data is not None:
                 srv.forget(data)
+            elif code == DROP_CLOSE:
+                srv.names[data] = True
+                srv.names.move_to_end(data, last=False)
+            if undo is not None:
+                name, prev, _new = undo
+                if prev is not None:
+                    self.statements[name] = prev
+                else:
+                    self.statements.pop(name, None)
         if not exp:
             self.skipping = True
 

@@ -13,12 +13,15 @@ assembled. Reported frames are given to ``src.on_frame``, which answers:
 - REPLACE: send ``src.replacement`` instead of the frame.
 
 Reported types that ``src.whole`` does not mark are "header only": when
-such a frame is split across reads, ``on_frame`` sees it at its header
-(with ``view`` None) and the body streams through.
+such a frame is split across reads, ``src.on_partial`` sees its first bytes
+and may rewrite its head (a Bind's statement name in transaction mode) or
+ask to WAIT for more; the body then streams through, never assembled.
 """
 from pgmp.errors import PgmpError
 
 FORWARD, DROP, RESCAN, STOP, REPLACE = 0, 1, 2, 3, 4
+WAIT = object()         # on_partial: keep the bytes until more of the frame has arrived
+ASSEMBLE = object()     # on_partial: keep the bytes until the whole frame has arrived
 
 
 class FramingError(PgmpError):
@@ -57,6 +60,7 @@ def relay(src, view, n: int, out: list) -> None:
             if act == STOP:
                 if pos < n:
                     src.leftover = bytes(view[pos:n])
+                    src.need = 0
                 return
             continue
         end = sc.consumed
@@ -71,10 +75,20 @@ def relay(src, view, n: int, out: list) -> None:
         if pos < n:
             pt = sc.partial_type
             if pt >= 0 and not src.whole[pt]:
+                skip_from = pos
                 if src.flags[pt] & 1:
-                    src.on_frame(pt, None, pos, sc.partial_length)
+                    r = src.on_partial(pt, view, pos, n, sc.partial_length)
+                    if r is WAIT or r is ASSEMBLE:  # its head (or all of it) is needed first
+                        src.leftover = bytes(view[pos:n])
+                        src.need = sc.partial_length if r is ASSEMBLE else 0
+                        return
+                    if r is not None:               # a rewritten head, then the body streams
+                        head, replaced = r
+                        out.append(head)
+                        pos += replaced
                 out.append(view[pos:n])
-                src.skip = sc.partial_length - (n - pos)
+                src.skip = sc.partial_length - (n - skip_from)
             else:
                 src.leftover = bytes(view[pos:n])
+                src.need = sc.partial_length if pt >= 0 else 0
         return

@@ -99,7 +99,7 @@ class ServerConnection(Endpoint):
     __slots__ = ("pool", "state", "login", "params", "applied", "client", "swallow", "swallow_error",
                  "swallow_done", "backend_pid", "backend_secret", "scanner", "flags", "whole", "created",
                  "last_used", "timer", "addr_text", "cancel_pending", "statements", "release_after",
-                 "replacement", "parked")
+                 "replacement", "parked", "reported_lc", "settings_dirty")
 
     def __init__(self, loop, pool, sock: socket.socket, addr_text: str, login: ServerLogin):
         super().__init__(loop, sock, EVENT_WRITE)
@@ -126,6 +126,8 @@ class ServerConnection(Endpoint):
         self.release_after = False
         self.replacement = b""
         self.parked = False                # released, but held until a pending cancel is done
+        self.reported_lc: dict[str, str] = {}   # params keyed in lower case, for settings_query
+        self.settings_dirty = False        # a client ran SET/RESET/DISCARD: re-apply everything
 
     def __repr__(self):
         return f"<server {self.pool.name} {self.addr_text} pid={self.backend_pid} {self.state.value}>"
@@ -268,6 +270,7 @@ class ServerConnection(Endpoint):
         elif kind == 83:
             name, value = messages.parse_parameter_status(payload)
             self.params[name] = value
+            self.reported_lc[name.lower()] = value
             client = self.client
             if client is not None and client.report(name, value):
                 return FORWARD
@@ -297,12 +300,14 @@ class ServerConnection(Endpoint):
             tx.server_copy_in()             # the tracker drops the Syncs copy mode swallows
             pl.dropped_syncs = 0
         elif kind == 67:                                 # CommandComplete: session features pin the client
-            tag = bytes(view[off + 5:off + 11])
-            if tag == b"LISTEN" or tag == b"PREPAR":
+            tag = bytes(view[off + 5:off + 12])
+            if tag.startswith((b"SET\0", b"RESET\0", b"DISCARD")):
+                self.settings_dirty = True
+            elif tag.startswith((b"LISTEN", b"PREPARE")):
                 if not client.pinned:
                     client.pinned = True
                     log.info("client %s@%s pinned to its server by %s (session feature in %s mode)",
-                             client.user, client.database, tag.decode(), self.pool.mode)
+                             client.user, client.database, tag.rstrip(b"\0").decode(), self.pool.mode)
         if r is None:
             return FORWARD
         if not r:
@@ -320,6 +325,7 @@ class ServerConnection(Endpoint):
             self.send(reply)
         if self.login.done:
             self.params = self.login.params
+            self.reported_lc = {k.lower(): v for k, v in self.params.items()}
             self.backend_pid = self.login.backend_pid
             self.backend_secret = self.login.backend_secret
             self.login = None
@@ -334,10 +340,15 @@ class ServerConnection(Endpoint):
 
     def _param_changed(self, name: str, value: str):
         self.params[name] = value
-        self.applied.pop(name, None)
+        lc = name.lower()
+        self.reported_lc[lc] = value
         client = self.client
         if client is not None:
             client.report(name, value)
+            if lc in client.tracked:
+                # a client's own SET of a reported parameter follows it to its next server
+                client.settings[lc] = value
+                self.applied[lc] = value
 
     # -- internal queries --------------------------------------------------------
     def internal_query(self, query: bytes, done=None):

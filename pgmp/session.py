@@ -135,14 +135,24 @@ _NOT_SETTINGS = {"user", "database", "options"}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 
 
+# ParameterStatus names whose value follows a client from server to server (lower case, as
+# PostgreSQL compares setting names); track_extra_parameters adds to these.
+TRACKED = frozenset({"application_name", "client_encoding", "datestyle", "intervalstyle", "timezone",
+                     "standard_conforming_strings", "search_path"})
+
+
 def client_settings(sp: StartupPacket) -> dict[str, str]:
-    """The settings a client asked for at startup, to be applied on whichever server it gets."""
+    """The settings a client asked for at startup, to be applied on whichever server it gets.
+
+    Names are lower-cased: PostgreSQL's setting names are case-insensitive.
+    """
     settings: dict[str, str] = {}
     if sp.params.get("options"):
-        settings.update(parse_options(sp.params["options"]))
+        for name, value in parse_options(sp.params["options"]).items():
+            settings[name.lower()] = value
     for name, value in sp.params.items():
         if name not in _NOT_SETTINGS:
-            settings[name] = value
+            settings[name.lower()] = value
     for name in settings:
         if not _NAME.match(name):
             raise ClientProtocolError(f"invalid startup parameter name {name!r}",
@@ -165,33 +175,56 @@ def _clean_encoding(value: str) -> str:
 
 def normalize(name: str, value: str) -> str:
     """A comparable form of a setting, so 'utf-8' and 'UTF8' count as the same encoding."""
+    name = name.lower()
     if name == "client_encoding":
         clean = _clean_encoding(value)
         return ENCODING_ALIASES.get(clean, clean.upper())
-    if name.lower() == "datestyle":
+    if name == "datestyle":
         return value.replace(" ", "").upper()
     return value
 
 
-def settings_query(wanted: dict[str, str], applied: dict[str, str], reported: dict[str, str]) -> bytes | None:
+def settings_query(wanted: dict[str, str], applied: dict[str, str], reported: dict[str, str],
+                   dirty: bool = False) -> bytes | None:
     """A Query that brings a server's session to a client's settings, or None if it already matches.
 
-    ``applied`` is what pgmp set on that server earlier; ``reported`` what the
-    server reported by ParameterStatus. Only differences are sent.
+    ``applied`` is what pgmp set on that server earlier (for other clients too);
+    ``reported`` what the server reported by ParameterStatus, keyed in lower case.
+    Only differences are sent; what an earlier client set and this one did not ask
+    for is RESET. ``dirty`` means a client ran SET/RESET/DISCARD itself, so what the
+    server holds is unknown: RESET ALL, then everything wanted. ``applied`` is
+    updated to what the query establishes.
     """
+    if dirty:
+        applied.clear()
+        applied.update(wanted)
+        sql = ["RESET ALL"]
+        if wanted:
+            sql.append("SELECT " + ", ".join(_set_config(n, v) for n, v in wanted.items()))
+        return messages.query(";".join(sql))
     stmts = []
+    resets = [name for name in applied if name not in wanted]
+    for name in resets:
+        del applied[name]
     for name, value in wanted.items():
         if applied.get(name) == value:
             continue
+        applied[name] = value
         cur = reported.get(name)
         if cur is not None and normalize(name, cur) == normalize(name, value):
             continue
-        # set_config takes the value as a startup option would: a list setting such as
-        # search_path = 'a,b' stays a list (SET x = 'a,b' would make it one quoted name).
-        stmts.append(f"pg_catalog.set_config({quote_literal(name)}, {quote_literal(value)}, false)")
-    if not stmts:
+        stmts.append(_set_config(name, value))
+    if not stmts and not resets:
         return None
-    return messages.query("SELECT " + ", ".join(stmts))
+    sql = ["SELECT " + ", ".join(stmts)] if stmts else []
+    sql += [f"RESET {name}" for name in resets]
+    return messages.query(";".join(sql))
+
+
+def _set_config(name: str, value: str) -> str:
+    # set_config takes the value as a startup option would: a list setting such as
+    # search_path = 'a,b' stays a list (SET x = 'a,b' would make it one quoted name).
+    return f"pg_catalog.set_config({quote_literal(name)}, {quote_literal(value)}, false)"
 
 
 # PostgreSQL's encoding names and aliases (encnames.c), keyed by the cleaned name.
@@ -221,11 +254,12 @@ ENCODING_ALIASES = {
 def login_parameters(server_params: dict[str, str], settings: dict[str, str]) -> dict[str, str]:
     """ParameterStatus values for a client's login: the pool's server values, with the client's own requests."""
     out = dict(server_params)
+    case = {name.lower(): name for name in out}
     for name, value in settings.items():
-        if name in out:
+        if name in case:
             if name == "client_encoding":
                 value = normalize(name, value)
-            out[name] = value
+            out[case[name]] = value
     if "application_name" in settings:
         out["application_name"] = settings["application_name"]
     return out

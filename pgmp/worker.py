@@ -21,7 +21,7 @@ from pgmp.pool import Pool, worker_share
 from pgmp.prepared import StatementCache
 from pgmp.protocol import messages
 from pgmp.server import ServerConnection, ServerLogin
-from pgmp.session import ClientState
+from pgmp.session import TRACKED, ClientState
 
 log = logging.getLogger("pgmp")
 
@@ -116,6 +116,7 @@ class Worker:
         self.mock_seed = os.urandom(32)
         self.pools: dict[tuple[str, str], Pool] = {}
         self.statement_cache = StatementCache()
+        self.tracked_parameters = TRACKED | {p.lower() for p in config.track_extra_parameters}
         self.paused_dbs: set[str] = set()
         self.keys: dict[int, ClientConnection] = {}
         self.clients: set[ClientConnection] = set()
@@ -403,6 +404,7 @@ class Worker:
             log.error("reload failed, keeping the old configuration: %s", exc)
             return str(exc)
         self.config = new
+        self.tracked_parameters = TRACKED | {p.lower() for p in new.track_extra_parameters}
         self.secrets = secrets
         self.hba = rules
         self.client_tls, self.server_tls = client_tls, server_tls
