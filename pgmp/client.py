@@ -46,7 +46,7 @@ def ready_scanner(flags: bytes, max_message_size: int) -> Scanner:
 
 class ClientConnection(Endpoint):
     __slots__ = ("worker", "state", "peer", "user", "database", "settings", "reported", "pool", "server",
-                 "auth", "secret_entry", "tx", "key_pid", "key_secret", "timer", "scanner", "flags", "whole",
+                 "auth", "auth_method", "secret_entry", "tx", "key_pid", "key_secret", "timer", "scanner", "flags", "whole",
                  "terminating", "ssl_asked", "gss_asked", "connected_at", "over_limit", "wait_started",
                  "close_at_boundary", "pipeline", "replacement", "pinned", "cancelled_at", "settings_pending", "tracked")
 
@@ -62,6 +62,7 @@ class ClientConnection(Endpoint):
         self.pool = None
         self.server = None
         self.auth = None
+        self.auth_method = ""                      # while auth_query looks the user up
         self.secret_entry = None
         self.tx = TxTracker()
         self.key_pid = 0
@@ -97,6 +98,18 @@ class ClientConnection(Endpoint):
         st = self.state
         try:
             if st is ClientState.ACTIVE and not self.settings_pending:
+                if self.pipeline is None and not self.skip:
+                    # The common case, without the generic relay: whole frames, one needing a look.
+                    sc = self.scanner
+                    if sc.scan(view, 0, n) == 1 and sc.consumed == n and not sc.error:
+                        kind, off, ln = sc.frame(0)
+                        if kind != 88:
+                            self.tx.client_frame(kind)
+                            srv = self.server
+                            srv.send(view[:n])
+                            if srv.unsent > srv.loop.max_unsent:
+                                srv.hold_until_drained(self)
+                            return
                 out: list = []
                 relay(self, view, n, out)
                 srv = self.server
@@ -115,7 +128,7 @@ class ClientConnection(Endpoint):
                 self._startup_data(view, n)
             elif st is ClientState.AUTH:
                 relay(self, view, n, [])
-            else:                                   # LOGIN_WAIT / WAITING: keep it for later
+            else:                                   # AUTH_LOOKUP / LOGIN_WAIT / WAITING: keep it for later
                 self.leftover = bytes(view[:n])
                 self.pause_reading()
         except PgmpError as exc:
@@ -294,12 +307,42 @@ class ClientConnection(Endpoint):
         worker = self.worker
         method = self._auth_method()
         secret = worker.secrets.get(self.user)
+        if secret is None and worker.config.auth_user:
+            # Not in auth_file: ask PostgreSQL (auth_query), in the database the client asked for.
+            db = worker.database_for(self.database)
+            if db is None:
+                raise self._no_database()
+            self.auth_method = method
+            self.set_state(ClientState.AUTH_LOOKUP)
+            found = worker.auth_query.lookup(self, db, self.user)
+            if found is not None:                   # cached
+                self._begin_auth(method, found.secret, found.reason)
+            return                                  # else auth_query_done or fail comes later
+        self._begin_auth(method, secret, None)
+
+    def auth_query_done(self, found):
+        """auth_query answered (``found.secret`` may be None: then the login fails like a wrong password)."""
+        if self.closed or self.state is not ClientState.AUTH_LOOKUP:
+            return
+        try:
+            self._begin_auth(self.auth_method, found.secret, found.reason)
+        except PgmpError as exc:
+            self.fail(exc)
+            return
+        if self.state is ClientState.AUTH:
+            self.resume_reading()
+            self.kick()
+
+    def _begin_auth(self, method: str, secret, missing: str | None):
+        """Start the authentication exchange against ``secret`` (None: ``missing`` says why, for the log)."""
+        worker = self.worker
         self.secret_entry = secret
-        if method == "trust" and secret is None and worker.config.auth_file:
+        if method == "trust" and secret is None and (worker.config.auth_file or worker.config.auth_user):
             raise AuthenticationFailed(f'user "{self.user}" is not in auth_file',
-                                       reason="trust: user not in auth_file", sqlstate=errors.INVALID_AUTHORIZATION)
+                                       reason=f"trust: {missing or 'user not in auth_file'}",
+                                       sqlstate=errors.INVALID_AUTHORIZATION)
         self.auth = ClientAuthenticator(method, self.user, secret, mock_seed=worker.mock_seed,
-                                        channel_binding=tls.channel_binding(self.tls))
+                                        channel_binding=tls.channel_binding(self.tls), missing=missing)
         first = self.auth.start()
         self.set_state(ClientState.AUTH)
         self.scanner, self.flags, self.whole = _auth_scanner, AUTH_FLAGS, ALL_WHOLE
@@ -381,8 +424,7 @@ class ClientConnection(Endpoint):
         worker = self.worker
         db = worker.database_for(self.database)
         if db is None:
-            raise PgmpError(errors.INVALID_CATALOG_NAME, f'database "{self.database}" does not exist',
-                            hint="pgmp knows only the databases in its [databases] sections")
+            raise self._no_database()
         self.pool = worker.get_pool(db, self.user)
         self.pool.learn_credentials(self.auth, self.secret_entry)
         self.auth = None
@@ -390,6 +432,10 @@ class ClientConnection(Endpoint):
         params = self.pool.want_params(self)
         if params is not None:
             self.finish_login(params)
+
+    def _no_database(self) -> PgmpError:
+        return PgmpError(errors.INVALID_CATALOG_NAME, f'database "{self.database}" does not exist',
+                         hint="pgmp knows only the databases in its [databases] sections")
 
     def finish_login(self, params: dict[str, str]):
         """The pool knows its server parameters: complete the client's login."""
@@ -530,7 +576,7 @@ class ClientConnection(Endpoint):
 
     def _login_timeout(self):
         self.timer = None
-        if self.state in (ClientState.STARTUP, ClientState.AUTH, ClientState.LOGIN_WAIT):
+        if self.state in (ClientState.STARTUP, ClientState.AUTH_LOOKUP, ClientState.AUTH, ClientState.LOGIN_WAIT):
             self.fail(PgmpError(errors.PROTOCOL_VIOLATION, "client_login_timeout: login took too long"))
 
     def _wait_timeout(self):

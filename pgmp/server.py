@@ -99,7 +99,7 @@ class ServerConnection(Endpoint):
     __slots__ = ("pool", "state", "login", "params", "applied", "client", "swallow", "swallow_error",
                  "swallow_done", "backend_pid", "backend_secret", "scanner", "flags", "whole", "created",
                  "last_used", "timer", "addr_text", "cancel_pending", "statements", "release_after",
-                 "replacement", "parked", "reported_lc", "settings_dirty")
+                 "replacement", "parked", "reported_lc", "settings_dirty", "swallow_rows")
 
     def __init__(self, loop, pool, sock: socket.socket, addr_text: str, login: ServerLogin):
         super().__init__(loop, sock, EVENT_WRITE)
@@ -112,6 +112,7 @@ class ServerConnection(Endpoint):
         self.swallow = 0
         self.swallow_error: ServerError | None = None
         self.swallow_done = None
+        self.swallow_rows: list | None = None   # DataRow payloads of an internal query, when wanted
         self.backend_pid = 0
         self.backend_secret = 0
         self.scanner = _internal_scanner
@@ -138,7 +139,10 @@ class ServerConnection(Endpoint):
             if mask & (EVENT_WRITE | EVENT_READ):
                 self._connected()
             return
-        super().handle_event(mask)
+        if mask & EVENT_WRITE:
+            self.flush()
+        if mask & EVENT_READ and self.reading and not self.closed:
+            self.read()
 
     def _connected(self):
         """An event while CONNECTING: the TCP connect finished, or the answer to our SSLRequest came.
@@ -219,6 +223,22 @@ class ServerConnection(Endpoint):
         self.abort(err)
 
     def on_data(self, view, n):
+        client = self.client
+        if self.scanner is _normal_scanner and not self.skip and client is not None:
+            # The common case, without the generic relay: whole frames ending in ReadyForQuery.
+            sc = _normal_scanner
+            if sc.scan(view, 0, n) == 1 and sc.consumed == n and not sc.error:
+                kind, off, ln = sc.frame(0)
+                if kind == 90:
+                    tx = client.tx
+                    tx.server_ready(1, view[off + 5])
+                    client.send(view[:n])
+                    if client.unsent > client.loop.max_unsent:
+                        client.hold_until_drained(self)
+                    if client.close_at_boundary and tx.idle:
+                        client.fail(PgmpError(errors.ADMIN_SHUTDOWN,
+                                              "terminating connection due to administrator command"))
+                    return
         out: list = []
         try:
             relay(self, view, n, out)
@@ -267,6 +287,8 @@ class ServerConnection(Endpoint):
             return DROP
         if kind == 69 and self.swallow_error is None:
             self.swallow_error = ServerError(messages.parse_fields(payload))
+        elif kind == 68 and self.swallow_rows is not None:
+            self.swallow_rows.append(payload)
         elif kind == 83:
             name, value = messages.parse_parameter_status(payload)
             self.params[name] = value
@@ -351,10 +373,14 @@ class ServerConnection(Endpoint):
                 self.applied[lc] = value
 
     # -- internal queries --------------------------------------------------------
-    def internal_query(self, query: bytes, done=None):
-        """Send a query whose answer pgmp consumes; ``done(self, error)`` runs at its ReadyForQuery."""
+    def internal_query(self, query: bytes, done=None, rows: list | None = None):
+        """Send a query whose answer pgmp consumes; ``done(self, error)`` runs at its ReadyForQuery.
+
+        ``rows``, if given, receives the payload of each DataRow of the answer.
+        """
         self.swallow += 1
         self.swallow_done = done
+        self.swallow_rows = rows
         self.scanner, self.flags, self.whole = _internal_scanner, ALL_FLAGS, WHOLE_ALL
         self.send(query)
 
@@ -362,6 +388,7 @@ class ServerConnection(Endpoint):
         err, done = self.swallow_error, self.swallow_done
         self.swallow_error = None
         self.swallow_done = None
+        self.swallow_rows = None
         if self.state is ServerState.ACTIVE:
             self.use_normal_scanner()
         if done is not None:

@@ -15,6 +15,7 @@ from pgmp.protocol.startup import StartupPacket, parse_options
 
 class ClientState(enum.Enum):
     STARTUP = "startup"        # waiting for the startup packet (an SSLRequest may come first)
+    AUTH_LOOKUP = "auth-lookup"  # user not in auth_file: waiting for auth_query to return its secret
     AUTH = "auth"              # password / SASL exchange with pgmp
     LOGIN_WAIT = "login"       # authenticated; waiting for the pool's server parameters (cold pool)
     IDLE = "idle"              # logged in, no server linked
@@ -25,7 +26,8 @@ class ClientState(enum.Enum):
 
 _S = ClientState
 TRANSITIONS: dict[ClientState, frozenset[ClientState]] = {
-    _S.STARTUP: frozenset({_S.STARTUP, _S.AUTH, _S.CLOSED}),
+    _S.STARTUP: frozenset({_S.STARTUP, _S.AUTH_LOOKUP, _S.AUTH, _S.CLOSED}),
+    _S.AUTH_LOOKUP: frozenset({_S.AUTH, _S.CLOSED}),
     _S.AUTH: frozenset({_S.LOGIN_WAIT, _S.IDLE, _S.CLOSED}),
     _S.LOGIN_WAIT: frozenset({_S.IDLE, _S.CLOSED}),
     _S.IDLE: frozenset({_S.WAITING, _S.ACTIVE, _S.CLOSED}),

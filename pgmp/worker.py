@@ -13,6 +13,7 @@ import socket
 from pgmp import config as configmod
 from pgmp import control, errors, tls
 from pgmp.auth.authfile import load_auth_file
+from pgmp.auth.query import AuthQuery
 from pgmp.auth.server import ServerAuthenticator
 from pgmp.hba import load_hba
 from pgmp.client import ClientConnection
@@ -114,6 +115,7 @@ class Worker:
         self.client_tls = tls.for_clients(config)
         self.server_tls = tls.for_servers(config)
         self.mock_seed = os.urandom(32)
+        self.auth_query = AuthQuery(self)       # secrets of users missing from auth_file (auth_user)
         self.pools: dict[tuple[str, str], Pool] = {}
         self.statement_cache = StatementCache()
         self.tracked_parameters = TRACKED | {p.lower() for p in config.track_extra_parameters}
@@ -409,6 +411,7 @@ class Worker:
         self.hba = rules
         self.client_tls, self.server_tls = client_tls, server_tls
         self.loop.max_unsent = new.max_unsent
+        self.auth_query.reset("configuration reloaded")
         log.debug("worker %d: configuration reloaded", self.slot)
         return None
 
@@ -439,6 +442,7 @@ class Worker:
                 client.close_at_boundary = True
         for pool in self.pools.values():
             pool.close_all("pgmp is stopping")
+        self.auth_query.reset("pgmp is stopping")
         if not self.clients:
             self._drained()         # now: a timer would first wait out the poll
 

@@ -99,7 +99,8 @@ class ClientAuthenticator:
     """
 
     def __init__(self, method: str, user: str, secret: Secret | None, *, mock_seed: bytes,
-                 mock_iterations: int = MOCK_ITERATIONS, channel_binding: bytes | None = None):
+                 mock_iterations: int = MOCK_ITERATIONS, channel_binding: bytes | None = None,
+                 missing: str | None = None):
         if method not in METHODS:
             raise ValueError(f"unknown authentication method {method!r}; expected one of {METHODS}")
         self.method = method
@@ -109,6 +110,7 @@ class ClientAuthenticator:
         self.password: str | None = None
         self.max_payload = 0
         self._secret = secret
+        self._missing = missing                  # why there is no secret (for the log), if known
         self._user = to_bytes(user)
         self._mock_seed = mock_seed
         self._mock_iterations = mock_iterations
@@ -127,7 +129,7 @@ class ClientAuthenticator:
         """Why this login cannot succeed whatever the client sends, or None."""
         who = f'user "{_printable(self.user)}"'
         if self._secret is None:
-            return f"{who} does not exist (no secret found)"
+            return self._missing or f"{who} does not exist (no secret found)"
         if self._secret.kind == "plain" and not self._secret.value:
             return f"{who} has an empty password in auth_file"
         if self.exchange == "scram-sha-256" and self._secret.kind == "md5":

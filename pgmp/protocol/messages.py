@@ -8,6 +8,7 @@ import struct
 _HDR = struct.Struct("!cI")
 _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
+_I16 = struct.Struct("!h")
 
 # Protocol codes in the startup slot (the "version" field).
 PROTOCOL_3_0 = 196608
@@ -136,6 +137,17 @@ def terminate() -> bytes:
     return frame(b"X")
 
 
+def extended_query(sql: str, params: list[bytes | None]) -> bytes:
+    """Parse, Bind, Execute and Sync of an unnamed statement: ``params`` are bound as text ($1, $2, …),
+    never spliced into the SQL; results come back in text."""
+    body = cstr("") + cstr("") + _I16.pack(0) + _I16.pack(len(params))
+    for value in params:
+        body += _I32.pack(-1) if value is None else _I32.pack(len(value)) + value
+    body += _I16.pack(0)
+    return (frame(b"P", cstr("") + cstr(sql) + _I16.pack(0)) + frame(b"B", body)
+            + frame(b"E", cstr("") + _I32.pack(0)) + sync())
+
+
 def sync() -> bytes:
     return frame(b"S")
 
@@ -161,6 +173,27 @@ def parse_fields(payload: bytes) -> dict[str, str]:
         fields[code] = payload[pos + 1:end].decode("utf-8", "replace")
         pos = end + 1
     return fields
+
+
+def parse_data_row(payload: bytes) -> list[bytes | None]:
+    """DataRow: its column values (None for NULL); ValueError if the lengths do not add up."""
+    if len(payload) < 2:
+        raise ValueError("DataRow too short")
+    (count,) = _I16.unpack_from(payload, 0)
+    pos, out = 2, []
+    for _ in range(count):
+        if len(payload) - pos < 4:
+            raise ValueError("DataRow too short")
+        (n,) = _I32.unpack_from(payload, pos)
+        pos += 4
+        if n < 0:
+            out.append(None)
+            continue
+        if len(payload) - pos < n:
+            raise ValueError("DataRow too short")
+        out.append(payload[pos:pos + n])
+        pos += n
+    return out
 
 
 def parse_parameter_status(payload: bytes) -> tuple[str, str]:
