@@ -45,6 +45,15 @@ def set_log_level(level: str) -> None:
     logging.getLogger("pgmp").setLevel(level.upper())
 
 
+def _check_files(cfg) -> list[str]:
+    from pgmp.files import FileCheckError, check_files
+    try:
+        return check_files(cfg)
+    except FileCheckError as exc:
+        typer.echo(f"pgmp: {exc}", err=True)
+        raise typer.Exit(1)
+
+
 def _load(path: str):
     from pgmp import config
     try:
@@ -64,19 +73,7 @@ def start(config: str = ConfigOpt,
                                        help="Internal: the pid of the master this one replaces (pgmp restart).")):
     """Start pgmp: a master and its workers, in the foreground unless --daemon."""
     cfg = _load(config)
-    from pgmp.auth.authfile import AuthFileError, load_auth_file
-    from pgmp.hba import HbaError, load_hba
-    try:
-        if cfg.auth_file:
-            load_auth_file(cfg.auth_file)
-        if cfg.hba_file:
-            load_hba(cfg.hba_file)
-    except (AuthFileError, HbaError) as exc:
-        typer.echo(f"pgmp: {exc}", err=True)
-        raise typer.Exit(1)
-    except OSError as exc:
-        typer.echo(f"pgmp: cannot read auth_file {cfg.auth_file}: {exc.strerror or exc}", err=True)
-        raise typer.Exit(1)
+    _check_files(cfg)
     started = None
     if daemon:
         if not cfg.logfile or not cfg.pidfile:
@@ -348,27 +345,10 @@ def stats(config: str = ConfigOpt, json_out: bool = typer.Option(False, "--json"
 
 @config_app.command("check")
 def config_check(config: str = ConfigOpt):
-    """Validate the configuration file (and its auth_file) without starting."""
+    """Validate the configuration file and the files it names (auth_file, hba_file, TLS) without starting."""
     cfg = _load(config)
-    if cfg.auth_file:
-        from pgmp.auth.authfile import AuthFileError, load_auth_file
-        try:
-            users = load_auth_file(cfg.auth_file)
-        except AuthFileError as exc:
-            typer.echo(f"pgmp: {exc}", err=True)
-            raise typer.Exit(1)
-        except OSError as exc:
-            typer.echo(f"pgmp: cannot read auth_file {cfg.auth_file}: {exc.strerror or exc}", err=True)
-            raise typer.Exit(1)
-        typer.echo(f"{cfg.auth_file}: {len(users)} users")
-    if cfg.hba_file:
-        from pgmp.hba import HbaError, load_hba
-        try:
-            rules = load_hba(cfg.hba_file)
-        except HbaError as exc:
-            typer.echo(f"pgmp: {exc}", err=True)
-            raise typer.Exit(1)
-        typer.echo(f"{cfg.hba_file}: {len(rules.rules)} rules")
+    for line in _check_files(cfg):
+        typer.echo(line)
     typer.echo(f"{cfg.path}: OK ({len(cfg.databases)} databases)")
 
 

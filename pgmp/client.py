@@ -3,7 +3,6 @@
 The state machine is pgmp.session's; this module is its IO glue.
 """
 import logging
-import secrets as _secrets
 import struct
 
 from pgmp import errors, tls
@@ -11,7 +10,7 @@ from pgmp.auth.client import ClientAuthenticator
 from pgmp.errors import AuthenticationFailed, ClientProtocolError, PgmpError
 from pgmp.loop import Endpoint
 from pgmp.protocol import messages, startup
-from pgmp.protocol.scanner import ERR_LONG, ERR_SHORT, ERR_TYPE, Scanner, make_flags
+from pgmp.protocol.scanner import ERR_SHORT, ERR_TYPE, Scanner, make_flags
 from pgmp.prepared import Pipeline
 from pgmp.relay import ASSEMBLE, FORWARD, REPLACE, STOP, WAIT, relay
 from pgmp.session import (ClientState, TxTracker, check_transition, client_settings, login_parameters,

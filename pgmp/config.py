@@ -69,7 +69,7 @@ def _U(name, kind, default, doc, **kw):
 
 KB, MB, GB = 1024, 1024 ** 2, 1024 ** 3
 POOL_MODES = ("session", "transaction", "statement")
-AUTH_QUERY = ("SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END"
+AUTH_QUERY = ("SELECT rolname, CASE WHEN rolvaliduntil < pg_catalog.now() THEN NULL ELSE rolpassword END"
               " FROM pg_catalog.pg_authid WHERE rolname = $1 AND rolcanlogin")
 
 SCHEMA: tuple[Setting, ...] = (
@@ -81,8 +81,19 @@ SCHEMA: tuple[Setting, ...] = (
     # --- authentication ---
     _S("auth_type", "enum", "scram-sha-256", "How clients prove who they are: trust (no password), password (cleartext), md5 or scram-sha-256.", choices=("trust", "password", "md5", "scram-sha-256")),
     _S("auth_file", "path", "", 'Userlist of "user" "password-or-hash" lines; required unless auth_type is trust.'),
-    _S("auth_user", "str", "", 'Server user that runs auth_query for clients missing from auth_file; "" disables auth_query.'),
-    _S("auth_query", "str", AUTH_QUERY, "Query run as auth_user that returns (user name, password hash) for the user name $1; NULL hash = no login."),
+    _S("auth_user", "str", "", 'Server user that runs auth_query for clients missing from auth_file; "" disables auth_query. '
+       "Its own password comes from auth_file (or the password of a database section whose user it is). "
+       "Each worker logs in as auth_user, over a connection of its own that carries no client parameter, "
+       "to the database the client asked for."),
+    _S("auth_query", "str", AUTH_QUERY, "Query run as auth_user that returns (user name, password hash) for the user name, "
+       "bound as $1; no row or a NULL hash = the login fails like a wrong password. The default reads "
+       "pg_authid, which needs a superuser: otherwise call a SECURITY DEFINER function. Write names "
+       "schema-qualified. A lookup that fails (server down, auth_user cannot log in, no answer within "
+       "server_connect_timeout) refuses the client with 08006."),
+    _S("auth_cache_ttl", "duration", 60, "How long each worker keeps a password hash that auth_query returned before asking "
+       "again (0 = ask at every login; logins of the same user that arrive during a lookup always share it). "
+       "An answer without a usable hash (no such user, expired or no password) is kept for at most 5s "
+       "(auth_cache_ttl if lower). A reload empties the cache.", low=0),
     _S("hba_file", "path", "", 'pg_hba.conf-style rules of which client may reach which database, and how; "" lets any client try auth_type.'),
     # --- pools ---
     _S("pool_mode", "enum", "session", "When a server returns to the pool: session (client leaves), transaction (transaction ends) or statement (statement ends).", choices=POOL_MODES),
@@ -483,6 +494,8 @@ class _Loader:
         if g["auth_type"] != "trust" and not g["auth_file"]:
             self.error("[pgmp] auth_file", f'auth_type = "{g["auth_type"]}" needs an auth_file '
                        '(lines of "user" "password"); set auth_file, or auth_type = "trust"')
+        if g["auth_user"] and not g["auth_query"].strip():
+            self.error("[pgmp] auth_query", "must not be empty when auth_user is set")
         if g["min_pool_size"] > g["default_pool_size"]:
             self.error("[pgmp] min_pool_size",
                        f"{g['min_pool_size']} is larger than default_pool_size {g['default_pool_size']}")

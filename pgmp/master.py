@@ -19,9 +19,8 @@ import psutil
 
 from pgmp import __version__, control
 from pgmp import config as configmod
-from pgmp.auth.authfile import AuthFileError, load_auth_file
-from pgmp.hba import HbaError, load_hba
-from pgmp.listen import ListenError, bind_all, unix_listener
+from pgmp.files import FileCheckError, check_files
+from pgmp.listen import ListenError, bind_all, tcp_listener
 from pgmp.loop import Endpoint, Loop
 from pgmp.notify import notify
 
@@ -413,6 +412,9 @@ class Master:
                 # pgmp is serving: a file edited into a broken state must not take the proxy down.
                 log.error("worker %d could not start (see the error above); the other workers go on serving "
                           "and the slot is retried with backoff: fix the file, then run pgmp reload", wp.slot)
+                # nobody accepts on this slot's sockets meanwhile: close them so the kernel sends
+                # new connections to the other slots (and, with tcp_migrate_req, moves the queued ones)
+                self._close_slot(wp.generation, wp.slot)
                 self._schedule_respawn(wp, 0.0)
                 continue
             if expected or wp.generation != self.generation:
@@ -431,7 +433,22 @@ class Master:
     def _respawn(self, slot, generation):
         if self.stopping or generation != self.generation:
             return
+        tcp = self.listen[generation][0]
+        if not tcp[slot] and self.config.listen_addr:
+            try:
+                tcp[slot] = [tcp_listener(a, self.config.listen_port) for a in self.config.listen_addr]
+            except ListenError as exc:
+                log.error("worker %d: %s; retrying", slot, exc)
+                self.loop.call_later(1.0, self._respawn, slot, generation)
+                return
         self.spawn(slot, generation)
+
+    def _close_slot(self, generation: int, slot: int):
+        tcp = self.listen.get(generation, ([], None))[0]
+        if slot < len(tcp):
+            for s in tcp[slot]:
+                s.close()
+            tcp[slot] = []
 
     def murder_hung_workers(self):
         now = self.loop.clock()
@@ -619,11 +636,8 @@ class Master:
             with open(path, encoding="utf-8") as f:
                 text = f.read()
             new = configmod.loads(text, path)
-            if new.auth_file:
-                load_auth_file(new.auth_file)
-            if new.hba_file:
-                load_hba(new.hba_file)
-        except (configmod.ConfigError, AuthFileError, HbaError, OSError) as exc:
+            check_files(new)
+        except (configmod.ConfigError, FileCheckError, OSError) as exc:
             msg = str(exc) if not isinstance(exc, OSError) else f"cannot read {path}: {exc.strerror or exc}"
             log.error("reload failed, keeping the running configuration:\n%s", msg)
             notify("READY=1", f"STATUS=reload failed; {self.summary()}")

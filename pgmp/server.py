@@ -419,12 +419,7 @@ class ServerConnection(Endpoint):
         """Close this server connection and tell whoever depends on it why."""
         if self.closed:
             return
-        was = self.state
-        self.state = ServerState.CLOSED
-        if self.timer:
-            self.timer.cancel()
-            self.timer = None
-        self.close_socket()
+        was = self._shut()
         log_fn = log.info if quiet else log.warning
         log_fn("server connection closed: db=%s user=%s %s pid=%s state=%s: %s",
                self.pool.dbname, self.pool.server_user, self.addr_text, self.backend_pid or "-", was.value, exc.message)
@@ -438,17 +433,22 @@ class ServerConnection(Endpoint):
         """Close deliberately (pool decisions): Terminate first, so the server logs a clean exit."""
         if self.closed:
             return
-        if self.state not in (ServerState.CONNECTING,):
+        if self.state is not ServerState.CONNECTING:
             self.send(messages.terminate())
+        was = self._shut()
+        log.info("server connection closed: db=%s user=%s %s pid=%s: %s",
+                 self.pool.dbname, self.pool.server_user, self.addr_text, self.backend_pid or "-", reason)
+        self.pool.server_closed(self, None, was)
+
+    def _shut(self) -> ServerState:
+        """Mark closed, stop the timer, close the socket; returns the state it was in."""
         was = self.state
         self.state = ServerState.CLOSED
         if self.timer:
             self.timer.cancel()
             self.timer = None
         self.close_socket()
-        log.info("server connection closed: db=%s user=%s %s pid=%s: %s",
-                 self.pool.dbname, self.pool.server_user, self.addr_text, self.backend_pid or "-", reason)
-        self.pool.server_closed(self, None, was)
+        return was
 
     def framing_error(self, code, view, off):
         self.abort(ServerProtocolError(f"invalid message framing from server (scanner error {code})"))

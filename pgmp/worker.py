@@ -17,7 +17,7 @@ from pgmp.auth.query import AuthQuery
 from pgmp.auth.server import ServerAuthenticator
 from pgmp.hba import load_hba
 from pgmp.client import ClientConnection
-from pgmp.loop import EVENT_READ, EVENT_WRITE, Endpoint, Loop
+from pgmp.loop import EVENT_WRITE, Endpoint, Loop
 from pgmp.pool import Pool, worker_share
 from pgmp.prepared import StatementCache
 from pgmp.protocol import messages
