@@ -185,7 +185,7 @@ class LookupPool(Pool):
         self.rows: list | None = None
         self.srv = None
         self.timer = None
-        self.retired = False
+        self.retired: str | None = None          # why no new lookups come here any more
 
     def __repr__(self):
         return f"<auth_query pool {self.name} queued={len(self.queue)}>"
@@ -196,7 +196,7 @@ class LookupPool(Pool):
 
     def retire(self, reason: str) -> None:
         """No new lookups come here; close the connection now if it is idle, else after its work."""
-        self.retired = True
+        self.retired = reason
         if self.srv is not None and self.current is None and not self.queue and not self.connecting:
             self.srv.close(reason)
 
@@ -206,6 +206,9 @@ class LookupPool(Pool):
             return
         if not self.queue:
             self._idle()
+            return
+        if self.srv is not None and self.worker.server_expired(self.srv):
+            self.srv.close("server_lifetime reached")      # server_closed pumps again: a new one
             return
         if self.srv is None:
             self._connect()
@@ -236,7 +239,7 @@ class LookupPool(Pool):
             except ValueError as exc:
                 self.service.failed(key, str(exc))
             else:
-                self.service.answered(key, found, cache=not self.retired)
+                self.service.answered(key, found, cache=self.retired is None)
         self._pump()
 
     def _no_answer(self, srv) -> None:
@@ -250,7 +253,7 @@ class LookupPool(Pool):
         if srv is None:
             return
         if self.retired:
-            srv.close("auth_query settings reloaded")
+            srv.close(self.retired)
             return
         wait = self.worker.config.server_idle_timeout
         if wait > 0:

@@ -395,6 +395,7 @@ def test_client_settings_reach_the_settings_query_as_asked():
 S_ = ClientState
 LEGAL = {
     (S_.STARTUP, S_.STARTUP), (S_.STARTUP, S_.AUTH), (S_.STARTUP, S_.CLOSED),
+    (S_.STARTUP, S_.AUTH_LOOKUP), (S_.AUTH_LOOKUP, S_.AUTH), (S_.AUTH_LOOKUP, S_.CLOSED),
     (S_.AUTH, S_.LOGIN_WAIT), (S_.AUTH, S_.IDLE), (S_.AUTH, S_.CLOSED),
     (S_.LOGIN_WAIT, S_.IDLE), (S_.LOGIN_WAIT, S_.CLOSED),
     (S_.IDLE, S_.WAITING), (S_.IDLE, S_.ACTIVE), (S_.IDLE, S_.CLOSED),
