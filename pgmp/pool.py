@@ -106,6 +106,9 @@ class Pool:
             if worker.server_expired(srv) or srv.created < self.reconnect_before:
                 srv.close("server_lifetime reached" if worker.server_expired(srv) else "pgmp reconnect")
                 continue
+            if not srv.quiet():
+                srv.close("server sent data or closed while idle")
+                continue
             if cfg.server_check_query and now - srv.last_used > cfg.server_check_delay:
                 self._check(srv)            # back in the idle list if it answers
                 continue
@@ -275,6 +278,7 @@ class Pool:
 
     def _reset_done(self, srv, error) -> None:
         self.resetting -= 1
+        srv.state = ServerState.IDLE        # counted out of "resetting" once, here
         if error is not None:
             srv.close(f"server_reset_query failed: {error.message}")
             return

@@ -440,6 +440,17 @@ class ServerConnection(Endpoint):
                  self.pool.dbname, self.pool.server_user, self.addr_text, self.backend_pid or "-", reason)
         self.pool.server_closed(self, None, was)
 
+    def quiet(self) -> bool:
+        """Nothing arrived while idle: no FATAL (pg_terminate_backend, shutdown) and no EOF
+        waiting unread. One non-blocking peek, so a dead server is not handed to a client."""
+        try:
+            data = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        return False
+
     def _shut(self) -> ServerState:
         """Mark closed, stop the timer, close the socket; returns the state it was in."""
         was = self.state

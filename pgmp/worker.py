@@ -120,6 +120,7 @@ class Worker:
         self.statement_cache = StatementCache()
         self.tracked_parameters = TRACKED | {p.lower() for p in config.track_extra_parameters}
         self.paused_dbs: set[str] = set()
+        self.paused_all = False
         self.keys: dict[int, ClientConnection] = {}
         self.clients: set[ClientConnection] = set()
         self._seq = 0
@@ -164,7 +165,7 @@ class Worker:
                 pool.close_all("database settings changed")
             pool = self.pools[key] = Pool(self, db, user, share(db.pool_size), mode,
                                           min_size=share(db.min_pool_size), reserve=share(db.reserve_pool_size))
-            pool.paused = db.name in self.paused_dbs
+            pool.paused = self.paused_all or db.name in self.paused_dbs
         return pool
 
     def may_open_server(self, pool: Pool) -> bool:
@@ -174,15 +175,23 @@ class Worker:
         user_cfg = self.config.users.get(pool.client_user)
         user_limit = user_cfg.max_user_connections if user_cfg else self.config.max_user_connections
         user_max = worker_share(user_limit, self.nworkers, self.slot) if user_limit else 0
-        if db_max:
-            n = sum(len(p.servers) for p in self.pools.values() if p.db.name == pool.db.name)
-            if n >= db_max:
-                return False
-        if user_max:
-            n = sum(len(p.servers) for p in self.pools.values() if p.server_user == pool.server_user)
-            if n >= user_max:
-                return False
+        if db_max and not self._room(pool, db_max, lambda p: p.db.name == pool.db.name):
+            return False
+        if user_max and not self._room(pool, user_max, lambda p: p.server_user == pool.server_user):
+            return False
         return True
+
+    def _room(self, pool: Pool, limit: int, same) -> bool:
+        """Under ``limit`` servers among the pools ``same`` selects; at the limit, an idle server of
+        another of those pools is closed to make room (idle servers must not starve a waiting pool)."""
+        pools = [p for p in self.pools.values() if same(p)]
+        if sum(len(p.servers) for p in pools) < limit:
+            return True
+        for other in pools:
+            if other is not pool and other.idle:
+                other.idle.pop(0).close(f"making room for pool {pool.name} (connection limit)")
+                return True
+        return False
 
     def _janitor(self):
         """Once a second: pool maintenance, client timeouts, the freeing of servers other pools wait for."""
@@ -228,10 +237,17 @@ class Worker:
                 pool.resume()
             elif action == "reconnect":
                 pool.reconnect()
-        if action == "pause" and database is not None:
-            self.paused_dbs.add(database)
+        if action == "pause":
+            if database is None:
+                self.paused_all = True
+            else:
+                self.paused_dbs.add(database)
         elif action == "resume":
-            self.paused_dbs.discard(database) if database else self.paused_dbs.clear()
+            if database is None:
+                self.paused_all = False
+                self.paused_dbs.clear()
+            else:
+                self.paused_dbs.discard(database)
         return {"pools": len(pools), "busy_servers": busy}
 
     def open_server(self, pool: Pool):
