@@ -91,10 +91,18 @@ class Pool:
             self._finish_logins()
             return self.params
         if self.connecting == 0:
-            if self._login_retry_pending() or not self._open_server():
+            if self._login_retry_pending():
                 self.login_waiters.remove(client)
                 raise self._no_server_error()
+            if not self._open_server() and not self._at_connection_limit():
+                self.login_waiters.remove(client)
+                raise self._no_server_error()
+            # at max_db/max_user_connections the login waits for room (the janitor retries),
+            # bounded by client_login_timeout
         return None
+
+    def _at_connection_limit(self) -> bool:
+        return len(self.servers) < self.limit and not self.worker.may_open_server(self, evict=False)
 
     def _usable_idle(self):
         """Pop an idle server fit to hand out now, or None (checks and closes the others)."""
@@ -196,8 +204,9 @@ class Pool:
                              f"no server connections allowed for pool {self.name} (pool size is 0 in this worker)")
         return self.last_error or PgmpError(errors.CONNECTION_FAILURE, f"no server available for {self.name}")
 
-    def _open_server(self) -> bool:
-        if len(self.servers) >= self.limit or not self.worker.may_open_server(self):
+    def _open_server(self, evict: bool = True) -> bool:
+        """Open a server within the limits; ``evict``: an idle server of another pool may make room."""
+        if len(self.servers) >= self.limit or not self.worker.may_open_server(self, evict):
             return False
         srv = self.worker.open_server(self)
         if srv is None:
@@ -335,10 +344,10 @@ class Pool:
                             self.name, now - first.wait_started, self.reserve)
         elif not self.waiting:
             self.use_reserve = False
-        if self.waiting:
+        if self.waiting or self.login_waiters:
             self._grow()
         if not self.paused and len(self.servers) < self.min_size and not self._login_retry_pending():
-            self._open_server()
+            self._open_server(evict=False)      # min_pool_size never takes room from another pool
 
     def pause(self) -> int:
         """Hand out no more servers; returns how many are still in use."""

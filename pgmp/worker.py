@@ -168,25 +168,27 @@ class Worker:
             pool.paused = self.paused_all or db.name in self.paused_dbs
         return pool
 
-    def may_open_server(self, pool: Pool) -> bool:
+    def may_open_server(self, pool: Pool, evict: bool = True) -> bool:
         """max_db_connections and max_user_connections, this worker's share of them."""
         db_max = worker_share(pool.db.max_db_connections, self.nworkers, self.slot) \
             if pool.db.max_db_connections else 0
         user_cfg = self.config.users.get(pool.client_user)
         user_limit = user_cfg.max_user_connections if user_cfg else self.config.max_user_connections
         user_max = worker_share(user_limit, self.nworkers, self.slot) if user_limit else 0
-        if db_max and not self._room(pool, db_max, lambda p: p.db.name == pool.db.name):
+        if db_max and not self._room(pool, db_max, lambda p: p.db.name == pool.db.name, evict):
             return False
-        if user_max and not self._room(pool, user_max, lambda p: p.server_user == pool.server_user):
+        if user_max and not self._room(pool, user_max, lambda p: p.server_user == pool.server_user, evict):
             return False
         return True
 
-    def _room(self, pool: Pool, limit: int, same) -> bool:
+    def _room(self, pool: Pool, limit: int, same, evict: bool) -> bool:
         """Under ``limit`` servers among the pools ``same`` selects; at the limit, an idle server of
         another of those pools is closed to make room (idle servers must not starve a waiting pool)."""
         pools = [p for p in self.pools.values() if same(p)]
         if sum(len(p.servers) for p in pools) < limit:
             return True
+        if not evict:
+            return False
         for other in pools:
             if other is not pool and other.idle:
                 other.idle.pop(0).close(f"making room for pool {pool.name} (connection limit)")

@@ -520,6 +520,54 @@ def test_a_waiting_client_gets_the_server_another_pool_keeps_idle_at_max_db_conn
     assert backends(pg, f"datname = '{lc.name}'") <= 2
 
 
+@pytest.mark.parametrize("limit", ["max_db_connections", "max_user_connections"])
+def test_login_to_a_cold_pool_at_the_limit_waits_for_room_instead_of_failing(pg, pgmp, lc, limit):
+    """The limit is reached by another pool's servers, all busy in transactions. A client whose pool
+    is new (no server parameters yet) must queue like any client and log in once a server is free,
+    not get "no server available" at once."""
+    proxy = start(pgmp, lc, size=5, query_wait_timeout=10, **{limit: 2})
+    other = dict(user=lc.user2, dbname=lc.name) if limit == "max_db_connections" else dict(user=lc.user,
+                                                                                             dbname=lc.name2)
+    with connect(proxy, lc) as a1, connect(proxy, lc) as a2:
+        for conn in (a1, a2):
+            conn.execute("BEGIN")
+            conn.execute("select 1")                     # both servers busy
+        login = Background(lambda: connect(proxy, lc, **other))
+        try:
+            assert not login.done.wait(1.0), f"the login did not wait for a server: {login.error!r}"
+        finally:
+            for conn in (a1, a2):
+                conn.execute("COMMIT")
+        login.wait(10)
+        assert login.error is None, f"{login.error!r}\n{proxy.log()[-2000:]}"
+        with login.result as b:
+            assert b.execute("select 'served'").fetchone() == ("served",)
+    assert backends(pg, f"usename in ('{lc.user}', '{lc.user2}')") <= 2
+
+
+def test_min_pool_size_does_not_evict_other_pools_at_max_db_connections(pg, pgmp, lc):
+    """min_pool_size 2 per pool, max_db_connections 2, two users' pools of one database, no queries:
+    the limit caps the pools below their minimum. Filling a minimum is no demand that may close
+    another pool's idle server (PgBouncer evicts only for waiting clients), else the two pools take
+    each other's servers in turn at every janitor round."""
+    proxy = start(pgmp, lc, size=5, min_pool_size=2, max_db_connections=2)
+    with connect(proxy, lc) as a, connect(proxy, lc, user=lc.user2) as b:
+        assert a.execute("select 1").fetchone() == (1,) and b.execute("select 1").fetchone() == (1,)
+        pids = lambda: pg.psql(f"select string_agg(pid::text, ',' order by pid) from pg_stat_activity "  # noqa: E731
+                               f"where datname = '{lc.name}' and backend_type = 'client backend'")
+        wait_for(lambda: backends(pg, f"datname = '{lc.name}'") == 2, timeout=5)
+        before = pids()
+        mark = len(pg.log())
+        deadline = time.monotonic() + 3.5                    # three janitor rounds
+        while time.monotonic() < deadline:
+            assert backends(pg, f"datname = '{lc.name}'") <= 2
+            time.sleep(0.2)
+        logins = len(re.findall(rf"connection authorized: user=lc2?_\w+ database={lc.name}", pg.log()[mark:]))
+        assert logins == 0 and pids() == before, \
+            f"{logins} new server logins without any client demand (servers {before} -> {pids()})\n" \
+            f"{proxy.log()[-2000:]}"
+
+
 # ---- pause / resume / reconnect through the CLI -------------------------------------------------
 
 def pool_command(pgmp, proxy, *args: str):
