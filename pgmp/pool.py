@@ -145,9 +145,13 @@ class Pool:
 
     def _check(self, srv) -> None:
         """server_check_query on a server idle longer than server_check_delay, before reuse."""
+        self._reset(srv, self.worker.config.server_check_query)
+
+    def _reset(self, srv, query: str) -> None:
+        """Run ``query`` on a released server; it goes idle (or is closed) in _reset_done."""
         srv.state = ServerState.RESET
         self.resetting += 1
-        srv.internal_query(messages.query(self.worker.config.server_check_query), self._reset_done)
+        srv.internal_query(messages.query(query), self._reset_done)
 
     def forget(self, client) -> None:
         try:
@@ -273,9 +277,7 @@ class Pool:
             return
         query = self.worker.config.server_reset_query
         if query and (reset or self.mode == "session" or self.worker.config.server_reset_query_always):
-            srv.state = ServerState.RESET
-            self.resetting += 1
-            srv.internal_query(messages.query(query), self._reset_done)
+            self._reset(srv, query)
             return
         self._put_idle(srv)
 

@@ -320,7 +320,6 @@ class ServerConnection(Endpoint):
                         hint="use pool_mode = \"transaction\" for this database or user"))
         elif kind == 71:                                 # CopyInResponse
             tx.server_copy_in()             # the tracker drops the Syncs copy mode swallows
-            pl.dropped_syncs = 0
         elif kind == 67:                                 # CommandComplete: session features pin the client
             tag = bytes(view[off + 5:off + 12])
             if tag.startswith((b"SET\0", b"RESET\0", b"DISCARD")):
@@ -444,12 +443,12 @@ class ServerConnection(Endpoint):
         """Nothing arrived while idle: no FATAL (pg_terminate_backend, shutdown) and no EOF
         waiting unread. One non-blocking peek, so a dead server is not handed to a client."""
         try:
-            data = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
-            return True
+            return True                 # nothing to read: alive and quiet
         except OSError:
-            return False
-        return False
+            pass
+        return False                    # data, EOF or an error: not fit to hand out
 
     def _shut(self) -> ServerState:
         """Mark closed, stop the timer, close the socket; returns the state it was in."""

@@ -34,6 +34,11 @@ KEY_SEQ_MASK = (1 << KEY_SLOT_SHIFT) - 1
 HEARTBEAT_INTERVAL = 1.0
 
 
+def tracked_parameters(config) -> frozenset[str]:
+    """Reported parameters whose runtime SET follows a client to its next server."""
+    return TRACKED | {p.lower() for p in config.track_extra_parameters}
+
+
 def key_owner(pid: int) -> tuple[int, int]:
     """(slot, generation parity) of the worker that handed out this cancel key."""
     return (pid >> KEY_SLOT_SHIFT) & 0xFF, (pid >> KEY_GEN_SHIFT) & 1
@@ -118,7 +123,7 @@ class Worker:
         self.auth_query = AuthQuery(self)       # secrets of users missing from auth_file (auth_user)
         self.pools: dict[tuple[str, str], Pool] = {}
         self.statement_cache = StatementCache()
-        self.tracked_parameters = TRACKED | {p.lower() for p in config.track_extra_parameters}
+        self.tracked_parameters = tracked_parameters(config)
         self.paused_dbs: set[str] = set()
         self.paused_all = False
         self.keys: dict[int, ClientConnection] = {}
@@ -424,7 +429,7 @@ class Worker:
             log.error("reload failed, keeping the old configuration: %s", exc)
             return str(exc)
         self.config = new
-        self.tracked_parameters = TRACKED | {p.lower() for p in new.track_extra_parameters}
+        self.tracked_parameters = tracked_parameters(new)
         self.secrets = secrets
         self.hba = rules
         self.client_tls, self.server_tls = client_tls, server_tls
