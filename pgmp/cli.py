@@ -5,6 +5,7 @@ import sys
 import typer
 
 from pgmp import __version__
+from pgmp.logs import setup_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="pgmp: PostgreSQL wire-protocol proxy and connection pooler.")
@@ -25,24 +26,6 @@ def _version(value: bool):
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and exit.")):
     pass
-
-
-def setup_logging(level: str, logfile: str = "") -> None:
-    handler: logging.Handler
-    if logfile:
-        handler = logging.FileHandler(logfile)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d [%(process)d] %(levelname)s %(message)s",
-                                           "%Y-%m-%d %H:%M:%S"))
-    root = logging.getLogger("pgmp")
-    root.handlers[:] = [handler]
-    root.propagate = False
-    set_log_level(level)
-
-
-def set_log_level(level: str) -> None:
-    logging.getLogger("pgmp").setLevel(level.upper())
 
 
 def _check_files(cfg) -> list[str]:

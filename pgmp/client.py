@@ -11,16 +11,18 @@ from pgmp.errors import AuthenticationFailed, ClientProtocolError, PgmpError
 from pgmp.loop import Endpoint
 from pgmp.protocol import messages, startup
 from pgmp.protocol.scanner import ERR_SHORT, ERR_TYPE, Scanner, make_flags
+from pgmp.link import REUSE, Link
 from pgmp.prepared import Pipeline
 from pgmp.relay import ASSEMBLE, FORWARD, REPLACE, STOP, WAIT, relay
-from pgmp.session import (ClientState, TxTracker, check_transition, client_settings, login_parameters,
-                          settings_query)
+from pgmp.session import ClientState, check_transition, client_settings, login_parameters
 
 log = logging.getLogger("pgmp")
 
 FRONTEND_TYPES = b"BCcdDEfFHPQSX"
 SMALL_TYPES = b"CDEHSXcf"
-READY_FLAGS = make_flags(report=b"QSFcfX", small=SMALL_TYPES, valid=FRONTEND_TYPES)
+# Session mode: requests, the ends of COPY, and Parse/Bind/Execute (a client that leaves before
+# their Sync leaves the server mid-batch).
+READY_FLAGS = make_flags(report=b"QSFcfXPBE", small=SMALL_TYPES, valid=FRONTEND_TYPES)
 # Transaction and statement mode also follow the extended protocol message by message.
 POOLED_FLAGS = make_flags(report=b"QSFcfXPBCDE", small=SMALL_TYPES, valid=FRONTEND_TYPES)
 # Close and Describe are small; a named Parse is assembled (its text is the statement's key);
@@ -44,10 +46,10 @@ def ready_scanner(flags: bytes, max_message_size: int) -> Scanner:
 
 
 class ClientConnection(Endpoint):
-    __slots__ = ("worker", "state", "peer", "user", "database", "settings", "reported", "pool", "server",
-                 "auth", "auth_method", "secret_entry", "tx", "key_pid", "key_secret", "timer", "scanner", "flags", "whole",
-                 "terminating", "ssl_asked", "gss_asked", "connected_at", "over_limit", "wait_started",
-                 "close_at_boundary", "pipeline", "replacement", "pinned", "cancelled_at", "settings_pending", "tracked")
+    __slots__ = ("worker", "state", "peer", "user", "database", "reported", "pool", "server",
+                 "auth", "auth_method", "secret_entry", "link", "key_pid", "key_secret", "timer", "scanner", "flags",
+                 "whole", "terminating", "ssl_asked", "gss_asked", "connected_at", "over_limit", "wait_started",
+                 "close_at_boundary", "replacement", "cancelled_at", "settings_pending", "logged_in")
 
     def __init__(self, worker, sock, peer: str, over_limit: bool = False):
         super().__init__(worker.loop, sock)
@@ -56,14 +58,13 @@ class ClientConnection(Endpoint):
         self.peer = peer
         self.user = ""
         self.database = ""
-        self.settings: dict[str, str] = {}
         self.reported: dict[str, str] = {}
         self.pool = None
         self.server = None
         self.auth = None
         self.auth_method = ""                      # while auth_query looks the user up
         self.secret_entry = None
-        self.tx = TxTracker()
+        self.link = Link()                         # replaced at startup, with the client's settings
         self.key_pid = 0
         self.key_secret = 0
         self.scanner = _auth_scanner
@@ -76,12 +77,10 @@ class ClientConnection(Endpoint):
         self.over_limit = over_limit
         self.wait_started = 0.0
         self.close_at_boundary = False
-        self.pipeline: Pipeline | None = None      # transaction/statement mode only
         self.replacement = b""
-        self.pinned = False                        # a session feature (LISTEN) keeps the server
         self.cancelled_at = 0.0                    # query_timeout: the query already cancelled
         self.settings_pending = False              # waiting for the server to accept our settings
-        self.tracked = worker.tracked_parameters   # reported parameters whose SET follows the client
+        self.logged_in = False                     # AuthenticationOk .. ReadyForQuery sent
         timeout = worker.config.client_login_timeout
         self.timer = worker.loop.call_later(timeout, self._login_timeout) if timeout > 0 else None
 
@@ -97,13 +96,13 @@ class ClientConnection(Endpoint):
         st = self.state
         try:
             if st is ClientState.ACTIVE and not self.settings_pending:
-                if self.pipeline is None and not self.skip:
+                if not self.link.pooled and not self.skip:
                     # The common case, without the generic relay: whole frames, one needing a look.
                     sc = self.scanner
                     if sc.scan(view, 0, n) == 1 and sc.consumed == n and not sc.error:
                         kind, off, ln = sc.frame(0)
                         if kind != 88:
-                            self.tx.client_frame(kind)
+                            self.link.client_frame(kind)
                             srv = self.server
                             srv.send(view[:n])
                             if srv.unsent > srv.loop.max_unsent:
@@ -116,7 +115,7 @@ class ClientConnection(Endpoint):
                     srv.send_views(out)
                     if srv.congested:
                         srv.hold_until_drained(self)
-                pl = self.pipeline
+                pl = self.link.pipeline
                 if pl is not None and pl.expect and pl.expect[0][0] == 30:     # SYNTHETIC first
                     self.send(pl.synthetic_ready())
                 if self.terminating:
@@ -158,12 +157,9 @@ class ClientConnection(Endpoint):
             if kind == 88:                            # Terminate: the pooled server stays
                 self.terminating = True
                 return STOP
-            self.tx.client_frame(kind)
-            pl = self.pipeline
-            if pl is None:
-                return FORWARD
-            r = pl.client_frame(kind, bytes(view[off + 5:off + ln]) if view is not None and kind in b"PBCD"
-                                else b"", self.server.statements)
+            link = self.link
+            r = link.client_frame(kind, bytes(view[off + 5:off + ln])
+                                  if link.pooled and view is not None and kind in b"PBCDEQ" else None)
             if r is None:
                 return FORWARD
             self.replacement = r
@@ -182,8 +178,7 @@ class ClientConnection(Endpoint):
 
     def on_partial(self, kind, view, pos, n, length):
         """A Bind or Parse too large for one read, in transaction mode: rewrite its head, stream the rest."""
-        pl = self.pipeline
-        if pl is None or self.state is not ClientState.ACTIVE or (kind != 66 and kind != 80):
+        if not self.link.pooled or self.state is not ClientState.ACTIVE or (kind != 66 and kind != 80):
             self.on_frame(kind, None, pos, length)
             return None
         head = bytes(view[pos + 5:min(n, pos + 5 + HEAD_MAX)])
@@ -192,12 +187,9 @@ class ClientConnection(Endpoint):
             if n - pos - 5 >= HEAD_MAX:
                 raise ClientProtocolError("invalid statement or portal name in message")
             return WAIT
-        if kind == 80:                                  # Parse: only an unnamed one can stream
-            if head[0] != 0:
-                return ASSEMBLE                         # its text is the statement's key
-            pl.client_frame(kind, head, self.server.statements)
-            return None
-        return pl.bind_head(head, length, self.server.statements)
+        if kind == 80 and head[0] != 0:                 # Parse: only an unnamed one can stream
+            return ASSEMBLE                             # its text is the statement's key
+        return self.link.client_head(kind, head, length)
 
     def framing_error(self, code, view, off):
         kind = view[off]
@@ -300,10 +292,13 @@ class ClientConnection(Endpoint):
         self.database = packet.database
         if self.over_limit:
             raise PgmpError(errors.TOO_MANY_CONNECTIONS, "no more connections allowed (max_client_conn)")
-        self.settings = client_settings(packet)
+        worker = self.worker
+        settings = client_settings(packet)
+        if worker.config.application_name_add_host:
+            settings["application_name"] = f"{settings.get('application_name', '')} - {self.peer}"
+        self.link = Link(settings, worker.tracked_parameters, name=f"{packet.user}@{packet.database}")
         if packet.minor > 0 or packet.unrecognized:
             self.send(messages.negotiate_protocol_version(0, packet.unrecognized))
-        worker = self.worker
         method = self._auth_method()
         secret = worker.secrets.get(self.user)
         if secret is None and worker.config.auth_user:
@@ -428,6 +423,13 @@ class ClientConnection(Endpoint):
         self.pool.learn_credentials(self.auth, self.secret_entry)
         self.auth = None
         self.set_state(ClientState.LOGIN_WAIT)
+        if self.pool.mode == "session":
+            # Session mode is a direct connection: the client's server is linked before its login
+            # ends, so BackendKeyData carries the server's real pid (pg_backend_pid, NOTIFY,
+            # pg_terminate_backend behave as without pgmp) and ParameterStatus its real values.
+            self.wait_started = self.loop.clock()
+            self.pool.request(self)
+            return
         params = self.pool.want_params(self)
         if params is not None:
             self.finish_login(params)
@@ -436,35 +438,38 @@ class ClientConnection(Endpoint):
         return PgmpError(errors.INVALID_CATALOG_NAME, f'database "{self.database}" does not exist',
                          hint="pgmp knows only the databases in its [databases] sections")
 
-    def finish_login(self, params: dict[str, str]):
-        """The pool knows its server parameters: complete the client's login."""
+    def finish_login(self, params: dict[str, str], srv=None):
+        """The pool knows its server parameters (session mode: ``srv`` is the client's server): complete the login."""
         if self.closed:
             return
         worker = self.worker
-        reported = login_parameters(params, self.settings)
+        link = self.link
+        reported = login_parameters(params, link.settings)
         # most clients see exactly the pool's values: share one dict until one changes (memory per idle client)
         self.reported = params if reported == params else reported
-        self.key_pid, self.key_secret = worker.new_cancel_key(self)
+        self.key_pid, self.key_secret = worker.new_cancel_key(self, srv.backend_pid if srv is not None else 0)
         out = [messages.auth_ok()]
         for name, value in self.reported.items():
             out.append(messages.parameter_status(name, value))
         out.append(messages.backend_key_data(self.key_pid, self.key_secret))
         out.append(messages.ready_for_query(b"I"))
         self.send(b"".join(out))
+        self.logged_in = True
         if self.timer:
             self.timer.cancel()
             self.timer = None
-        self.set_state(ClientState.IDLE)
+        if srv is None:
+            self.set_state(ClientState.IDLE)
         self.pool.clients.add(self)
         self.pool.stats.login_count += 1
-        self.tx.clock = self.loop.clock
-        self.tx.stats = self.pool.stats
-        self.tx.t_ready = self.loop.clock()
         if self.pool.mode == "session":
             flags, whole = READY_FLAGS, NO_WHOLE
+            link.logged_in(self.loop.clock, self.pool.stats)
         else:
             flags, whole = POOLED_FLAGS, POOLED_WHOLE
-            self.pipeline = Pipeline(worker.statement_cache, worker.config.max_prepared_statements > 0)
+            link.logged_in(self.loop.clock, self.pool.stats,
+                           Pipeline(worker.statement_cache, worker.config.max_prepared_statements > 0),
+                           statement_mode=self.pool.mode == "statement")
         self.scanner, self.flags, self.whole = ready_scanner(flags, worker.config.max_message_size), flags, whole
         if worker.config.log_connections:
             log.info("login: user=%s db=%s from %s", self.user, self.database, self.peer)
@@ -479,9 +484,15 @@ class ClientConnection(Endpoint):
             self.timer = None
         self.server = srv
         self.set_state(ClientState.ACTIVE)
-        srv.use_normal_scanner(self.pipeline is not None)
-        q = settings_query(self.settings, srv.applied, srv.reported_lc, srv.settings_dirty)
-        srv.settings_dirty = False
+        srv.use_normal_scanner(self.link.pooled)
+        q = self.link.attach(srv.session)
+        if not self.logged_in:                  # session mode: the login ends once the server has our settings
+            if q is None:
+                self.finish_login(srv.params, srv)
+                return
+            self.settings_pending = True
+            srv.internal_query(q, self._settings_applied)
+            return
         if q is not None:
             # The client's own messages wait for the answer: a setting the server refuses must
             # stop the session before any of its queries runs with the others half applied.
@@ -495,12 +506,20 @@ class ClientConnection(Endpoint):
     def _settings_applied(self, srv, error):
         self.settings_pending = False
         if error is not None:
-            srv.settings_dirty = True        # what the server holds now is unknown
+            # A refused setting ends the session; what the server holds now is unknown to pgmp.
+            self.server = None
+            self.link.detach()
+            srv.client = None
+            srv.close(f"client settings refused: {error.message}")
             self.fail(error)
             return
-        if self.server is srv:
-            self.resume_reading()
-            self.kick()
+        if self.server is not srv:
+            return
+        if not self.logged_in:
+            self.finish_login(srv.params, srv)
+            return
+        self.resume_reading()
+        self.kick()
 
     def report(self, name: str, value: str) -> bool:
         """Record a ParameterStatus value the client has seen; False if it already had it."""
@@ -516,16 +535,16 @@ class ClientConnection(Endpoint):
         """Transaction boundary in transaction or statement mode: the server goes back to the pool."""
         srv = self.server
         self.server = None
+        self.link.detach()
         self.set_state(ClientState.IDLE)
+        self.pool.release(srv, REUSE)
         if self.close_at_boundary:
-            self.pool.release(srv, True)
             self.fail(PgmpError(errors.ADMIN_SHUTDOWN, "terminating connection due to administrator command"))
-            return
-        self.pool.release(srv, True)
 
     def server_lost(self, srv, exc: PgmpError):
         if self.server is srv:
             self.server = None
+            self.link.detach()
         self.fail(exc)
 
     # -- ending ------------------------------------------------------------------
@@ -566,9 +585,9 @@ class ClientConnection(Endpoint):
                 self.pool.clients.discard(self)
                 self.pool.stats.bytes_in += self.rx
             if srv is not None:
-                pl = self.pipeline
-                clean = self.tx.idle and srv.swallow == 0 and (pl is None or pl.idle)
-                self.pool.release(srv, clean, reset=self.pinned)
+                verdict, why = self.link.leave(self.skip > 0, srv.swallow > 0)
+                self.link.detach()
+                self.pool.release(srv, verdict, why)
         if reason and self.worker.config.log_disconnections and was is not ClientState.STARTUP:
             log.info("disconnect: user=%s db=%s from %s: %s", self.user or "-", self.database or "-",
                      self.peer, reason)

@@ -119,7 +119,8 @@ SCHEMA: tuple[Setting, ...] = (
     _S("server_lifetime", "duration", 3600, "Close a server connection at its next release once it is this old (0 = never).", low=0),
     _S("server_check_delay", "duration", 30, "Run server_check_query on a pooled server idle this long before reusing it (0 = every time).", low=0),
     _S("server_check_query", "str", "select 1", 'Query that checks an idle server before reuse; "" disables the check.'),
-    _S("server_reset_query", "str", "DISCARD ALL", 'Query run on a server when its client session ends (session mode); "" runs none.'),
+    _S("server_reset_query", "str", "DISCARD ALL", 'Query run on a server when its client session ends (session mode); "" runs none. A transaction-mode client pinned to its server always gets DISCARD ALL.'),
+    _S("server_reset_timeout", "duration", 10, "Close a server whose reset or check query has not answered within this time (0 = wait forever).", low=0),
     _S("server_reset_query_always", "bool", False, "Also run server_reset_query at each release in transaction and statement modes."),
     _S("query_timeout", "duration", 0, "Cancel a query that runs longer than this (0 = off).", low=0),
     _S("query_wait_timeout", "duration", 120, "Disconnect a client that has waited this long for a server (0 = wait forever).", low=0),
@@ -129,7 +130,7 @@ SCHEMA: tuple[Setting, ...] = (
     # --- session state ---
     _S("max_prepared_statements", "int", 200, "Protocol-level prepared statements kept per server connection in transaction and statement modes (0 = not supported).", low=0),
     _S("track_extra_parameters", "strlist", ["IntervalStyle"], "Client parameters kept per client and set on each server it gets, besides client_encoding, DateStyle, TimeZone, standard_conforming_strings and application_name."),
-    _S("application_name_add_host", "bool", False, "Append the client's address and port to its application_name at login."),
+    _S("application_name_add_host", "bool", False, "Append \" - <address>:<port>\" of the client to the application_name it logs in with (what its server connections show in pg_stat_activity)."),
     _S("tcp_keepalive", "bool", True, "Turn on TCP keepalive, with the kernel's timings, on client and server sockets."),
     # --- logging and files ---
     _S("logfile", "path", "", 'File to append the log to, reopened on reload; "" logs to stderr (the journal under systemd).'),
@@ -163,7 +164,7 @@ SCHEMA: tuple[Setting, ...] = (
     _D("reserve_pool_size", "int", None, "Reserve connections per pool of this database.", low=0, inherit="reserve_pool_size"),
     _D("pool_mode", "enum", None, "Pool mode of this database.", choices=POOL_MODES, inherit="pool_mode"),
     _D("max_db_connections", "int", None, "Server connections to this database over all its pools (0 = unlimited).", low=0, inherit="max_db_connections"),
-    _D("connect_query", "str", "", 'Query run once on each new server connection after login; "" runs none.'),
+    _D("connect_query", "str", "", 'Query run once on each new server connection after login, before any client uses it (a failure counts as a failed login); "" runs none.'),
     _D("application_name", "str", "", 'application_name of server connections whose client sets none; "" sets none.'),
     # --- [users.<name>] ---
     _U("pool_mode", "enum", None, "Pool mode of this user's pools; wins over the database's.", choices=POOL_MODES,

@@ -22,6 +22,7 @@ from pgmp import config as configmod
 from pgmp.files import FileCheckError, check_files
 from pgmp.listen import ListenError, bind_all, tcp_listener
 from pgmp.loop import Endpoint, Loop
+from pgmp.logs import reopen_log_files, set_log_level
 from pgmp.notify import notify
 
 log = logging.getLogger("pgmp")
@@ -481,20 +482,18 @@ class Master:
                 wp.clients = msg.get("clients", 0)
                 wp.servers = msg.get("servers", 0)
             elif kind == "cancel":
-                self._forward_cancel(msg)
+                self._forward_cancel(link, msg)
             elif kind in ("stats", "reload_result", "pool_result"):
                 self._collect(wp, msg)
             return
         if kind == "command":
             self.command(link, msg.get("command", ""), msg.get("args") or {})
 
-    def _forward_cancel(self, msg):
-        from pgmp.worker import key_owner
-        slot, parity = key_owner(int(msg.get("pid", 0)))
+    def _forward_cancel(self, link, msg):
+        """A worker got a CancelRequest with a key it did not hand out: ask every other worker."""
         for wp in self.workers.values():
-            if wp.slot == slot and wp.generation % 2 == parity and wp.ready:
+            if wp.link is not link and wp.ready:
                 wp.link.post("cancel", pid=msg["pid"], secret=msg["secret"])
-                return
 
     def _maybe_ready(self):
         current = [w for w in self.workers.values() if w.generation == self.generation]
@@ -630,6 +629,7 @@ class Master:
 
     # -- reload --------------------------------------------------------------------------------
     def reload(self, link=None):
+        reopen_log_files()
         notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
         path = self.config.path
         try:
@@ -654,7 +654,6 @@ class Master:
             import dataclasses
             new = dataclasses.replace(new, pidfile=old.pidfile, control_socket=old.control_socket)
         self.config = new
-        from pgmp.cli import set_log_level
         set_log_level(new.log_level)
         if regen:
             try:

@@ -12,6 +12,7 @@ import socket
 
 from pgmp import errors
 from pgmp.errors import PgmpError
+from pgmp.link import CLOSE, RESET
 from pgmp.protocol import messages
 from pgmp.server import ServerState
 from pgmp.stats import PoolStats
@@ -148,10 +149,20 @@ class Pool:
         self._reset(srv, self.worker.config.server_check_query)
 
     def _reset(self, srv, query: str) -> None:
-        """Run ``query`` on a released server; it goes idle (or is closed) in _reset_done."""
+        """Run ``query`` on a released server; it goes idle (or is closed) in _reset_done.
+
+        A server that does not answer within server_reset_timeout is closed and replaced."""
         srv.state = ServerState.RESET
         self.resetting += 1
         srv.internal_query(messages.query(query), self._reset_done)
+        timeout = self.worker.config.server_reset_timeout
+        if timeout > 0:
+            srv.timer = self.worker.loop.call_later(timeout, self._reset_timed_out, srv, query)
+
+    def _reset_timed_out(self, srv, query: str) -> None:
+        srv.timer = None
+        if srv.state is ServerState.RESET and not srv.closed:
+            srv.close(f"no answer to {query!r} within server_reset_timeout")
 
     def forget(self, client) -> None:
         try:
@@ -231,14 +242,29 @@ class Pool:
                 self._addr = (fam, sa, f"{host}:{port}")
         return self._addr
 
+    def server_logged_in(self, srv) -> None:
+        """A new server finished its login: run connect_query, if set, before it serves."""
+        query = self.db.connect_query
+        if query:
+            srv.internal_query(messages.query(query), self._connect_query_done)
+            return
+        self.server_ready(srv)
+
     def server_ready(self, srv) -> None:
-        """A new server finished its login."""
+        """A new server is ready to serve."""
         self.connecting -= 1
         self.last_error = None
         if self.params is None:
             self.params = dict(srv.params)
         self._finish_logins()
         self._put_idle(srv)
+
+    def _connect_query_done(self, srv, error) -> None:
+        if error is not None:
+            srv.state = ServerState.LOGIN           # counted as a failed login
+            srv.abort(PgmpError(error.sqlstate, f"connect_query failed: {error.message}", detail=error.detail))
+            return
+        self.server_ready(srv)
 
     def _finish_logins(self):
         waiters, self.login_waiters = self.login_waiters, []
@@ -258,16 +284,20 @@ class Pool:
         srv.last_used = self.worker.loop.clock()
         self.idle.append(srv)
 
-    def release(self, srv, clean: bool, reset: bool = False) -> None:
-        """The client is done with ``srv``: reset and reuse it if clean, close it otherwise.
+    def release(self, srv, verdict: int = 0, why: str = "") -> None:
+        """The client is done with ``srv``: reuse it (REUSE), DISCARD ALL first (RESET), or CLOSE it.
 
         A server with a cancel request in flight is held until the cancel is done, so the
-        cancel cannot hit the next client's query.
+        cancel cannot hit the next client's query. Session mode always runs
+        server_reset_query; a pinned client's server (RESET) always gets DISCARD ALL, the
+        one command that clears every kind of session state.
         """
         srv.client = None
-        if not clean:
-            srv.close("client left with the server busy or in a transaction")
+        if verdict == CLOSE:
+            srv.close(why or "client left with the server busy")
             return
+        if verdict == RESET:
+            srv.release_reset = True
         if self.worker.server_expired(srv):
             srv.close("server_lifetime reached")
             return
@@ -275,8 +305,12 @@ class Pool:
             srv.parked = True
             srv.state = ServerState.IDLE
             return
+        if srv.release_reset:
+            srv.release_reset = False
+            self._reset(srv, "DISCARD ALL")
+            return
         query = self.worker.config.server_reset_query
-        if query and (reset or self.mode == "session" or self.worker.config.server_reset_query_always):
+        if query and (self.mode == "session" or self.worker.config.server_reset_query_always):
             self._reset(srv, query)
             return
         self._put_idle(srv)
@@ -285,15 +319,18 @@ class Pool:
         """A cancel for ``srv`` completed: a server held back for it may serve again."""
         if srv.parked and not srv.cancel_pending and not srv.closed:
             srv.parked = False
-            self.release(srv, True)
+            self.release(srv)
 
     def _reset_done(self, srv, error) -> None:
         self.resetting -= 1
         srv.state = ServerState.IDLE        # counted out of "resetting" once, here
+        if srv.timer:
+            srv.timer.cancel()
+            srv.timer = None
         if error is not None:
-            srv.close(f"server_reset_query failed: {error.message}")
+            srv.close(f"reset or check query failed: {error.message}")
             return
-        srv.applied.clear()
+        srv.session.after_reset(srv.last_internal)
         self._put_idle(srv)
 
     def server_closed(self, srv, exc: PgmpError | None, was) -> None:

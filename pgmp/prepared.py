@@ -92,7 +92,7 @@ def parse_frame(name: bytes, key: bytes) -> bytes:
 
 class Pipeline:
     """One client's statements and owed responses in transaction or statement mode."""
-    __slots__ = ("cache", "statements", "expect", "skipping", "dropped_syncs", "enabled")
+    __slots__ = ("cache", "statements", "expect", "skipping", "enabled")
 
     def __init__(self, cache: StatementCache, enabled: bool = True):
         self.cache = cache
@@ -100,7 +100,6 @@ class Pipeline:
         self.statements: dict[bytes, bytes] = {}      # client name -> key (text\0 + types)
         self.expect: collections.deque = collections.deque()
         self.skipping = False                          # the server discards until Sync after an error
-        self.dropped_syncs = 0                         # Syncs swallowed by the last COPY IN
 
     @property
     def idle(self) -> bool:
@@ -327,7 +326,6 @@ class Pipeline:
         head = exp.popleft()
         kept = [e for e in exp if e[0] != R_SYNC]
         dropped = len(exp) - len(kept)
-        self.dropped_syncs = dropped
         exp.clear()
         exp.append(head)
         exp.extend(kept)

@@ -12,7 +12,8 @@ from pgmp import errors, tls
 from pgmp.errors import PgmpError, ServerProtocolError
 from pgmp.loop import EVENT_READ, EVENT_WRITE, Endpoint
 from pgmp.protocol import messages
-from pgmp.prepared import RESPONSE_TYPES, ServerStatements
+from pgmp.link import KEEP, RELEASE, ServerSession
+from pgmp.prepared import RESPONSE_TYPES
 from pgmp.protocol.scanner import Scanner, make_flags
 from pgmp.relay import DROP, FORWARD, REPLACE, RESCAN, relay
 
@@ -96,10 +97,10 @@ class ServerLogin:
 
 class ServerConnection(Endpoint):
     """One connection to PostgreSQL, owned by a pool."""
-    __slots__ = ("pool", "state", "login", "params", "applied", "client", "swallow", "swallow_error",
+    __slots__ = ("pool", "state", "login", "params", "session", "client", "swallow", "swallow_error",
                  "swallow_done", "backend_pid", "backend_secret", "scanner", "flags", "whole", "created",
-                 "last_used", "timer", "addr_text", "cancel_pending", "statements", "release_after",
-                 "replacement", "parked", "reported_lc", "settings_dirty", "swallow_rows")
+                 "last_used", "timer", "addr_text", "cancel_pending", "release_after",
+                 "replacement", "parked", "swallow_rows", "release_reset", "last_internal")
 
     def __init__(self, loop, pool, sock: socket.socket, addr_text: str, login: ServerLogin):
         super().__init__(loop, sock, EVENT_WRITE)
@@ -107,7 +108,7 @@ class ServerConnection(Endpoint):
         self.state = ServerState.CONNECTING
         self.login = login
         self.params: dict[str, str] = {}
-        self.applied: dict[str, str] = {}
+        self.session = ServerSession(pool.worker.config.max_prepared_statements)
         self.client = None
         self.swallow = 0
         self.swallow_error: ServerError | None = None
@@ -123,12 +124,11 @@ class ServerConnection(Endpoint):
         self.timer = None
         self.addr_text = addr_text
         self.cancel_pending = 0
-        self.statements = ServerStatements(pool.worker.config.max_prepared_statements)
         self.release_after = False
         self.replacement = b""
         self.parked = False                # released, but held until a pending cancel is done
-        self.reported_lc: dict[str, str] = {}   # params keyed in lower case, for settings_query
-        self.settings_dirty = False        # a client ran SET/RESET/DISCARD: re-apply everything
+        self.release_reset = False         # released by a pinned client: DISCARD ALL before reuse
+        self.last_internal = b""           # the last internal query sent (reset, check, settings)
 
     def __repr__(self):
         return f"<server {self.pool.name} {self.addr_text} pid={self.backend_pid} {self.state.value}>"
@@ -230,12 +230,12 @@ class ServerConnection(Endpoint):
             if sc.scan(view, 0, n) == 1 and sc.consumed == n and not sc.error:
                 kind, off, ln = sc.frame(0)
                 if kind == 90:
-                    tx = client.tx
-                    tx.server_ready(1, view[off + 5])
+                    link = client.link
+                    link.server_ready(1, view[off + 5])
                     client.send(view[:n])
                     if client.unsent > client.loop.max_unsent:
                         client.hold_until_drained(self)
-                    if client.close_at_boundary and tx.idle:
+                    if client.close_at_boundary and link.idle:
                         client.fail(PgmpError(errors.ADMIN_SHUTDOWN,
                                               "terminating connection due to administrator command"))
                     return
@@ -255,7 +255,7 @@ class ServerConnection(Endpoint):
                     self.release_after = False
                     if client.server is self:
                         client.detach()
-                elif client.close_at_boundary and client.tx.idle:
+                elif client.close_at_boundary and client.link.idle:
                     client.fail(PgmpError(errors.ADMIN_SHUTDOWN,
                                           "terminating connection due to administrator command"))
             elif not self.closed:
@@ -267,10 +267,10 @@ class ServerConnection(Endpoint):
         if self.scanner is _normal_scanner:
             client = self.client
             if kind == 90:                                   # ReadyForQuery
-                client.tx.server_ready(1, view[off + 5])
+                client.link.server_ready(1, view[off + 5])
                 return FORWARD
             if kind == 71:                                   # CopyInResponse
-                client.tx.server_copy_in()
+                client.link.server_copy_in()
                 return FORWARD
             name, value = messages.parse_parameter_status(bytes(view[off + 5:off + ln]))
             self._param_changed(name, value)
@@ -292,43 +292,29 @@ class ServerConnection(Endpoint):
         elif kind == 83:
             name, value = messages.parse_parameter_status(payload)
             self.params[name] = value
-            self.reported_lc[name.lower()] = value
+            self.session.reported[name.lower()] = value
             client = self.client
-            if client is not None and client.report(name, value):
+            # (a client still logging in gets its values with the login's ParameterStatus)
+            if client is not None and client.logged_in and client.report(name, value):
                 return FORWARD
         return DROP
 
     def _pooled_frame(self, kind, view, off, ln):
-        """Transaction/statement mode: keep the client's Pipeline in step, release at the boundary."""
+        """Transaction/statement mode: keep the client's Link in step, release at the boundary."""
         client = self.client
         if kind == 83 and ln > 5:                        # ParameterStatus (not Sync: servers send no 'S' Sync)
             name, value = messages.parse_parameter_status(bytes(view[off + 5:off + ln]))
             self._param_changed(name, value)
             return FORWARD
-        pl = client.pipeline
-        r = pl.server_frame(kind, view[off:off + ln], self.statements)
-        tx = client.tx
+        link = client.link
+        r = link.server_frame(kind, view[off:off + ln])
         if kind == 90:                                   # ReadyForQuery
-            tx.server_ready(1, view[off + 5])
-            if tx.outstanding == 0 and pl.idle and not client.pinned:
-                if tx.status == 73:
-                    self.release_after = True
-                elif self.pool.mode == "statement":
-                    client.close_at_boundary = False
-                    self.loop.call_later(0, client.fail, PgmpError(
-                        errors.FEATURE_NOT_SUPPORTED, "transaction blocks not allowed in statement mode",
-                        hint="use pool_mode = \"transaction\" for this database or user"))
-        elif kind == 71:                                 # CopyInResponse
-            tx.server_copy_in()             # the tracker drops the Syncs copy mode swallows
-        elif kind == 67:                                 # CommandComplete: session features pin the client
-            tag = bytes(view[off + 5:off + 12])
-            if tag.startswith((b"SET\0", b"RESET\0", b"DISCARD")):
-                self.settings_dirty = True
-            elif tag.startswith((b"LISTEN", b"PREPARE")):
-                if not client.pinned:
-                    client.pinned = True
-                    log.info("client %s@%s pinned to its server by %s (session feature in %s mode)",
-                             client.user, client.database, tag.rstrip(b"\0").decode(), self.pool.mode)
+            verdict = link.after_ready(client.skip > 0)
+            if verdict == RELEASE:
+                self.release_after = True
+            elif verdict != KEEP:
+                client.close_at_boundary = False
+                self.loop.call_later(0, client.fail, link.statement_mode_error())
         if r is None:
             return FORWARD
         if not r:
@@ -346,7 +332,7 @@ class ServerConnection(Endpoint):
             self.send(reply)
         if self.login.done:
             self.params = self.login.params
-            self.reported_lc = {k.lower(): v for k, v in self.params.items()}
+            self.session.reported.update((k.lower(), v) for k, v in self.params.items())
             self.backend_pid = self.login.backend_pid
             self.backend_secret = self.login.backend_secret
             self.login = None
@@ -355,21 +341,18 @@ class ServerConnection(Endpoint):
                 self.timer = None
             self.state = ServerState.IDLE
             log.debug("server login ok: %r", self)
-            self.pool.server_ready(self)
+            self.pool.server_logged_in(self)
             return RESCAN
         return DROP
 
     def _param_changed(self, name: str, value: str):
         self.params[name] = value
-        lc = name.lower()
-        self.reported_lc[lc] = value
         client = self.client
         if client is not None:
             client.report(name, value)
-            if lc in client.tracked:
-                # a client's own SET of a reported parameter follows it to its next server
-                client.settings[lc] = value
-                self.applied[lc] = value
+            client.link.parameter_status(name, value)
+        else:
+            self.session.reported[name.lower()] = value
 
     # -- internal queries --------------------------------------------------------
     def internal_query(self, query: bytes, done=None, rows: list | None = None):
@@ -380,6 +363,7 @@ class ServerConnection(Endpoint):
         self.swallow += 1
         self.swallow_done = done
         self.swallow_rows = rows
+        self.last_internal = query
         self.scanner, self.flags, self.whole = _internal_scanner, ALL_FLAGS, WHOLE_ALL
         self.send(query)
 
@@ -395,7 +379,7 @@ class ServerConnection(Endpoint):
 
     def use_normal_scanner(self, pooled: bool | None = None):
         if pooled is None:
-            pooled = self.client is not None and self.client.pipeline is not None
+            pooled = self.client is not None and self.client.link.pooled
         if pooled:
             self.scanner, self.flags, self.whole = _pooled_scanner, POOLED_FLAGS, POOLED_WHOLE
         else:

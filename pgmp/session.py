@@ -1,9 +1,8 @@
-"""The client session's state machine and the sans-IO rules a session follows: transaction tracking and session parameters.
+"""The client session's state machine and the sans-IO rules for session parameters (the link uses them).
 
 The IO glue (pgmp.client) asks this module what a state change means; it
 never decides protocol questions itself.
 """
-import collections
 import enum
 import re
 
@@ -17,7 +16,7 @@ class ClientState(enum.Enum):
     STARTUP = "startup"        # waiting for the startup packet (an SSLRequest may come first)
     AUTH_LOOKUP = "auth-lookup"  # user not in auth_file: waiting for auth_query to return its secret
     AUTH = "auth"              # password / SASL exchange with pgmp
-    LOGIN_WAIT = "login"       # authenticated; waiting for the pool's server parameters (cold pool)
+    LOGIN_WAIT = "login"       # authenticated; waiting for the pool's parameters (cold pool) or, in session mode, a server
     IDLE = "idle"              # logged in, no server linked
     WAITING = "waiting"        # has a request, queued for a server
     ACTIVE = "active"          # a server is linked
@@ -29,7 +28,7 @@ TRANSITIONS: dict[ClientState, frozenset[ClientState]] = {
     _S.STARTUP: frozenset({_S.STARTUP, _S.AUTH_LOOKUP, _S.AUTH, _S.CLOSED}),
     _S.AUTH_LOOKUP: frozenset({_S.AUTH, _S.CLOSED}),
     _S.AUTH: frozenset({_S.LOGIN_WAIT, _S.IDLE, _S.CLOSED}),
-    _S.LOGIN_WAIT: frozenset({_S.IDLE, _S.CLOSED}),
+    _S.LOGIN_WAIT: frozenset({_S.IDLE, _S.ACTIVE, _S.CLOSED}),   # session mode: linked at login
     _S.IDLE: frozenset({_S.WAITING, _S.ACTIVE, _S.CLOSED}),
     _S.WAITING: frozenset({_S.ACTIVE, _S.CLOSED}),
     _S.ACTIVE: frozenset({_S.IDLE, _S.CLOSED}),
@@ -44,90 +43,6 @@ class IllegalTransition(RuntimeError):
 def check_transition(old: ClientState, new: ClientState) -> None:
     if new not in TRANSITIONS[old]:
         raise IllegalTransition(f"client session cannot go from {old.value} to {new.value}")
-
-
-# ---- transaction tracking ---------------------------------------------------
-
-class TxTracker:
-    """Knows whether the server linked to a client is between requests, and times what it sees.
-
-    Counts the requests that the server will answer with ReadyForQuery
-    (Query, Sync, FunctionCall) against the ReadyForQuery frames it sent. A
-    server in COPY IN ignores Sync and Flush, so a Sync that arrives while
-    pgmp knows the server copies is not counted. When in doubt the tracker
-    says "busy": a busy server is closed instead of being reused dirty.
-    ``stats`` (a PoolStats) gets query and transaction counts and times.
-    """
-    __slots__ = ("outstanding", "status", "copy_in", "stats", "clock", "t_query", "t_xact", "t_ready", "kinds")
-
-    def __init__(self, clock=None, stats=None):
-        self.outstanding = 0
-        self.status = 73            # b"I"
-        self.copy_in = False
-        self.stats = stats
-        self.clock = clock
-        self.t_query = 0.0
-        self.t_xact = 0.0
-        self.t_ready = 0.0          # when the server last finished all outstanding requests
-        self.kinds: collections.deque = collections.deque()   # outstanding request kinds, oldest first
-
-    def client_frame(self, kind: int) -> None:
-        if kind == 81 or kind == 70 or (kind == 83 and not self.copy_in):   # Query, FunctionCall, Sync
-            self.kinds.append(kind)
-            if self.outstanding == 0:
-                if self.clock is not None:
-                    self.t_query = now = self.clock()
-                    if self.status == 73:
-                        self.t_xact = now
-            self.outstanding += 1
-        elif kind == 99 or kind == 102:         # 'c' CopyDone, 'f' CopyFail
-            self.copy_in = False
-
-    def server_ready(self, count: int, status: int) -> None:
-        self.outstanding -= count
-        if self.outstanding < 0:
-            self.outstanding = 0
-        kinds = self.kinds
-        for _ in range(min(count, len(kinds))):
-            kinds.popleft()
-        self.status = status
-        self.copy_in = False
-        st = self.stats
-        if st is not None:
-            st.query_count += count
-            if self.outstanding == 0:
-                self.t_ready = now = self.clock()
-                st.query_time_us += int((now - self.t_query) * 1e6)
-                if status == 73:
-                    st.xact_count += 1
-                    st.xact_time_us += int((now - self.t_xact) * 1e6)
-
-    def server_copy_in(self) -> None:
-        """CopyInResponse: requests sent after the statement that started the COPY are swallowed.
-
-        A COPY started by a Query is answered by that Query's ReadyForQuery; one started by an
-        extended-protocol Execute ends at a Sync the client sends after CopyDone, so every Sync
-        already counted was (or will be) ignored by the server in copy mode.
-        """
-        self.copy_in = True
-        kinds = self.kinds
-        if kinds and kinds[0] != 83:        # the Query (or FunctionCall) that started the COPY
-            first = kinds[0]
-            kinds.clear()
-            kinds.append(first)
-        else:
-            kinds.clear()
-        self.outstanding = len(kinds)
-
-    @property
-    def idle(self) -> bool:
-        """No request in flight and no open transaction: the server may be reused."""
-        return self.outstanding == 0 and self.status == 73 and not self.copy_in
-
-    @property
-    def between_requests(self) -> bool:
-        """No request in flight (a transaction may be open)."""
-        return self.outstanding == 0 and not self.copy_in
 
 
 # ---- session parameters -----------------------------------------------------
@@ -186,29 +101,22 @@ def normalize(name: str, value: str) -> str:
     return value
 
 
-def settings_query(wanted: dict[str, str], applied: dict[str, str], reported: dict[str, str],
-                   dirty: bool = False) -> bytes | None:
+def settings_query(wanted: dict[str, str], applied: dict[str, str], reported: dict[str, str]) -> bytes | None:
     """A Query that brings a server's session to a client's settings, or None if it already matches.
 
-    ``applied`` is what pgmp set on that server earlier (for other clients too);
+    ``applied`` is what pgmp knows to be set on that server (by earlier clients too);
     ``reported`` what the server reported by ParameterStatus, keyed in lower case.
     Only differences are sent; what an earlier client set and this one did not ask
-    for is RESET. ``dirty`` means a client ran SET/RESET/DISCARD itself, so what the
-    server holds is unknown: RESET ALL, then everything wanted. ``applied`` is
-    updated to what the query establishes.
+    for is RESET first (the session user before the role: resetting it resets the
+    role), then the settings are applied (again the session user first). ``applied``
+    is updated to what the query establishes.
     """
-    if dirty:
-        applied.clear()
-        applied.update(wanted)
-        sql = ["RESET ALL"]
-        if wanted:
-            sql.append("SELECT " + ", ".join(_set_config(n, v) for n, v in wanted.items()))
-        return messages.query(";".join(sql))
-    stmts = []
-    resets = [name for name in applied if name not in wanted]
+    resets = sorted((name for name in applied if name not in wanted), key=_order)
     for name in resets:
         del applied[name]
-    for name, value in wanted.items():
+    stmts = []
+    for name in sorted(wanted, key=_order) if _ORDERED & wanted.keys() else wanted:
+        value = wanted[name]
         if applied.get(name) == value:
             continue
         applied[name] = value
@@ -218,9 +126,18 @@ def settings_query(wanted: dict[str, str], applied: dict[str, str], reported: di
         stmts.append(_set_config(name, value))
     if not stmts and not resets:
         return None
-    sql = ["SELECT " + ", ".join(stmts)] if stmts else []
-    sql += [f"RESET {name}" for name in resets]
+    sql = [f"RESET {name}" for name in resets]
+    if stmts:
+        sql.append("SELECT " + ", ".join(stmts))
     return messages.query(";".join(sql))
+
+
+# The session user goes first (setting or resetting it resets the role), then the role.
+_ORDERED = {"session_authorization", "role"}
+
+
+def _order(name: str) -> int:
+    return 0 if name == "session_authorization" else 1 if name == "role" else 2
 
 
 def _set_config(name: str, value: str) -> str:

@@ -17,6 +17,7 @@ from pgmp.auth.query import AuthQuery
 from pgmp.auth.server import ServerAuthenticator
 from pgmp.hba import load_hba
 from pgmp.client import ClientConnection
+from pgmp.logs import reopen_log_files
 from pgmp.loop import EVENT_WRITE, Endpoint, Loop
 from pgmp.pool import Pool, worker_share
 from pgmp.prepared import StatementCache
@@ -26,22 +27,15 @@ from pgmp.session import TRACKED, ClientState
 
 log = logging.getLogger("pgmp")
 
-# BackendKeyData pid: generation parity in bit 30, worker slot in bits 22..29, a per-worker
-# sequence below (never 0). The pid stays a positive int32, as clients expect of a backend pid.
-KEY_SLOT_SHIFT = 22
-KEY_GEN_SHIFT = 30
-KEY_SEQ_MASK = (1 << KEY_SLOT_SHIFT) - 1
+# BackendKeyData in transaction/statement mode: a per-worker sequence as the pid (a positive
+# int32, never 0, as clients expect of a backend pid). Session mode gives the server's real pid.
+KEY_SEQ_MASK = (1 << 30) - 1
 HEARTBEAT_INTERVAL = 1.0
 
 
 def tracked_parameters(config) -> frozenset[str]:
     """Reported parameters whose runtime SET follows a client to its next server."""
     return TRACKED | {p.lower() for p in config.track_extra_parameters}
-
-
-def key_owner(pid: int) -> tuple[int, int]:
-    """(slot, generation parity) of the worker that handed out this cancel key."""
-    return (pid >> KEY_SLOT_SHIFT) & 0xFF, (pid >> KEY_GEN_SHIFT) & 1
 
 
 class Listener(Endpoint):
@@ -153,8 +147,9 @@ class Worker:
         self.clients.discard(client)
         if self.draining and not self.clients:
             self._drained()         # now: a timer would first wait out the poll
-        if client.key_pid and self.keys.get(client.key_pid) is client:
-            del self.keys[client.key_pid]
+        key = (client.key_pid, client.key_secret)
+        if client.key_pid and self.keys.get(key) is client:
+            del self.keys[key]
 
     # -- pools ---------------------------------------------------------------------
     def database_for(self, name: str):
@@ -213,7 +208,7 @@ class Worker:
         self.loop.call_later(1.0, self._janitor)
 
     def _client_timeouts(self, client, now, qt, itt, cit):
-        tx = client.tx
+        tx = client.link
         if client.state is ClientState.ACTIVE:
             if tx.outstanding:
                 if qt and now - tx.t_query > qt and client.server is not None \
@@ -300,30 +295,31 @@ class Worker:
         return life > 0 and self.loop.clock() - srv.created > life
 
     # -- cancel keys ---------------------------------------------------------------
-    def new_cancel_key(self, client) -> tuple[int, int]:
+    def new_cancel_key(self, client, pid: int = 0) -> tuple[int, int]:
+        """The client's BackendKeyData: ``pid`` (session mode: its server's) or a made-up one, and
+        a random secret of pgmp's own, so that cancels come through pgmp."""
         while True:
-            self._seq = (self._seq + 1) & KEY_SEQ_MASK
-            if self._seq == 0:
-                continue
-            pid = ((self.generation & 1) << KEY_GEN_SHIFT) | (self.slot << KEY_SLOT_SHIFT) | self._seq
-            if pid not in self.keys:
+            if not pid:
+                self._seq = (self._seq + 1) & KEY_SEQ_MASK
+                if self._seq == 0:
+                    continue
+            key = (pid or self._seq, _secrets.randbits(32))
+            if key not in self.keys:
                 break
-        self.keys[pid] = client
-        return pid, _secrets.randbits(32)
+        self.keys[key] = client
+        return key
 
-    def cancel_request(self, pid: int, secret: int):
+    def cancel_request(self, pid: int, secret: int, forwarded: bool = False):
         """A CancelRequest with pgmp's key: cancel the query on the client's server, if any.
 
-        A key of another worker goes to the master, which forwards it to the owner.
+        A key this worker did not hand out goes to the master, which asks the other workers.
         """
-        if key_owner(pid) != (self.slot, self.generation & 1):
-            if self.master is not None:
+        client = self.keys.get((pid, secret))
+        if client is None:
+            if not forwarded and self.master is not None:
                 self.master.post("cancel", pid=pid, secret=secret)
-            return
-        client = self.keys.get(pid)
-        if client is None or not _secrets.compare_digest(client.key_secret.to_bytes(4, "big"),
-                                                         secret.to_bytes(4, "big")):
-            log.debug("cancel request with unknown key ignored")
+            else:
+                log.debug("cancel request with unknown key ignored")
             return
         srv = client.server
         if srv is None or not srv.backend_pid:
@@ -413,13 +409,14 @@ class Worker:
         elif kind == "stats_request":
             self.master.post("stats", id=msg.get("id"), data=self.snapshot())
         elif kind == "cancel":
-            self.cancel_request(int(msg.get("pid", 0)), int(msg.get("secret", 0)))
+            self.cancel_request(int(msg.get("pid", 0)), int(msg.get("secret", 0)), forwarded=True)
         elif kind == "pool_command":
             data = self.pool_command(msg.get("action", ""), msg.get("database"))
             self.master.post("pool_result", id=msg.get("id"), ok=True, data=data)
 
     def reload_from(self, path: str, text: str | None = None) -> str | None:
         """Apply a new configuration to new logins and released servers; the error text, or None."""
+        reopen_log_files()
         try:
             new = configmod.loads(text, path) if text is not None else configmod.load(path)
             secrets = load_auth_file(new.auth_file) if new.auth_file else {}
@@ -480,9 +477,9 @@ class Worker:
         """
         st = client.state
         if st is ClientState.ACTIVE:
-            return not client.tx.idle
+            return not client.link.idle or client.link.t_query == 0.0   # (session mode: linked at login)
         if st is ClientState.IDLE:
-            return client.tx.t_query == 0.0         # no request since login
+            return client.link.t_query == 0.0         # no request since login
         return st is not ClientState.CLOSED         # STARTUP, AUTH, LOGIN_WAIT, WAITING
 
     def _drained(self):

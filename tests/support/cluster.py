@@ -31,6 +31,7 @@ SERVER_SETTINGS = {
     "synchronous_commit": "off",
     "full_page_writes": "off",
     "shared_buffers": "64MB",
+    "max_prepared_transactions": "10",   # two-phase commit through pgmp (psycopg tpc_*)
     "password_encryption": "'scram-sha-256'",
     "log_connections": "on",
     "log_line_prefix": "'%m [%p] %q%u@%d '",

@@ -10,156 +10,8 @@ from pgmp import errors
 from pgmp.errors import ClientProtocolError
 from pgmp.protocol.messages import query
 from pgmp.protocol.startup import StartupPacket
-from pgmp.session import (TRANSITIONS, ClientState, IllegalTransition, TxTracker, check_transition,
+from pgmp.session import (TRANSITIONS, ClientState, IllegalTransition, check_transition,
                           client_settings, login_parameters, normalize, quote_literal, settings_query)
-from pgmp.stats import PoolStats
-
-Q, S, F, P, B, E, D, C, H, COPY_DATA, COPY_DONE, COPY_FAIL = (ord(c) for c in "QSFPBEDCHdcf")
-IDLE, IN_TX, FAILED_TX = ord("I"), ord("T"), ord("E")
-
-
-class Clock:
-    def __init__(self, now: float = 100.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-# ---- TxTracker ---------------------------------------------------------------------
-
-def test_query_sync_and_function_call_are_counted_until_their_ready_for_query():
-    tx = TxTracker()
-    assert tx.idle and tx.between_requests
-    for kind in (Q, S, F):
-        tx.client_frame(kind)
-    assert tx.outstanding == 3 and not tx.idle and not tx.between_requests
-    tx.server_ready(1, IDLE)
-    tx.server_ready(1, IDLE)
-    assert tx.outstanding == 1 and not tx.idle
-    tx.server_ready(1, IDLE)
-    assert tx.idle
-
-
-def test_extended_messages_without_sync_are_not_counted():
-    tx = TxTracker()
-    for kind in (P, B, D, E, C, H, COPY_DATA):
-        tx.client_frame(kind)
-    assert tx.outstanding == 0 and tx.idle
-
-
-def test_open_or_failed_transaction_is_between_requests_but_not_idle():
-    tx = TxTracker()
-    tx.client_frame(Q)
-    tx.server_ready(1, IN_TX)
-    assert tx.between_requests and not tx.idle
-    tx.client_frame(Q)
-    tx.server_ready(1, FAILED_TX)
-    assert tx.between_requests and not tx.idle
-    tx.client_frame(Q)
-    tx.server_ready(1, IDLE)
-    assert tx.idle
-
-
-def test_more_ready_for_query_than_requests_never_goes_negative():
-    tx = TxTracker()
-    tx.server_ready(1, IDLE)
-    assert tx.outstanding == 0 and tx.idle
-    tx.client_frame(Q)
-    tx.server_ready(3, IDLE)
-    assert tx.outstanding == 0
-
-
-@pytest.mark.parametrize("end", [COPY_DONE, COPY_FAIL])
-def test_copy_in_ignores_sync_until_copy_done_or_fail(end):
-    tx = TxTracker()
-    tx.client_frame(Q)                      # COPY t FROM STDIN
-    tx.server_copy_in()
-    assert not tx.idle and not tx.between_requests
-    for kind in (COPY_DATA, S, H, COPY_DATA, S):
-        tx.client_frame(kind)              # the server ignores Sync and Flush in COPY IN
-    assert tx.outstanding == 1
-    tx.client_frame(end)
-    assert not tx.copy_in and tx.outstanding == 1
-    tx.server_ready(1, IDLE)
-    assert tx.idle
-
-
-def test_extended_copy_in_sync_after_copy_done_is_counted():
-    tx = TxTracker()
-    for kind in (P, B, E, H):
-        tx.client_frame(kind)
-    tx.server_copy_in()
-    tx.client_frame(COPY_DATA)
-    tx.client_frame(COPY_DONE)
-    tx.client_frame(S)                       # after CopyDone the server answers this Sync
-    assert tx.outstanding == 1
-    tx.server_ready(1, IDLE)
-    assert tx.idle
-
-
-def test_extended_copy_in_with_a_sync_sent_before_copy_in_response():
-    """libpq sends Bind/Execute/Sync at once; the server in COPY IN ignores that Sync and answers
-    only the Sync sent after CopyDone."""
-    tx = TxTracker()
-    for kind in (P, B, E, S):
-        tx.client_frame(kind)
-    assert tx.outstanding == 1
-    tx.server_copy_in()
-    assert not tx.idle
-    for kind in (COPY_DATA, COPY_DONE, S):
-        tx.client_frame(kind)
-    tx.server_ready(1, IDLE)
-    assert tx.idle and tx.outstanding == 0
-
-
-def test_ready_for_query_ends_copy_mode():
-    tx = TxTracker()
-    tx.client_frame(Q)
-    tx.server_copy_in()
-    tx.server_ready(1, IDLE)                 # e.g. the COPY failed on the server side
-    assert not tx.copy_in and tx.idle
-
-
-def test_stats_count_queries_and_transactions_with_their_times():
-    clock, stats = Clock(10.0), PoolStats()
-    tx = TxTracker(clock=clock, stats=stats)
-    tx.client_frame(Q)                       # BEGIN at 10.0
-    clock.now = 10.5
-    tx.server_ready(1, IN_TX)
-    clock.now = 11.0
-    tx.client_frame(Q)                       # INSERT at 11.0
-    clock.now = 11.25
-    tx.server_ready(1, IN_TX)
-    clock.now = 12.0
-    tx.client_frame(Q)                       # COMMIT at 12.0
-    clock.now = 12.5
-    tx.server_ready(1, IDLE)
-    assert stats.query_count == 3
-    assert stats.query_time_us == 1_250_000
-    assert stats.xact_count == 1
-    assert stats.xact_time_us == 2_500_000
-    # a pipelined request: the query time runs from the first request to the last answer
-    clock.now = 20.0
-    tx.client_frame(S)
-    clock.now = 20.1
-    tx.client_frame(S)
-    clock.now = 20.3
-    tx.server_ready(1, IDLE)
-    clock.now = 21.0
-    tx.server_ready(1, IDLE)
-    assert stats.query_count == 5
-    assert stats.query_time_us == 1_250_000 + 1_000_000
-    assert stats.xact_count == 2
-    assert stats.xact_time_us == 2_500_000 + 1_000_000
-
-
-def test_no_stats_without_a_pool():
-    tx = TxTracker()
-    tx.client_frame(Q)
-    tx.server_ready(1, IDLE)                 # no clock, no stats: nothing to do
-    assert tx.idle
-
 
 # ---- quoting and normalization -------------------------------------------------------
 
@@ -246,12 +98,16 @@ def test_settings_query_resets_what_an_earlier_client_set_and_this_one_did_not_a
     assert applied == {"search_path": "s"}
 
 
-def test_settings_query_dirty_server_gets_reset_all_then_everything():
-    applied = {"a": "1"}
-    q = settings_query({"search_path": "s"}, applied, {"search_path": "s"}, dirty=True)
-    assert q[5:].startswith(b"RESET ALL;SELECT ")
-    assert assignments(query(q[5:-1].decode().removeprefix("RESET ALL;"))) == [("search_path", "s")]
-    assert applied == {"search_path": "s"}
+def test_settings_query_session_user_then_role_reset_first_then_set():
+    """Resetting or setting the session user resets the role: both go before the role."""
+    applied = {"role": "r1", "session_authorization": "u1", "a": "1"}
+    q = settings_query({"role": "r2", "session_authorization": "u2", "b": "2"}, applied, {})
+    assert q[5:].startswith(b"RESET a;SELECT ")
+    assert assignments(query(q[5:-1].decode().removeprefix("RESET a;"))) == [
+        ("session_authorization", "u2"), ("role", "r2"), ("b", "2")]
+    applied = {"b": "2", "role": "r1", "session_authorization": "u1"}
+    assert settings_query({"b": "2"}, applied, {}) == query("RESET session_authorization;RESET role")
+    assert applied == {"b": "2"}
 
 
 def test_settings_query_sends_only_differences():
@@ -397,7 +253,7 @@ LEGAL = {
     (S_.STARTUP, S_.STARTUP), (S_.STARTUP, S_.AUTH), (S_.STARTUP, S_.CLOSED),
     (S_.STARTUP, S_.AUTH_LOOKUP), (S_.AUTH_LOOKUP, S_.AUTH), (S_.AUTH_LOOKUP, S_.CLOSED),
     (S_.AUTH, S_.LOGIN_WAIT), (S_.AUTH, S_.IDLE), (S_.AUTH, S_.CLOSED),
-    (S_.LOGIN_WAIT, S_.IDLE), (S_.LOGIN_WAIT, S_.CLOSED),
+    (S_.LOGIN_WAIT, S_.IDLE), (S_.LOGIN_WAIT, S_.ACTIVE), (S_.LOGIN_WAIT, S_.CLOSED),
     (S_.IDLE, S_.WAITING), (S_.IDLE, S_.ACTIVE), (S_.IDLE, S_.CLOSED),
     (S_.WAITING, S_.ACTIVE), (S_.WAITING, S_.CLOSED),
     (S_.ACTIVE, S_.IDLE), (S_.ACTIVE, S_.CLOSED),

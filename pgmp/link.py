@@ -1,0 +1,435 @@
+"""The link between one client and the server it is bound to: the sans-IO state machine that decides about their traffic.
+
+A :class:`Link` lives as long as a client's session. ClientConnection and
+ServerConnection feed it the frames they must look at and carry out what it
+answers; they decide nothing about the protocol themselves. It owns:
+
+- transaction tracking: requests in flight (Query, Sync, FunctionCall) against
+  ReadyForQuery, the server's transaction status, COPY IN state, extended-protocol
+  messages not yet followed by a Sync, and the query/transaction timings;
+- in transaction and statement mode, the client's :class:`~pgmp.prepared.Pipeline`
+  (response queue, prepared-statement mapping);
+- the client's session settings (startup settings, then every session-level SET,
+  RESET, SET ROLE, SET SESSION AUTHORIZATION it runs, recorded when its transaction
+  commits) and the query that brings any server to them;
+- pinning: session state that cannot move to another server (LISTEN, SQL PREPARE,
+  WITH HOLD cursors, temporary objects, session advisory locks, set_config(..., false),
+  savepoints around SETs) keeps the client on its server;
+- when the server may be released, and whether it is clean when the client leaves.
+
+:class:`ServerSession` is what pgmp knows of one server connection's session:
+the settings applied on it, its reported parameters, its prepared statements.
+"""
+import collections
+import logging
+
+from pgmp import errors
+from pgmp.errors import PgmpError
+from pgmp.prepared import Pipeline, ServerStatements
+from pgmp.protocol import frontend
+from pgmp.protocol.sql import session_effects
+from pgmp.session import settings_query
+
+log = logging.getLogger("pgmp")
+
+# after_ready(): what to do with the server once a ReadyForQuery has been relayed
+KEEP, RELEASE, REFUSE_BLOCK = 0, 1, 2
+# leave(): what to do with the server when the client goes away
+REUSE, RESET, CLOSE = 0, 1, 2
+
+_Q, _S, _F, _P, _B, _E = 81, 83, 70, 80, 66, 69
+_IDLE = 73
+# CommandComplete tags that change session state: if one comes for a request whose text
+# pgmp could not read (streamed through), the client is pinned rather than guessed about.
+_SESSION_TAGS = (b"SET\0", b"RESET\0", b"DISCARD", b"LISTEN\0", b"PREPARE\0", b"LOAD\0")
+# Effects that say "this session holds state no other server has".
+_PIN_KINDS = ("pin", "unknown")
+# RESET ALL leaves these alone (PostgreSQL's GUC_NO_RESET_ALL).
+NOT_RESET_BY_ALL = ("role", "session_authorization")
+
+
+class ServerSession:
+    """pgmp's knowledge of one server connection's session state."""
+    __slots__ = ("applied", "reported", "statements")
+
+    def __init__(self, max_prepared: int):
+        self.applied: dict[str, str] = {}      # settings known to be set on it, beyond its login defaults
+        self.reported: dict[str, str] = {}     # ParameterStatus values, keys in lower case
+        self.statements = ServerStatements(max_prepared)
+
+    def after_reset(self, query: bytes) -> None:
+        """The reset or check query ``query`` (a Query frame) ran: forget what it cleared, and only that.
+
+        DISCARD ALL clears everything; RESET ALL every setting but the role and session
+        user; DEALLOCATE ALL the prepared statements. A check query clears nothing, so
+        what the last client left is still undone for the next one."""
+        text = bytes(query[5:]).upper()
+        if b"DISCARD ALL" in text:
+            self.applied.clear()
+            self.statements.clear()
+            return
+        if b"RESET ALL" in text:
+            for name in [n for n in self.applied if n not in NOT_RESET_BY_ALL]:
+                del self.applied[name]
+        if b"DEALLOCATE ALL" in text:
+            self.statements.clear()
+
+
+class Link:
+    """One client's requests and session state, and the server it is bound to (if any)."""
+    __slots__ = ("name", "pooled", "statement_mode", "pipeline", "outstanding", "status", "copy_in", "unsynced",
+                 "batches", "stats", "clock", "t_query", "t_xact", "t_ready", "settings", "startup", "tracked",
+                 "overlay", "open_effects", "open_failed", "unnamed_text", "pinned", "server", "savepoint")
+
+    def __init__(self, settings: dict[str, str] | None = None, tracked: frozenset = frozenset(),
+                 pipeline: Pipeline | None = None, clock=None, stats=None, name: str = "client",
+                 statement_mode: bool = False):
+        self.name = name                         # user@database, for the log
+        self.pooled = pipeline is not None       # transaction or statement mode
+        self.statement_mode = statement_mode
+        self.pipeline = pipeline
+        self.outstanding = 0
+        self.status = _IDLE
+        self.copy_in = False
+        self.unsynced = False                    # Parse/Bind/Execute sent since the last Sync
+        # per request in flight, oldest first: [kind, session effects or None (unread), error seen]
+        self.batches: collections.deque = collections.deque()
+        self.stats = stats
+        self.clock = clock
+        self.t_query = 0.0
+        self.t_xact = 0.0
+        self.t_ready = 0.0                       # when the server last finished all outstanding requests
+        self.startup = dict(settings or {})      # what the client asked for at login (RESET goes back to it)
+        self.settings = dict(self.startup)       # what the client's session holds now
+        self.tracked = tracked                   # reported parameters whose ParameterStatus updates settings
+        self.overlay: list = []                  # SETs of the open transaction, applied if it commits
+        self.open_effects: list | None = [] if self.pooled else None   # the extended-protocol batch's, until its Sync
+        self.open_failed = False                 # an error answered that batch before its Sync was sent
+        self.unnamed_text: bytes | None = None   # text of the unnamed statement (None: streamed, unread)
+        self.pinned = ""                         # why the client keeps its server ("" = it does not)
+        self.server: ServerSession | None = None
+        self.savepoint = False                   # the open transaction used savepoints
+
+    def logged_in(self, clock, stats, pipeline: Pipeline | None = None, statement_mode: bool = False) -> None:
+        """The client's login ended: start timing; in transaction/statement mode, follow the extended protocol."""
+        self.clock = clock
+        self.stats = stats
+        self.t_ready = clock()
+        if pipeline is not None:
+            self.pipeline = pipeline
+            self.pooled = True
+            self.statement_mode = statement_mode
+            self.open_effects = []
+
+    # -- the requests the client sends ------------------------------------------------------
+    def client_frame(self, kind: int, payload=None) -> bytes | None:
+        """A frame from the client (``payload``: its body, when pgmp has it whole).
+
+        Returns None to forward the frame as it is, or the bytes to send in its place.
+        """
+        if kind == _Q or kind == _F or (kind == _S and not self.copy_in):
+            self._request(kind, payload)
+        elif kind == _P or kind == _B or kind == _E:
+            self.unsynced = True
+        elif kind == 99 or kind == 102:          # 'c' CopyDone, 'f' CopyFail
+            self.copy_in = False
+        pl = self.pipeline
+        if pl is None:
+            return None
+        if payload is not None and kind in b"PBCDE":
+            frontend.check_message(kind, payload)
+            if kind == _B:
+                self._bind_effects(payload)
+            elif kind == _P and payload[0] == 0:        # effects are read when the statement is bound
+                self.unnamed_text = payload[1:payload.index(b"\0", 1)]
+        return pl.client_frame(kind, payload if payload is not None else b"",
+                               self.server.statements)
+
+    def client_head(self, kind: int, head: bytes, length: int):
+        """The head of a Bind or Parse too large to assemble (pooled mode): see Pipeline.bind_head."""
+        frontend.check_head(kind, head)
+        self.unsynced = True
+        pl = self.pipeline
+        if kind == _P:
+            self.unnamed_text = None
+            pl.client_frame(kind, head, self.server.statements)
+            return None
+        self._bind_effects(head)
+        return pl.bind_head(head, length, self.server.statements)
+
+    def _request(self, kind: int, payload) -> None:
+        """A Query, Sync or FunctionCall: a request the server answers with one ReadyForQuery."""
+        if self.outstanding == 0 and self.clock is not None:
+            self.t_query = now = self.clock()
+            if self.status == _IDLE:
+                self.t_xact = now
+        failed = False
+        if kind == _S:
+            self.unsynced = False
+            effects = self.open_effects             # the batch this Sync ends
+            if self.pooled:
+                self.open_effects = []
+                failed, self.open_failed = self.open_failed, False
+        elif kind == _Q and self.pooled:
+            if payload is None:
+                effects = None                      # streamed through: unread
+            else:
+                frontend.check_message(kind, payload)
+                effects = session_effects(payload)
+        else:
+            effects = ()
+        self.outstanding += 1
+        self.batches.append([kind, effects, failed])
+
+    def _bind_effects(self, payload) -> None:
+        """A Bind: the session effects of the statement it binds join the batch its Sync ends.
+
+        A statement whose text pgmp never saw (an unnamed Parse streamed through) makes the
+        batch unread: a session command's CommandComplete in it then pins the client."""
+        if self.open_effects is None:
+            return
+        portal_end = payload.index(b"\0")
+        name = bytes(payload[portal_end + 1:payload.index(b"\0", portal_end + 1)])
+        if name:
+            key = self.pipeline.statements.get(name)
+            text = key[:key.index(b"\0")] if key is not None else None
+        else:
+            text = self.unnamed_text
+        if text is None:
+            self.open_effects = None
+            return
+        effects = session_effects(text)
+        if effects:
+            self.open_effects.extend(effects)
+
+    # -- the server's answers ---------------------------------------------------------------
+    def server_ready(self, count: int, status: int) -> None:
+        """``count`` ReadyForQuery frames, the last with transaction status ``status``."""
+        self.outstanding -= count
+        if self.outstanding < 0:
+            self.outstanding = 0
+        batches = self.batches
+        before = self.status
+        for _ in range(min(count, len(batches))):
+            batch = batches.popleft()
+            if self.pooled:
+                self._end_batch(batch, before, status)
+        self.status = status
+        self.copy_in = False
+        st = self.stats
+        if st is not None:
+            st.query_count += count
+            if self.outstanding == 0:
+                self.t_ready = now = self.clock()
+                st.query_time_us += int((now - self.t_query) * 1e6)
+                if status == _IDLE:
+                    st.xact_count += 1
+                    st.xact_time_us += int((now - self.t_xact) * 1e6)
+
+    def server_copy_in(self) -> None:
+        """CopyInResponse: requests sent after the statement that started the COPY are swallowed.
+
+        A COPY started by a Query is answered by that Query's ReadyForQuery; one started by an
+        extended-protocol Execute ends at a Sync the client sends after CopyDone, so every Sync
+        already counted was (or will be) ignored by the server in copy mode.
+        """
+        self.copy_in = True
+        batches = self.batches
+        if batches and batches[0][0] != _S:    # the Query (or FunctionCall) that started the COPY
+            first = batches[0]
+            batches.clear()
+            batches.append(first)
+        else:
+            effects = [e for b in batches if b[1] for e in b[1]]
+            batches.clear()
+            if self.open_effects is not None and self.pooled:
+                self.open_effects[:0] = effects
+        self.outstanding = len(batches)
+
+    def server_frame(self, kind: int, frame) -> bytes | None:
+        """A response-type frame from the server in pooled mode (``frame``: the whole frame).
+
+        Returns what Pipeline.server_frame returns: None to forward it, b"" to drop it,
+        or the bytes to send in its place. After a ReadyForQuery, after_ready() says
+        what becomes of the server."""
+        if kind == 69:                                   # ErrorResponse
+            self.server_error()
+        r = self.pipeline.server_frame(kind, frame, self.server.statements)
+        if kind == 90:                                   # ReadyForQuery
+            self.server_ready(1, frame[5])
+        elif kind == 71:                                 # CopyInResponse
+            self.server_copy_in()                        # drops the Syncs copy mode swallows
+        elif kind == 67:                                 # CommandComplete
+            self.command_complete(bytes(frame[5:13]))
+        return r
+
+    def server_error(self) -> None:
+        """An ErrorResponse: the request being answered failed (its transaction, if implicit, too)."""
+        if self.batches:
+            self.batches[0][2] = True
+        else:
+            self.open_failed = True
+
+    def command_complete(self, tag: bytes) -> None:
+        """A CommandComplete (pooled mode): a session command pgmp could not read pins the client."""
+        if tag.startswith(_SESSION_TAGS):
+            batches = self.batches
+            if (batches[0][1] if batches else self.open_effects) is None:
+                self.pin("a session command pgmp could not read (" + tag.rstrip(b"\0").decode("ascii", "replace")
+                         + ")")
+
+    def parameter_status(self, name: str, value: str) -> None:
+        """A ParameterStatus from the server: a reported setting's new value follows the client."""
+        srv = self.server
+        lc = name.lower()
+        if srv is not None:
+            srv.reported[lc] = value
+            if lc in self.tracked:
+                self.settings[lc] = value
+                srv.applied[lc] = value
+
+    def after_ready(self, mid_message: bool = False) -> int:
+        """After a ReadyForQuery was relayed (pooled mode): RELEASE the server, KEEP it, or
+        REFUSE_BLOCK (statement mode: a transaction block is open). ``mid_message``: the
+        server has part of a client message, the rest still to come."""
+        if self.outstanding or self.copy_in or self.unsynced or not self.pipeline.idle or self.pinned \
+                or mid_message:
+            return KEEP
+        if self.status == _IDLE:
+            return RELEASE
+        return REFUSE_BLOCK if self.statement_mode else KEEP
+
+    # -- session effects --------------------------------------------------------------------
+    def _end_batch(self, batch, before: int, after: int) -> None:
+        """A request was answered: follow what its statements did to the session."""
+        _kind, effects, failed = batch
+        if effects:
+            control = False
+            for e in effects:
+                if e.kind in _PIN_KINDS:
+                    self.pin(_PIN_REASONS.get(e.name, "a session command pgmp cannot follow"))
+                elif e.kind in ("begin", "commit", "rollback", "savepoint"):
+                    control = True
+            if failed:
+                if control:
+                    self.pin("an error in a request that also ends or starts transactions")
+                self.overlay.clear()
+                return
+            for e in effects:
+                k = e.kind
+                if k == "commit":
+                    if before == 69:                 # COMMIT of a failed transaction rolls back
+                        self.overlay.clear()
+                    else:
+                        self._commit()
+                    before = _IDLE
+                elif k == "rollback":
+                    self.overlay.clear()
+                    self.savepoint = False
+                    before = _IDLE
+                elif k == "savepoint":
+                    self.savepoint = True
+                elif k in ("set", "reset", "reset_all", "discard_all"):
+                    self.overlay.append(e)
+        elif failed:
+            self.overlay.clear()
+        if after == _IDLE:
+            if failed:
+                self.overlay.clear()
+            self._commit()
+        elif after == 69:                            # the open transaction failed: it will roll back
+            self.overlay.clear()
+
+    def _commit(self) -> None:
+        """The transaction holding the recorded SETs committed: they are the session's now."""
+        overlay = self.overlay
+        if overlay and self.savepoint:
+            self.pin("SET inside a transaction that used savepoints")
+        self.savepoint = False
+        if not overlay:
+            return
+        settings = self.settings
+        applied = self.server.applied if self.server is not None else {}
+        for e in overlay:
+            k = e.kind
+            if k == "set":
+                settings[e.name] = e.value
+                applied[e.name] = e.value
+            elif k == "reset":
+                applied.pop(e.name, None)
+                if e.name in self.startup:
+                    settings[e.name] = self.startup[e.name]
+                else:
+                    settings.pop(e.name, None)
+            elif k == "reset_all":                  # RESET ALL leaves the role and session user alone
+                kept = {n: v for n, v in settings.items() if n in NOT_RESET_BY_ALL}
+                settings.clear()
+                settings.update(self.startup)
+                settings.update(kept)
+                for n in [n for n in applied if n not in NOT_RESET_BY_ALL]:
+                    del applied[n]
+            else:                                   # DISCARD ALL
+                settings.clear()
+                settings.update(self.startup)
+                applied.clear()
+        overlay.clear()
+
+    def pin(self, reason: str) -> None:
+        if not self.pinned:
+            self.pinned = reason
+            log.info("client %s pinned to its server: %s (session state that cannot move to another server)",
+                     self.name, reason)
+
+    # -- binding to servers -----------------------------------------------------------------
+    def attach(self, srv: ServerSession) -> bytes | None:
+        """The client got ``srv``: the query that brings it to the client's settings, or None."""
+        self.server = srv
+        return settings_query(self.settings, srv.applied, srv.reported)
+
+    def detach(self) -> None:
+        self.server = None
+
+    @property
+    def idle(self) -> bool:
+        """No request in flight and no open transaction."""
+        return self.outstanding == 0 and self.status == _IDLE and not self.copy_in
+
+    @property
+    def between_requests(self) -> bool:
+        """No request in flight (a transaction may be open)."""
+        return self.outstanding == 0 and not self.copy_in
+
+    def leave(self, mid_message: bool, internal: bool) -> tuple[int, str]:
+        """The client went away: REUSE its server, RESET it first, or CLOSE it; and why.
+
+        ``mid_message``: part of a client message was relayed and the rest never will be;
+        ``internal``: a query of pgmp's own is still unanswered. Anything pgmp cannot prove
+        clean is closed: a half message, extended-protocol messages without their Sync, COPY,
+        an open transaction, an unanswered request.
+        """
+        if mid_message:
+            return CLOSE, "client left in the middle of a message"
+        if internal:
+            return CLOSE, "client left before pgmp's own query on the server was answered"
+        if self.copy_in:
+            return CLOSE, "client left during COPY"
+        if self.outstanding or (self.pipeline is not None and not self.pipeline.idle):
+            return CLOSE, "client left with requests unanswered"
+        if self.unsynced:
+            return CLOSE, "client left with extended-protocol messages not followed by Sync"
+        if self.status != _IDLE:
+            return CLOSE, "client left inside a transaction"
+        if self.pinned:
+            return RESET, f"client left; its server held {self.pinned}"
+        return REUSE, "client left"
+
+    def statement_mode_error(self) -> PgmpError:
+        return PgmpError(errors.FEATURE_NOT_SUPPORTED, "transaction blocks not allowed in statement mode",
+                         hint='use pool_mode = "transaction" for this database or user')
+
+
+_PIN_REASONS = {
+    "listen": "LISTEN", "prepare": "SQL PREPARE", "hold_cursor": "a WITH HOLD cursor",
+    "temp": "a temporary object", "advisory_lock": "a session advisory lock",
+    "set_config": "set_config(..., false)", "load": "LOAD",
+}
