@@ -56,7 +56,8 @@ class ServerStatements:
     __slots__ = ("names", "limit")
 
     def __init__(self, limit: int):
-        self.names: collections.OrderedDict[bytes, bool] = collections.OrderedDict()   # name -> confirmed
+        # name -> confirmed (True), being prepared (False), or prepared with a stale plan (None)
+        self.names: collections.OrderedDict[bytes, bool | None] = collections.OrderedDict()
         self.limit = limit
 
     def has(self, name: bytes) -> bool:
@@ -75,6 +76,14 @@ class ServerStatements:
             evicted.append(old)
         return evicted
 
+    def is_stale(self, name: bytes) -> bool:
+        return self.names.get(name) is None and name in self.names
+
+    def mark_stale(self, name: bytes) -> None:
+        """Its plan no longer fits the tables ("cached plan must not change result type")."""
+        if name in self.names:
+            self.names[name] = None
+
     def confirm(self, name: bytes) -> None:
         if name in self.names:
             self.names[name] = True
@@ -84,6 +93,12 @@ class ServerStatements:
 
     def clear(self) -> None:
         self.names.clear()
+
+
+def _stale_plan(error_frame) -> bool:
+    """An ErrorResponse saying a prepared statement's plan no longer fits (0A000, from Bind)."""
+    body = bytes(error_frame[5:])
+    return b"\0C0A000\0" in b"\0" + body and b"cached plan must not change result type" in body
 
 
 def parse_frame(name: bytes, key: bytes) -> bytes:
@@ -141,13 +156,12 @@ class Pipeline:
         if kind == 66:                                  # Bind
             portal, pos = read_cstr(payload, 0)
             name, pos2 = read_cstr(payload, pos)
-            exp_entry = (R_BIND, None, None)
             if not name or name not in self.statements:
-                exp.append(exp_entry)
+                exp.append((R_BIND, None, None))
                 return None
             out = self._ensure(name, srv)
-            exp.append(exp_entry)
             sname = self.cache.name_for(self.statements[name])
+            exp.append((R_BIND, sname, None))
             body = portal + b"\0" + sname + b"\0" + payload[pos2:]
             return out + frame(b"B", body)
         if kind == 68:                                  # Describe
@@ -195,8 +209,8 @@ class Pipeline:
             self.expect.append((R_BIND, None, None))
             return None
         out = self._ensure(name, srv)
-        self.expect.append((R_BIND, None, None))
         sname = self.cache.name_for(self.statements[name])
+        self.expect.append((R_BIND, sname, None))
         new_len = length - 1 - len(name) + len(sname)
         return out + b"B" + _U32.pack(new_len) + portal + b"\0" + sname + b"\0", 5 + pos2
 
@@ -205,9 +219,11 @@ class Pipeline:
         key = self.statements[name]
         sname = self.cache.name_for(key)
         if srv.has(sname):
-            if not self._query_ahead(sname):
+            if not self._query_ahead(sname) and not srv.is_stale(sname):
                 return b""
-            self.expect.append((DROP_CLOSE, sname, None))       # see client_frame's Parse
+            # see client_frame's Parse; a stale plan is prepared afresh the same way
+            srv.names[sname] = False
+            self.expect.append((DROP_CLOSE, sname, None))
             self.expect.append((DROP_PARSE, sname, None))
             return frame(b"C", b"S" + sname + b"\0") + parse_frame(sname, key)
         out = self._evict(srv.add(sname))
@@ -253,6 +269,11 @@ class Pipeline:
             if code in (R_QUERY, R_FUNC, R_SYNC):
                 pass                                    # their ReadyForQuery still comes
             else:
+                if code == R_BIND and data is not None and _stale_plan(frame_bytes):
+                    # the table changed under the statement pgmp prepared: the error goes to the
+                    # client, and its next use prepares the statement afresh (a direct
+                    # connection would keep failing until the client prepared it again itself)
+                    srv.mark_stale(data)
                 self._skip_to_sync(srv)
         elif kind == 49:                                # ParseComplete
             if code == R_PARSE or code == DROP_PARSE:

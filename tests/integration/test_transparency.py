@@ -339,3 +339,23 @@ def test_two_phase_commit_with_prepared_statements(pg, pgmp, pooldb, tpc_table):
         statements(b, "b2")
     with direct(pg, pooldb) as d:
         assert d.execute(f"SELECT x, who FROM {tpc_table} ORDER BY x").fetchall() == [(1, "a"), (2, "c")]
+
+
+# ---- a prepared statement whose table changed ------------------------------------------------
+
+def test_stale_prepared_plan_fails_once_then_works_again(pg, pgmp, pooldb, table):
+    """ALTER TABLE under a prepared SELECT *: the server says "cached plan must not change result
+    type" (0A000). A direct connection keeps failing until the client prepares again; through pgmp
+    the error reaches the client once and the next execution prepares the statement afresh."""
+    proxy = start(pgmp, pooldb, size=1)
+    with psycopg.connect(dsn(proxy, pooldb), autocommit=True, prepare_threshold=0) as conn:
+        conn.execute(f"INSERT INTO {table} VALUES (1, 'a')")
+        sql = f"SELECT * FROM {table}"
+        assert conn.execute(sql).fetchall() == [(1, "a")]
+        assert conn.execute(sql).fetchall() == [(1, "a")]
+        with direct(pg, pooldb) as d:
+            d.execute(f"ALTER TABLE {table} ADD COLUMN y int DEFAULT 7")
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="cached plan must not change result type"):
+            conn.execute(sql).fetchall()
+        assert conn.execute(sql).fetchall() == [(1, "a", 7)]
+        assert conn.execute(sql).fetchall() == [(1, "a", 7)]

@@ -303,6 +303,21 @@ def test_bind_on_a_server_without_the_statement_injects_a_parse_whose_answer_is_
     assert r.client(bind(b"S_1"), execute(), SYNC) == [bind(b"pgmp_1"), execute(), SYNC]
 
 
+def test_a_stale_plan_error_goes_to_the_client_and_the_next_bind_prepares_the_statement_afresh():
+    r = Relay()
+    r.client(parse(b"S_1", SQL1), SYNC)
+    r.server(PARSE_COMPLETE, ready())
+    r.client(bind(b"S_1"), execute(), SYNC)
+    stale = error("0A000", "cached plan must not change result type")
+    assert r.server(stale, ready()) == [stale, ready()]
+    sent = r.client(bind(b"S_1"), execute(), SYNC)
+    assert sent == [close(b"S", b"pgmp_1"), parse(b"pgmp_1", SQL1), bind(b"pgmp_1"), execute(), SYNC]
+    assert r.server(CLOSE_COMPLETE, PARSE_COMPLETE) == []
+    r.server(BIND_COMPLETE, row(b"1"), command_complete(b"SELECT 1"), ready())
+    assert r.srv.names == {b"pgmp_1": True}
+    assert r.client(bind(b"S_1"), execute(), SYNC) == [bind(b"pgmp_1"), execute(), SYNC]
+
+
 def test_describe_statement_is_rewritten_and_prepared_where_missing():
     r = Relay()
     r.client(parse(b"S_1", SQL1), SYNC)
