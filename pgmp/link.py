@@ -21,16 +21,25 @@ answers; they decide nothing about the protocol themselves. It owns:
 the settings applied on it, its reported parameters, its prepared statements.
 """
 import collections
+import functools
 import logging
 
 from pgmp import errors
 from pgmp.errors import PgmpError
 from pgmp.prepared import Pipeline, ServerStatements
 from pgmp.protocol import frontend
-from pgmp.protocol.sql import session_effects
+from pgmp.protocol.sql import session_effects as _session_effects
 from pgmp.session import settings_query
 
 log = logging.getLogger("pgmp")
+
+# The same statements come again and again (prepared ones at every Bind): classify each short
+# text once (bounded: 4096 texts of at most 2 kB).
+_cached_effects = functools.lru_cache(maxsize=4096)(_session_effects)
+
+
+def session_effects(text: bytes):
+    return _cached_effects(text) if len(text) <= 2048 else _session_effects(text)
 
 # after_ready(): what to do with the server once a ReadyForQuery has been relayed
 KEEP, RELEASE, REFUSE_BLOCK = 0, 1, 2
