@@ -164,7 +164,7 @@ SCHEMA: tuple[Setting, ...] = (
     _D("reserve_pool_size", "int", None, "Reserve connections per pool of this database.", low=0, inherit="reserve_pool_size"),
     _D("pool_mode", "enum", None, "Pool mode of this database.", choices=POOL_MODES, inherit="pool_mode"),
     _D("max_db_connections", "int", None, "Server connections to this database over all its pools (0 = unlimited).", low=0, inherit="max_db_connections"),
-    _D("connect_query", "str", "", 'Query run once on each new server connection after login, before any client uses it (a failure counts as a failed login); "" runs none.'),
+    _D("connect_query", "str", "", 'Query run once on each new server connection after login, before any client uses it, within server_connect_timeout (a failure counts as a failed login); "" runs none.'),
     _D("application_name", "str", "", 'application_name of server connections whose client sets none; "" sets none.'),
     # --- [users.<name>] ---
     _U("pool_mode", "enum", None, "Pool mode of this user's pools; wins over the database's.", choices=POOL_MODES,

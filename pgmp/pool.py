@@ -252,6 +252,10 @@ class Pool:
 
     def server_ready(self, srv) -> None:
         """A new server is ready to serve."""
+        if srv.timer:                           # server_connect_timeout
+            srv.timer.cancel()
+            srv.timer = None
+        srv.state = ServerState.IDLE
         self.connecting -= 1
         self.last_error = None
         if self.params is None:
@@ -260,8 +264,7 @@ class Pool:
         self._put_idle(srv)
 
     def _connect_query_done(self, srv, error) -> None:
-        if error is not None:
-            srv.state = ServerState.LOGIN           # counted as a failed login
+        if error is not None:                   # (still LOGIN: counted as a failed login)
             srv.abort(PgmpError(error.sqlstate, f"connect_query failed: {error.message}", detail=error.detail))
             return
         self.server_ready(srv)

@@ -276,7 +276,7 @@ class ServerConnection(Endpoint):
             self._param_changed(name, value)
             return FORWARD
         payload = bytes(view[off + 5:off + ln])
-        if self.state is ServerState.LOGIN:
+        if self.login is not None:
             return self._login_frame(kind, payload)
         # an internal query pgmp sent (session settings, reset): its answer is pgmp's
         if kind == 90:
@@ -336,10 +336,7 @@ class ServerConnection(Endpoint):
             self.backend_pid = self.login.backend_pid
             self.backend_secret = self.login.backend_secret
             self.login = None
-            if self.timer:
-                self.timer.cancel()
-                self.timer = None
-            self.state = ServerState.IDLE
+            # still LOGIN (and under server_connect_timeout) until connect_query, if any, is done
             log.debug("server login ok: %r", self)
             self.pool.server_logged_in(self)
             return RESCAN
