@@ -545,6 +545,9 @@ class ClientConnection(Endpoint):
         if self.server is srv:
             self.server = None
             self.link.detach()
+        if self.link.ended:                 # the server's own FATAL error reached the client: as direct
+            self.close(f"server ended the session ({exc.message})")
+            return
         self.fail(exc)
 
     # -- ending ------------------------------------------------------------------

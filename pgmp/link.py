@@ -88,7 +88,8 @@ class Link:
     """One client's requests and session state, and the server it is bound to (if any)."""
     __slots__ = ("name", "pooled", "statement_mode", "pipeline", "outstanding", "status", "copy_in", "unsynced",
                  "batches", "stats", "clock", "t_query", "t_xact", "t_ready", "settings", "startup", "tracked",
-                 "overlay", "open_effects", "open_failed", "unnamed_text", "pinned", "server", "savepoint")
+                 "overlay", "open_effects", "open_failed", "unnamed_text", "pinned", "server", "savepoint",
+                 "ended")
 
     def __init__(self, settings: dict[str, str] | None = None, tracked: frozenset = frozenset(),
                  pipeline: Pipeline | None = None, clock=None, stats=None, name: str = "client",
@@ -118,6 +119,7 @@ class Link:
         self.pinned = ""                         # why the client keeps its server ("" = it does not)
         self.server: ServerSession | None = None
         self.savepoint = False                   # the open transaction used savepoints
+        self.ended = False                       # the client has seen the server's FATAL error
 
     def logged_in(self, clock, stats, pipeline: Pipeline | None = None, statement_mode: bool = False) -> None:
         """The client's login ended: start timing; in transaction/statement mode, follow the extended protocol."""
@@ -262,7 +264,7 @@ class Link:
         or the bytes to send in its place. After a ReadyForQuery, after_ready() says
         what becomes of the server."""
         if kind == 69:                                   # ErrorResponse
-            self.server_error()
+            self.server_error_frame(frame)
         r = self.pipeline.server_frame(kind, frame, self.server.statements)
         if kind == 90:                                   # ReadyForQuery
             self.server_ready(1, frame[5])
@@ -271,6 +273,14 @@ class Link:
         elif kind == 67:                                 # CommandComplete
             self.command_complete(bytes(frame[5:13]))
         return r
+
+    def server_error_frame(self, frame) -> None:
+        """An ErrorResponse frame: a FATAL (or PANIC) one means the server ends the session, and the
+        client, which has seen it, needs no second error from pgmp when the connection closes."""
+        body = bytes(frame[5:])
+        if b"\0VFATAL\0" in b"\0" + body or b"\0VPANIC\0" in b"\0" + body:
+            self.ended = True
+        self.server_error()
 
     def server_error(self) -> None:
         """An ErrorResponse: the request being answered failed (its transaction, if implicit, too)."""

@@ -23,11 +23,11 @@ SERVER_MAX_MESSAGE = 1 << 30
 _ALL = bytes(range(256))
 
 # Normal relay: ReadyForQuery, CopyInResponse and ParameterStatus need a look.
-NORMAL_FLAGS = make_flags(report=b"ZGS")
+NORMAL_FLAGS = make_flags(report=b"ZGSE")
 # Login and internal queries: every frame is pgmp's own.
 ALL_FLAGS = make_flags(report=_ALL)
 WHOLE_ALL = bytes([1]) * 256
-NORMAL_WHOLE = bytes(1 if i in b"ZGS" else 0 for i in range(256))
+NORMAL_WHOLE = bytes(1 if i in b"ZGSE" else 0 for i in range(256))
 # Transaction/statement mode: every frame that ends a response, for the client's Pipeline.
 POOLED_FLAGS = make_flags(report=b"ZGS" + RESPONSE_TYPES)
 POOLED_WHOLE = bytes(1 if i in b"ZGS" + RESPONSE_TYPES else 0 for i in range(256))
@@ -271,6 +271,9 @@ class ServerConnection(Endpoint):
                 return FORWARD
             if kind == 71:                                   # CopyInResponse
                 client.link.server_copy_in()
+                return FORWARD
+            if kind == 69:                                   # ErrorResponse: a FATAL one ends the session
+                client.link.server_error_frame(view[off:off + ln])
                 return FORWARD
             name, value = messages.parse_parameter_status(bytes(view[off + 5:off + ln]))
             self._param_changed(name, value)

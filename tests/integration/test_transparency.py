@@ -109,6 +109,28 @@ def test_pg_terminate_backend_of_backend_pid_ends_the_session(pg, pgmp, pooldb):
         wait_for(a_is_gone, timeout=DEADLINE, message="the terminated session still answers queries")
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_terminated_backend_gives_its_client_one_fatal_error_as_directly(pg, pgmp, pooldb, mode):
+    """pg_terminate_backend: PostgreSQL sends FATAL 57P01 and closes. The client must see that one
+    error and then the end of the connection, not pgmp's own second error on top (psycopg_pool's
+    check: "received 2 results from command 'BEGIN'")."""
+    proxy = start(pgmp, pooldb, size=1, mode=mode)
+    with raw_login(proxy.host, proxy.port, pooldb) as raw, direct(pg, pooldb) as killer:
+        raw.send(rawpg.query("BEGIN"))                      # holds the server in both modes
+        raw.read_until(b"Z")
+        pid = int(raw.scalar("SELECT pg_backend_pid()"))
+        assert killer.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
+        errors_seen = []
+        try:
+            while True:
+                msg = raw.read_message(timeout=DEADLINE)
+                if msg.type == b"E":
+                    errors_seen.append(msg.fields)
+        except rawpg.Closed:
+            pass
+        assert [f["C"] for f in errors_seen] == ["57P01"], errors_seen
+
+
 def test_notify_carries_the_notifiers_backend_pid(pgmp, pooldb):
     proxy = start(pgmp, pooldb, size=2, mode="session")
     with psycopg.connect(dsn(proxy, pooldb), autocommit=True) as a, \
