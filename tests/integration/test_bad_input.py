@@ -241,8 +241,9 @@ def test_message_above_max_message_size(pgmp):
 
 
 def test_message_above_max_message_size_before_any_server(pgmp):
-    """The oversized header is the session's first message: no server linked yet."""
-    proxy = pgmp.start(config={"max_message_size": "1MB"})
+    """The oversized header is the session's first message: no server linked yet (transaction mode:
+    a session-mode client has its server from login)."""
+    proxy = pgmp.start(config={"max_message_size": "1MB", "pool_mode": "transaction"})
     by = Bystander(proxy)
     with raw(proxy) as conn:
         conn.login()
