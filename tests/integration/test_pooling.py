@@ -66,6 +66,15 @@ def table(pg, pooldb):
     pg.psql(f"DROP TABLE IF EXISTS {name}", user=pooldb.user, db=pooldb.name)
 
 
+@pytest.fixture(scope="module")
+def other_role(pg, pooldb):
+    """A NOLOGIN role granted to the module's role (so that it may SET ROLE to it)."""
+    name = f"{pooldb.user}_as"
+    pg.psql(f"CREATE ROLE {name} NOLOGIN;\nGRANT {name} TO {pooldb.user};\n")
+    yield name
+    pg.psql(f"DROP ROLE IF EXISTS {name};\n")
+
+
 def direct_env(pg, db: PoolDB) -> dict[str, str]:
     return {"PGHOST": pg.host, "PGPORT": str(pg.port), "PGUSER": db.user, "PGPASSWORD": db.password,
             "PGDATABASE": db.name, "PGCONNECT_TIMEOUT": "10"}

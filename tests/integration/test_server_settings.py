@@ -12,7 +12,6 @@ import os
 import socket
 import threading
 import time
-import uuid
 
 import psycopg
 import pytest
@@ -63,13 +62,7 @@ def clean(pg, pgmp, pooldb):
     terminate_backends(pg, pooldb)
 
 
-@pytest.fixture(scope="module")
-def other_role(pg, pooldb):
-    """A NOLOGIN role granted to the module's role (so that it may SET ROLE to it)."""
-    name = f"other_{uuid.uuid4().hex[:10]}"
-    pg.psql(f"CREATE ROLE {name} NOLOGIN;\nGRANT {name} TO {pooldb.user};\n")
-    yield name
-    pg.psql(f"DROP ROLE IF EXISTS {name};\n")
+other_role = test_pooling.other_role
 
 
 # ---- connect_query -----------------------------------------------------------------------------

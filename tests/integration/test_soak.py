@@ -54,13 +54,7 @@ def owner(name: str, value: str | None) -> int | None:
     return int(m[1]) if m else None
 
 
-@pytest.fixture(scope="module")
-def other_role(pg, pooldb):
-    """A NOLOGIN role the module's role may SET ROLE to."""
-    name = f"{pooldb.user}_as"
-    pg.psql(f"CREATE ROLE {name} NOLOGIN;\nGRANT {name} TO {pooldb.user};\n")
-    yield name
-    pg.psql(f"DROP ROLE IF EXISTS {name};\n")
+other_role = test_pooling.other_role
 
 
 class Soak:
