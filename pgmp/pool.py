@@ -30,7 +30,7 @@ def worker_share(total: int, workers: int, slot: int) -> int:
 
 class Pool:
     __slots__ = ("worker", "db", "client_user", "name", "dbname", "server_user", "size", "mode",
-                 "idle", "servers", "connecting", "waiting", "login_waiters", "params",
+                 "idle", "servers", "opening", "waiting", "login_waiters", "params",
                  "password", "scram_keys", "secret", "last_error", "_addr", "stats", "clients", "resetting",
                  "min_size", "reserve", "use_reserve", "paused", "reconnect_before", "login_failed_at")
 
@@ -45,7 +45,7 @@ class Pool:
         self.mode = mode
         self.idle: list = []
         self.servers: set = set()
-        self.connecting = 0
+        self.opening: set = set()           # servers connecting or logging in (connect_query included)
         self.waiting: collections.deque = collections.deque()
         self.login_waiters: list = []
         self.params: dict[str, str] | None = None
@@ -56,7 +56,7 @@ class Pool:
         self._addr = None
         self.stats = PoolStats()
         self.clients: set = set()           # logged-in clients of this pool
-        self.resetting = 0                  # servers running the reset query: idle in a moment
+        self.resetting: set = set()         # servers running a reset or check query: idle in a moment
         self.min_size = min(min_size, size)
         self.reserve = reserve
         self.use_reserve = False            # a client waited reserve_pool_timeout: allow the reserve
@@ -91,7 +91,7 @@ class Pool:
             self.params = self.idle[-1].params
             self._finish_logins()
             return self.params
-        if self.connecting == 0:
+        if not self.opening:
             if self._login_retry_pending():
                 self.login_waiters.remove(client)
                 raise self._no_server_error()
@@ -153,7 +153,7 @@ class Pool:
 
         A server that does not answer within server_reset_timeout is closed and replaced."""
         srv.state = ServerState.RESET
-        self.resetting += 1
+        self.resetting.add(srv)
         srv.internal_query(messages.query(query), self._reset_done)
         timeout = self.worker.config.server_reset_timeout
         if timeout > 0:
@@ -193,12 +193,12 @@ class Pool:
         if self.paused:
             return
         # A server finishing its reset is free within a round trip; a new one costs a backend fork.
-        need = len(self.waiting) + (1 if self.login_waiters else 0) - self.resetting
-        if need > self.connecting and self._login_retry_pending():
+        need = len(self.waiting) + (1 if self.login_waiters else 0) - len(self.resetting)
+        if need > len(self.opening) and self._login_retry_pending():
             if not self.servers:
                 self._fail_waiters(self._no_server_error())
             return
-        while self.connecting < need and len(self.servers) < self.limit:
+        while len(self.opening) < need and len(self.servers) < self.limit:
             if not self._open_server():
                 break
         if self.limit <= 0 and self.waiting:
@@ -227,7 +227,7 @@ class Pool:
         if srv is None:
             return False
         self.servers.add(srv)
-        self.connecting += 1
+        self.opening.add(srv)
         return True
 
     def address(self):
@@ -256,7 +256,7 @@ class Pool:
             srv.timer.cancel()
             srv.timer = None
         srv.state = ServerState.IDLE
-        self.connecting -= 1
+        self.opening.discard(srv)
         self.last_error = None
         if self.params is None:
             self.params = dict(srv.params)
@@ -325,8 +325,8 @@ class Pool:
             self.release(srv)
 
     def _reset_done(self, srv, error) -> None:
-        self.resetting -= 1
-        srv.state = ServerState.IDLE        # counted out of "resetting" once, here
+        self.resetting.discard(srv)
+        srv.state = ServerState.IDLE
         if srv.timer:
             srv.timer.cancel()
             srv.timer = None
@@ -341,10 +341,9 @@ class Pool:
         self.servers.discard(srv)
         if srv in self.idle:
             self.idle.remove(srv)
-        if was is ServerState.RESET:
-            self.resetting -= 1
-        if was in (ServerState.CONNECTING, ServerState.LOGIN):
-            self.connecting -= 1
+        self.resetting.discard(srv)
+        if srv in self.opening:
+            self.opening.discard(srv)
             if exc is not None and exc.sqlstate == errors.CANNOT_CONNECT_NOW:
                 # "the database system is starting up": temporary, try again shortly
                 self.worker.loop.call_later(0.5, self._grow)
@@ -352,7 +351,7 @@ class Pool:
             if exc is not None:
                 self.last_error = exc
                 self.login_failed_at = self.worker.loop.clock()
-                if self.connecting == 0 and not self.idle:
+                if not self.opening and not self.idle:
                     # nothing else can serve the queue now: say why instead of letting clients hang
                     self._fail_waiters(exc)
                     return
