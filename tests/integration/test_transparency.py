@@ -381,3 +381,32 @@ def test_stale_prepared_plan_fails_once_then_works_again(pg, pgmp, pooldb, table
             conn.execute(sql).fetchall()
         assert conn.execute(sql).fetchall() == [(1, "a", 7)]
         assert conn.execute(sql).fetchall() == [(1, "a", 7)]
+
+
+def test_asyncpg_reprepares_a_stale_statement_through_pgmp(pg, pgmp, pooldb, table):
+    """asyncpg's own answer to 0A000 outside a transaction: prepare the statement again and retry.
+    Through pgmp that retry must reach a fresh server-side statement, not the stale one."""
+    import asyncio
+
+    import asyncpg
+    proxy = start(pgmp, pooldb, size=1)
+
+    async def scenario():
+        conn = await asyncpg.connect(host=proxy.host, port=proxy.port, user=pooldb.user,
+                                     password=pooldb.password, database=pooldb.name)
+        try:
+            await conn.execute(f"INSERT INTO {table} VALUES (1, 'a')")
+            sql = f"SELECT * FROM {table}"
+            assert [tuple(r) for r in await conn.fetch(sql)] == [(1, "a")]
+            with direct(pg, pooldb) as d:
+                d.execute(f"ALTER TABLE {table} ADD COLUMN y int DEFAULT 7")
+            assert [tuple(r) for r in await conn.fetch(sql)] == [(1, "a", 7)]
+            async with conn.transaction():
+                with direct(pg, pooldb) as d:
+                    d.execute(f"ALTER TABLE {table} ADD COLUMN z int DEFAULT 8")
+                with pytest.raises(asyncpg.exceptions.InvalidCachedStatementError):
+                    await conn.fetch(sql)
+            assert [tuple(r) for r in await conn.fetch(sql)] == [(1, "a", 7, 8)]
+        finally:
+            await conn.close()
+    asyncio.run(scenario())
