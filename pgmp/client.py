@@ -222,8 +222,10 @@ class ClientConnection(Endpoint):
             elif packet.kind == "gssenc":
                 self._negotiate("gssenc", n - pos)
             elif packet.kind == "cancel":
-                self.worker.cancel_request(packet.cancel_pid, packet.cancel_secret)
-                self.close(None)
+                # held open until the server has taken the cancel, as PostgreSQL does
+                self.pause_reading()
+                self.worker.cancel_request(packet.cancel_pid, packet.cancel_secret,
+                                           done=lambda: self.close(None))
                 return
             else:
                 self._startup(packet)

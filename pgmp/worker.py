@@ -309,25 +309,29 @@ class Worker:
         self.keys[key] = client
         return key
 
-    def cancel_request(self, pid: int, secret: int, forwarded: bool = False):
+    def cancel_request(self, pid: int, secret: int, forwarded: bool = False, done=None):
         """A CancelRequest with pgmp's key: cancel the query on the client's server, if any.
 
-        A key this worker did not hand out goes to the master, which asks the other workers.
+        ``done()`` runs once the server has taken the cancel (it closed pgmp's cancel
+        connection), so that the client's cancel connection, like PostgreSQL's, ends only
+        after the signal went out: a client that then sends its next query cannot have that
+        one cancelled. A key this worker did not hand out goes to the master, which asks
+        the other workers (then ``done`` runs at once).
         """
         client = self.keys.get((pid, secret))
-        if client is None:
-            if not forwarded and self.master is not None:
-                self.master.post("cancel", pid=pid, secret=secret)
-            else:
-                log.debug("cancel request with unknown key ignored")
-            return
-        srv = client.server
+        srv = client.server if client is not None else None
         if srv is None or not srv.backend_pid:
+            if client is None and not forwarded and self.master is not None:
+                self.master.post("cancel", pid=pid, secret=secret)
+            elif client is None:
+                log.debug("cancel request with unknown key ignored")
+            if done is not None:
+                done()
             return
-        self.cancel_server(client)
+        self.cancel_server(client, done)
         log.info("cancel: user=%s db=%s server pid=%d", client.user, client.database, srv.backend_pid)
 
-    def cancel_server(self, client):
+    def cancel_server(self, client, on_done=None):
         """Cancel the query running on ``client``'s server; the server is held until it is done."""
         srv = client.server
         family, sockaddr, text = srv.pool.address()
@@ -336,12 +340,16 @@ class Worker:
         err = sock.connect_ex(sockaddr)
         if err not in (0, 115, 11):
             sock.close()
+            if on_done is not None:
+                on_done()
             return
         srv.cancel_pending += 1
 
         def done(srv=srv):
             srv.cancel_pending -= 1
             srv.pool.cancel_done(srv)
+            if on_done is not None:
+                on_done()
 
         CancelConnection(self.loop, sock, messages.cancel_request(srv.backend_pid, srv.backend_secret),
                          self.config.cancel_wait_timeout or 10, done)

@@ -197,12 +197,12 @@ class LookupPool(Pool):
     def retire(self, reason: str) -> None:
         """No new lookups come here; close the connection now if it is idle, else after its work."""
         self.retired = reason
-        if self.srv is not None and self.current is None and not self.queue and not self.connecting:
+        if self.srv is not None and self.current is None and not self.queue and not self.opening:
             self.srv.close(reason)
 
     # -- running lookups ---------------------------------------------------------------
     def _pump(self) -> None:
-        if self.current is not None or self.connecting:
+        if self.current is not None or self.opening:
             return
         if not self.queue:
             self._idle()
@@ -295,7 +295,7 @@ class LookupPool(Pool):
             self._fail_all(self.last_error.message if self.last_error else "could not connect")
             return
         self.servers.add(srv)
-        self.connecting += 1
+        self.opening.add(srv)
         self.srv = srv
 
     def _fail_all(self, why: str, note: str = "") -> None:
@@ -304,8 +304,14 @@ class LookupPool(Pool):
         for _, key in queued:
             self.service.failed(key, f"cannot log in to the server as auth_user {self.server_user!r}: {why}{note}")
 
+    def server_logged_in(self, srv) -> None:
+        self.server_ready(srv)              # never the database's connect_query: this is pgmp's own
+
     def server_ready(self, srv) -> None:
-        self.connecting -= 1
+        if srv.timer:                       # server_connect_timeout
+            srv.timer.cancel()
+            srv.timer = None
+        self.opening.discard(srv)
         self.last_error = None
         self.login_failed_at = 0.0
         srv.state = ServerState.IDLE
@@ -316,8 +322,8 @@ class LookupPool(Pool):
         if self.srv is srv:
             self.srv = None
         self._cancel_timer()
-        if was in (ServerState.CONNECTING, ServerState.LOGIN):
-            self.connecting -= 1
+        if srv in self.opening:
+            self.opening.discard(srv)
             exc = exc or ServerProtocolError("the server closed the connection during login")
             self.last_error = exc
             self.login_failed_at = self.worker.loop.clock()
