@@ -66,22 +66,30 @@ class ServerSession:
         self.reported: dict[str, str] = {}     # ParameterStatus values, keys in lower case
         self.statements = ServerStatements(max_prepared)
 
-    def after_reset(self, query: bytes) -> None:
-        """The reset or check query ``query`` (a Query frame) ran: forget what it cleared, and only that.
+    def after_reset(self, query: str) -> None:
+        """The reset or check query ``query`` ran: forget what it cleared, and only that.
 
         DISCARD ALL clears everything; RESET ALL every setting but the role and session
         user; DEALLOCATE ALL the prepared statements. A check query clears nothing, so
         what the last client left is still undone for the next one."""
-        text = bytes(query[5:]).upper()
-        if b"DISCARD ALL" in text:
-            self.applied.clear()
-            self.statements.clear()
+        text = query.upper()
+        if "DISCARD ALL" in text:
+            self.discarded()
             return
-        if b"RESET ALL" in text:
-            for name in [n for n in self.applied if n not in NOT_RESET_BY_ALL]:
-                del self.applied[name]
-        if b"DEALLOCATE ALL" in text:
+        if "RESET ALL" in text:
+            self.reset_all()
+        if "DEALLOCATE ALL" in text:
             self.statements.clear()
+
+    def reset_all(self) -> None:
+        """RESET ALL ran: every setting is back to its default, but the role and session user."""
+        for name in [n for n in self.applied if n not in NOT_RESET_BY_ALL]:
+            del self.applied[name]
+
+    def discarded(self) -> None:
+        """DISCARD ALL ran: nothing of any client's session is left."""
+        self.applied.clear()
+        self.statements.clear()
 
 
 class Link:
@@ -368,7 +376,8 @@ class Link:
         if not overlay:
             return
         settings = self.settings
-        applied = self.server.applied if self.server is not None else {}
+        srv = self.server if self.server is not None else ServerSession(0)
+        applied = srv.applied
         for e in overlay:
             k = e.kind
             if k == "set":
@@ -385,9 +394,8 @@ class Link:
                 settings.clear()
                 settings.update(self.startup)
                 settings.update(kept)
-                for n in [n for n in applied if n not in NOT_RESET_BY_ALL]:
-                    del applied[n]
-            else:                                   # DISCARD ALL
+                srv.reset_all()
+            else:                                   # DISCARD ALL (its statements: Pipeline, by the tag)
                 settings.clear()
                 settings.update(self.startup)
                 applied.clear()

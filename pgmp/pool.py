@@ -154,7 +154,7 @@ class Pool:
         A server that does not answer within server_reset_timeout is closed and replaced."""
         srv.state = ServerState.RESET
         self.resetting.add(srv)
-        srv.internal_query(messages.query(query), self._reset_done)
+        srv.internal_query(messages.query(query), lambda srv, error: self._reset_done(srv, error, query))
         timeout = self.worker.config.server_reset_timeout
         if timeout > 0:
             srv.timer = self.worker.loop.call_later(timeout, self._reset_timed_out, srv, query)
@@ -324,7 +324,7 @@ class Pool:
             srv.parked = False
             self.release(srv)
 
-    def _reset_done(self, srv, error) -> None:
+    def _reset_done(self, srv, error, query: str) -> None:
         self.resetting.discard(srv)
         srv.state = ServerState.IDLE
         if srv.timer:
@@ -333,7 +333,7 @@ class Pool:
         if error is not None:
             srv.close(f"reset or check query failed: {error.message}")
             return
-        srv.session.after_reset(srv.last_internal)
+        srv.session.after_reset(query)
         self._put_idle(srv)
 
     def server_closed(self, srv, exc: PgmpError | None, was) -> None:

@@ -100,7 +100,7 @@ class ServerConnection(Endpoint):
     __slots__ = ("pool", "state", "login", "params", "session", "client", "swallow", "swallow_error",
                  "swallow_done", "backend_pid", "backend_secret", "scanner", "flags", "whole", "created",
                  "last_used", "timer", "addr_text", "cancel_pending", "release_after",
-                 "replacement", "parked", "swallow_rows", "release_reset", "last_internal")
+                 "replacement", "parked", "swallow_rows", "release_reset")
 
     def __init__(self, loop, pool, sock: socket.socket, addr_text: str, login: ServerLogin):
         super().__init__(loop, sock, EVENT_WRITE)
@@ -127,8 +127,8 @@ class ServerConnection(Endpoint):
         self.release_after = False
         self.replacement = b""
         self.parked = False                # released, but held until a pending cancel is done
-        self.release_reset = False         # released by a pinned client: DISCARD ALL before reuse
-        self.last_internal = b""           # the last internal query sent (reset, check, settings)
+        self.release_reset = False         # released by a pinned client: DISCARD ALL before reuse (kept
+                                           # on the server, as a release can wait out a pending cancel)
 
     def __repr__(self):
         return f"<server {self.pool.name} {self.addr_text} pid={self.backend_pid} {self.state.value}>"
@@ -363,7 +363,6 @@ class ServerConnection(Endpoint):
         self.swallow += 1
         self.swallow_done = done
         self.swallow_rows = rows
-        self.last_internal = query
         self.scanner, self.flags, self.whole = _internal_scanner, ALL_FLAGS, WHOLE_ALL
         self.send(query)
 
