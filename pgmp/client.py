@@ -6,7 +6,7 @@ import logging
 import struct
 
 from pgmp import errors, tls
-from pgmp.auth.client import ClientAuthenticator
+from pgmp.auth.client import ClientAuthenticator, _printable
 from pgmp.errors import AuthenticationFailed, ClientProtocolError, PgmpError
 from pgmp.loop import Endpoint
 from pgmp.protocol import messages, startup
@@ -304,10 +304,14 @@ class ClientConnection(Endpoint):
         method = self._auth_method()
         secret = worker.secrets.get(self.user)
         if secret is None and worker.config.auth_user:
-            # Not in auth_file: ask PostgreSQL (auth_query), in the database the client asked for.
-            db = worker.database_for(self.database)
-            if db is None:
-                raise self._no_database()
+            # Not in auth_file: ask PostgreSQL (auth_query) in auth_dbname, else in the client's database.
+            # A database pgmp does not know is refused only after authentication, as PostgreSQL does.
+            target = worker.auth_query.target(worker.database_for(self.database))
+            if target is None:
+                self._begin_auth(method, None, f'database "{_printable(self.database)}" is not configured '
+                                               "and auth_dbname is not set: auth_query was not run")
+                return
+            db = target
             self.auth_method = method
             self.set_state(ClientState.AUTH_LOOKUP)
             found = worker.auth_query.lookup(self, db, self.user)

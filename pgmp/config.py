@@ -69,8 +69,11 @@ def _U(name, kind, default, doc, **kw):
 
 KB, MB, GB = 1024, 1024 ** 2, 1024 ** 3
 POOL_MODES = ("session", "transaction", "statement")
-AUTH_QUERY = ("SELECT rolname, CASE WHEN rolvaliduntil < pg_catalog.now() THEN NULL ELSE rolpassword END"
-              " FROM pg_catalog.pg_authid WHERE rolname = $1 AND rolcanlogin")
+# Every name and operator schema-qualified: the lookup must not resolve anything through a search_path
+# that a database owner controls (pgmp also pins search_path on the lookup connection).
+AUTH_QUERY = ("SELECT rolname, CASE WHEN rolvaliduntil OPERATOR(pg_catalog.<) pg_catalog.now() THEN NULL"
+              " ELSE rolpassword END FROM pg_catalog.pg_authid"
+              " WHERE rolname OPERATOR(pg_catalog.=) $1 AND rolcanlogin")
 
 SCHEMA: tuple[Setting, ...] = (
     # --- where clients connect (these need new sockets: restart) ---
@@ -83,8 +86,12 @@ SCHEMA: tuple[Setting, ...] = (
     _S("auth_file", "path", "", 'Userlist of "user" "password-or-hash" lines; required unless auth_type is trust.'),
     _S("auth_user", "str", "", 'Server user that runs auth_query for clients missing from auth_file; "" disables auth_query. '
        "Its own password comes from auth_file (or the password of a database section whose user it is). "
-       "Each worker logs in as auth_user, over a connection of its own that carries no client parameter, "
-       "to the database the client asked for."),
+       "Each worker logs in as auth_user, over a connection of its own that carries no client parameter "
+       "and runs with search_path = pg_catalog, pg_temp, to auth_dbname (else the database the client asked for)."),
+    _S("auth_dbname", "str", "", "Database section in which auth_query runs for every client, whatever database it asks for; "
+       '"" = in the database the client asked for. Needed when a "*" section exists (a client could otherwise '
+       "make auth_user run the query in any database, among objects its owner planted). Choose a database that "
+       "only trusted roles own and create objects in."),
     _S("auth_query", "str", AUTH_QUERY, "Query run as auth_user that returns (user name, password hash) for the user name, "
        "bound as $1; no row or a NULL hash = the login fails like a wrong password. The default reads "
        "pg_authid, which needs a superuser: otherwise call a SECURITY DEFINER function. Write names "
@@ -165,6 +172,7 @@ SCHEMA: tuple[Setting, ...] = (
     _D("pool_mode", "enum", None, "Pool mode of this database.", choices=POOL_MODES, inherit="pool_mode"),
     _D("max_db_connections", "int", None, "Server connections to this database over all its pools (0 = unlimited).", low=0, inherit="max_db_connections"),
     _D("connect_query", "str", "", 'Query run once on each new server connection after login, before any client uses it, within server_connect_timeout (a failure counts as a failed login); "" runs none.'),
+    _D("auth_dbname", "str", None, "Database section in which auth_query runs for clients of this database.", inherit="auth_dbname"),
     _D("application_name", "str", "", 'application_name of server connections whose client sets none; "" sets none.'),
     # --- [users.<name>] ---
     _U("pool_mode", "enum", None, "Pool mode of this user's pools; wins over the database's.", choices=POOL_MODES,
@@ -470,6 +478,7 @@ class _Loader:
         users = {name: self.user(name, table, g) for name, table in self.tables(doc, "users").items()}
         if not self.errors:
             self.check(g)
+            self.check_auth_dbname(g, databases)
         if self.errors:
             raise ConfigError("\n".join(self.errors), self.errors)
         return Config(path=self.path, databases=databases, users=users, **g)
@@ -489,6 +498,25 @@ class _Loader:
 
     def user(self, name: str, table: dict, g: dict) -> UserConfig:
         return UserConfig(name=name, **self.values(_section_label("users", name), "users", table, **g))
+
+    def check_auth_dbname(self, g: dict, databases: dict) -> None:
+        """auth_dbname names a database section of its own (never "*"); a "*" section with auth_user needs one."""
+        if not g["auth_user"]:
+            return
+        checks = [("[pgmp]", None, g["auth_dbname"])]
+        checks += [(_section_label("databases", name), name, db.auth_dbname) for name, db in databases.items()
+                   if db.auth_dbname != g["auth_dbname"] or (name == "*" and not db.auth_dbname)]
+        for label, name, target in checks:
+            if target == "*":
+                self.error(f"{label} auth_dbname", 'must name a database section, not "*": auth_query '
+                           "must run in a database the configuration names")
+            elif target and target not in databases:
+                self.error(f"{label} auth_dbname", f"no [databases.{target}] section: auth_dbname names the "
+                           "section whose server and database auth_query runs in")
+            elif name == "*" and not target:
+                self.error(f"{label} auth_dbname", 'a "*" section lets a client pick any database, and auth_query '
+                           "would run there as auth_user among objects that database's owner created: set "
+                           "auth_dbname (in [pgmp] or this section) to a database only trusted roles own")
 
     def check(self, g: dict) -> None:
         """Rules that involve more than one [pgmp] setting; fills in the derived control_socket."""

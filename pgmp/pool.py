@@ -34,6 +34,9 @@ class Pool:
                  "password", "scram_keys", "secret", "last_error", "_addr", "stats", "clients", "resetting",
                  "min_size", "reserve", "use_reserve", "paused", "reconnect_before", "login_failed_at")
 
+    # StartupMessage parameters of this pool's server connections beyond user and database
+    startup_options: dict[str, str] = {}
+
     def __init__(self, worker, db, client_user: str, size: int, mode: str, min_size: int = 0, reserve: int = 0):
         self.worker = worker
         self.db = db

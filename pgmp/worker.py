@@ -273,7 +273,7 @@ class Worker:
             return None
         auth = ServerAuthenticator(pool.server_user, password=pool.password, scram_keys=pool.scram_keys,
                                    secret=pool.secret, database=pool.db.name)
-        extra = {}
+        extra = dict(pool.startup_options)
         if pool.db.application_name:
             extra["application_name"] = pool.db.application_name
         login = ServerLogin(pool.server_user, pool.dbname, auth, extra)

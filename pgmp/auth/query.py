@@ -16,11 +16,16 @@ an md5 hash. What can go wrong, and what the client sees:
   "authentication could not be completed", and the log says why.
 
 The lookup runs over a connection of its own, per worker and per database
-section, logged in as ``auth_user`` to the database the client asked for
-(PgBouncer does the same). It is never handed to a client, and its
-StartupMessage carries only user, database and application_name=pgmp-auth:
-nothing the client sent (options, search_path, …) ever reaches it
-(CVE-2025-12819). The user name is a bound parameter ($1) of an unnamed
+section, logged in as ``auth_user`` to the section ``auth_dbname`` names, or
+else to the database the client asked for (PgBouncer does the same). It is
+never handed to a client, and its StartupMessage carries only user,
+database, application_name=pgmp-auth and ``options=-c
+search_path=pg_catalog,pg_temp``: nothing the client sent (options,
+search_path, …) ever reaches it (CVE-2025-12819), and neither does the
+search_path a database's owner set with ALTER DATABASE, under which an
+unqualified operator in auth_query would call the owner's function as
+auth_user. A "*" section requires auth_dbname (config.py), so a client can
+never make auth_user log in to a database of its choosing. The user name is a bound parameter ($1) of an unnamed
 extended-protocol statement, never spliced into the SQL. Lookups for one
 database run one at a time on that connection, which stays open for
 server_idle_timeout after the last one; logins of the same user that arrive
@@ -47,6 +52,8 @@ from pgmp.server import ServerState
 log = logging.getLogger("pgmp")
 
 APPLICATION_NAME = "pgmp-auth"
+# a database owner's ALTER DATABASE ... SET search_path must not reach the lookup (startup options win)
+LOOKUP_OPTIONS = "-c search_path=pg_catalog,pg_temp"
 NEGATIVE_TTL = 5.0          # seconds a "no such user" / "password expired" answer is kept, at most
 MAX_CACHED = 10_000         # answers kept per worker; the oldest go first beyond this
 
@@ -91,8 +98,18 @@ class AuthQuery:
         self.pools: dict[str, LookupPool] = {}              # by database section name
         self.lookups = 0                                    # queries run, for tests and stats
 
+    def target(self, db):
+        """The database section auth_query runs in for clients of ``db`` (None: a database pgmp does
+        not know, and no auth_dbname to ask in)."""
+        cfg = self.worker.config
+        name = db.auth_dbname if db is not None else cfg.auth_dbname
+        if name:
+            return cfg.databases.get(name)
+        return db
+
     def lookup(self, client, db, user: str) -> Found | None:
-        """The cached answer for ``user`` in database ``db``, or None: ``client`` then waits for a lookup.
+        """The cached answer for ``user``, asked in section ``db`` (see target()), or None: ``client``
+        then waits for a lookup.
 
         A waiting client gets ``client.auth_query_done(found)``, or ``client.fail(error)`` when the
         lookup fails; either may come before this returns.
@@ -171,6 +188,7 @@ class LookupPool(Pool):
     connection runs auth_query, one lookup at a time.
     """
     __slots__ = ("service", "source", "queue", "current", "rows", "srv", "timer", "retired")
+    startup_options = {"options": LOOKUP_OPTIONS}
 
     def __init__(self, service: AuthQuery, db):
         worker = service.worker

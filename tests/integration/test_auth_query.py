@@ -368,3 +368,112 @@ def test_lookup_query_error(roles, auth_setup):
     fields = login_error(proxy, user, "badq-pass")
     assert fields["C"] == "08006", fields
     proxy.wait_log(r"auth_query: could not look up .*the query failed: 42P01")
+
+
+# ---- a database owner attacks auth_user (issue: auth_query runs where the client points it) ----
+
+class OwnedDatabase:
+    """A database owned by an unprivileged role that plants objects in it; dropped at teardown."""
+
+    def __init__(self, pg, roles):
+        self.pg = pg
+        self.owner = roles.create("aq_dbowner", "owner-pass")
+        self.name = unique("aq_owned")
+        pg.psql(f"CREATE DATABASE {self.name} OWNER {self.owner}")
+        # the owner's trap: every call records who ran it, then answers like the real thing
+        self.psql(f"""
+            CREATE SCHEMA trap;
+            CREATE TABLE trap.ran (who name);
+            GRANT USAGE ON SCHEMA trap TO PUBLIC;
+            GRANT INSERT ON trap.ran TO PUBLIC;
+            CREATE FUNCTION trap.eq(name, name) RETURNS boolean LANGUAGE plpgsql AS $$
+              BEGIN INSERT INTO trap.ran VALUES (current_user); RETURN $1 OPERATOR(pg_catalog.=) $2; END $$;
+            CREATE FUNCTION trap.lt(timestamptz, timestamptz) RETURNS boolean LANGUAGE plpgsql AS $$
+              BEGIN INSERT INTO trap.ran VALUES (current_user); RETURN $1 OPERATOR(pg_catalog.<) $2; END $$;
+            CREATE OPERATOR trap.= (LEFTARG = name, RIGHTARG = name, FUNCTION = trap.eq);
+            CREATE OPERATOR trap.< (LEFTARG = timestamptz, RIGHTARG = timestamptz, FUNCTION = trap.lt);
+            ALTER DATABASE {self.name} SET search_path = trap, pg_catalog;
+        """)
+
+    def psql(self, sql: str) -> str:
+        return self.pg.psql(f"SET ROLE {self.owner};\n{sql}", db=self.name)
+
+    def ran(self) -> list[str]:
+        return self.pg.psql("SELECT who FROM trap.ran", db=self.name).split()
+
+    def drop(self) -> None:
+        self.pg.psql(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
+
+
+@pytest.fixture
+def owned_db(pg, roles):
+    db = OwnedDatabase(pg, roles)
+    yield db
+    db.drop()
+
+
+def owned_databases(pg, owned) -> dict:
+    return {DB: {"host": pg.host, "port": pg.port, "dbname": DB},
+            owned.name: {"host": pg.host, "port": pg.port, "dbname": owned.name}}
+
+
+def login_error_in(proxy, database: str, user: str, password: str) -> dict:
+    with RawPG.connect(proxy.host, proxy.port) as conn:
+        conn.send(startup_packet({"user": user, "database": database}))
+        with pytest.raises(rawpg.ServerError) as info:
+            conn.authenticate(user, password)
+        assert conn.wait_closed(5)
+        return info.value.fields
+
+
+@pytest.mark.parametrize("query", ["default", "unqualified"])
+def test_database_owner_cannot_run_code_as_auth_user(pg, roles, owned_db, auth_setup, query):
+    """The owner's search_path puts its own = and < ahead of pg_catalog's: the lookup must not call them."""
+    config = {} if query == "default" else {
+        "auth_query": "SELECT rolname, rolpassword FROM pg_authid WHERE rolname = $1"}
+    # the trap works on a plain session of auth_user in that database: the test can fail
+    with psycopg.connect(pg.dsn(user=auth_setup.auth_user, password=AUTH_PASSWORD, dbname=owned_db.name),
+                         autocommit=True) as probe:
+        probe.execute("SELECT 1 FROM pg_authid WHERE rolname = 'x'")
+    assert owned_db.ran() and set(owned_db.ran()) == {auth_setup.auth_user}
+    owned_db.pg.psql("TRUNCATE trap.ran", db=owned_db.name)
+
+    proxy = auth_setup(databases=owned_databases(pg, owned_db), log_level="debug", **config)
+    user = roles.create("aq_target", "target-pass")
+    fields = login_error_in(proxy, owned_db.name, unique("aq_nobody"), "whatever")
+    assert fields["C"] == "28P01", fields
+    with connect(proxy, user, "target-pass", dbname=owned_db.name) as conn:
+        assert conn.execute("select current_user").fetchone() == (user,)
+    assert lookups(proxy, user) == 1
+    assert owned_db.ran() == [], "auth_query ran the database owner's operator as auth_user"
+
+
+def test_auth_dbname_keeps_lookups_out_of_client_databases(pg, roles, owned_db, auth_setup):
+    """With auth_dbname every lookup runs there: a function the owner planted under auth_query's name is never called."""
+    schema = roles.schema("aq_fn")
+    user = roles.create("aq_fn_target", "fn-target-pass")
+    pg.psql(f"""
+        CREATE FUNCTION {schema}.lookup(u text) RETURNS TABLE (usename name, passwd text)
+        LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $$
+          SELECT rolname, rolpassword FROM pg_catalog.pg_authid WHERE rolname = u $$;
+    """, db=DB)
+    # the same function name in the owner's database, answering with a password the owner chose
+    owned_db.psql(f"""
+        CREATE SCHEMA {schema};
+        GRANT USAGE ON SCHEMA {schema} TO PUBLIC;
+        CREATE FUNCTION {schema}.lookup(u text) RETURNS TABLE (usename name, passwd text)
+        LANGUAGE plpgsql AS $$ BEGIN INSERT INTO trap.ran VALUES (current_user);
+          RETURN QUERY SELECT u::name, 'owner-chosen'::text; END $$;
+    """)
+    proxy = auth_setup(databases=owned_databases(pg, owned_db), auth_dbname=DB,
+                       auth_query=f"SELECT * FROM {schema}.lookup($1)", log_level="debug")
+    log_start = len(pg.log())
+    # the owner's password does not work; the real one does, in the owner's database too
+    assert login_error_in(proxy, owned_db.name, user, "owner-chosen")["C"] == "28P01"
+    with connect(proxy, user, "fn-target-pass", dbname=owned_db.name) as conn:
+        assert conn.execute("select current_database()").fetchone() == (owned_db.name,)
+    assert owned_db.ran() == []
+    server_log = pg.log()[log_start:]
+    assert re.search(rf"connection authorized: user={auth_setup.auth_user} database={DB} "
+                     r"application_name=pgmp-auth", server_log), server_log
+    assert not re.search(rf"user={auth_setup.auth_user} database={owned_db.name}", server_log), server_log

@@ -418,7 +418,7 @@ def test_databases_inherit_from_pgmp():
     assert appdb == config.DatabaseConfig(
         name="appdb", host="db1.internal", port=5433, dbname="appdb", user="app", password="s3cret",
         pool_size=7, min_pool_size=0, reserve_pool_size=2, pool_mode="transaction",
-        max_db_connections=50, connect_query="SET search_path TO app", application_name="")
+        max_db_connections=50, connect_query="SET search_path TO app", auth_dbname="", application_name="")
     reports = cfg.databases["reports"]
     assert (reports.dbname, reports.pool_size, reports.pool_mode, reports.host) == (
         "warehouse", 5, "session", "/var/run/postgresql")
@@ -508,3 +508,42 @@ def test_man_settings_pass_groff(tmp_path):
     result = subprocess.run(["groff", "-man", "-ww", "-z", str(page)], capture_output=True, text=True,
                             env={**os.environ, "LC_ALL": "C"})
     assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+# ---------------------------------------------------------------- auth_dbname
+
+AUTH = TRUST + 'auth_user = "pgmp_auth"\n'
+
+
+def test_default_auth_query_qualifies_every_operator():
+    query = cfg_with().auth_query
+    assert "OPERATOR(pg_catalog.=)" in query and "OPERATOR(pg_catalog.<)" in query
+    assert " = " not in query and " < " not in query
+
+
+def test_auth_dbname_is_inherited_and_overridden():
+    cfg = loads(AUTH + 'auth_dbname = "authdb"\n[databases.authdb]\n[databases.app]\n'
+                       '[databases.other]\nauth_dbname = "app"\n')
+    assert cfg.databases["app"].auth_dbname == "authdb"
+    assert cfg.databases["other"].auth_dbname == "app"
+    assert cfg.databases["authdb"].auth_dbname == "authdb"
+
+
+def test_wildcard_with_auth_user_needs_auth_dbname():
+    message = error_of(AUTH + '[databases."*"]\n')
+    assert '[databases."*"] auth_dbname: a "*" section lets a client pick any database' in message
+    assert "set auth_dbname" in message
+    # in the wildcard's own section, or inherited from [pgmp]
+    assert loads(AUTH + '[databases."*"]\nauth_dbname = "authdb"\n[databases.authdb]\n')
+    assert loads(AUTH + 'auth_dbname = "authdb"\n[databases."*"]\n[databases.authdb]\n')
+    # no auth_user: no lookups, nothing to protect
+    assert loads(TRUST + '[databases."*"]\n')
+
+
+@pytest.mark.parametrize("value, expected", [
+    ('"*"', 'auth_dbname: must name a database section, not "*"'),
+    ('"nosuch"', "auth_dbname: no [databases.nosuch] section"),
+])
+def test_auth_dbname_must_name_a_section(value, expected):
+    assert expected in error_of(AUTH + f"auth_dbname = {value}\n[databases.app]\n")
+    assert f"[databases.app] {expected}" in error_of(AUTH + f"[databases.app]\nauth_dbname = {value}\n")
