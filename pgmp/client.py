@@ -341,7 +341,9 @@ class ClientConnection(Endpoint):
             raise AuthenticationFailed(f'user "{self.user}" is not in auth_file',
                                        reason=f"trust: {missing or 'user not in auth_file'}",
                                        sqlstate=errors.INVALID_AUTHORIZATION)
-        self.auth = ClientAuthenticator(method, self.user, secret, mock_seed=worker.mock_seed,
+        mock = worker.mock
+        self.auth = ClientAuthenticator(method, self.user, secret, mock_seed=mock.seed,
+                                        mock_iterations=mock.iterations, mock_md5=mock.md5,
                                         channel_binding=tls.channel_binding(self.tls), missing=missing)
         first = self.auth.start()
         self.set_state(ClientState.AUTH)

@@ -97,10 +97,16 @@ SCHEMA: tuple[Setting, ...] = (
        "pg_authid, which needs a superuser: otherwise call a SECURITY DEFINER function. Write names "
        "schema-qualified. A lookup that fails (server down, auth_user cannot log in, no answer within "
        "server_connect_timeout) refuses the client with 08006."),
+    _S("auth_mock_secret_file", "path", "", "File of at least 32 secret random bytes (make it once: head -c 32 /dev/urandom > FILE; "
+       "chmod 600 FILE) from which pgmp derives the SCRAM salt it shows for users that do not exist, so that "
+       "the salt stays the same in every worker, across restarts and auth_file edits, as a real user's does. "
+       '"" = derived from auth_file\'s contents (changes when auth_file does), or random at start without auth_file.'),
     _S("auth_cache_ttl", "duration", 60, "How long each worker keeps a password hash that auth_query returned before asking "
        "again (0 = ask at every login; logins of the same user that arrive during a lookup always share it). "
-       "An answer without a usable hash (no such user, expired or no password) is kept for at most 5s "
-       "(auth_cache_ttl if lower). A reload empties the cache.", low=0),
+       "An answer without a usable hash (no such user, expired or no password) is kept just as long, "
+       "the same for users that do not exist as for real ones, so that timing cannot tell them apart: "
+       "a role created in PostgreSQL logs in through pgmp after auth_cache_ttl, or at once after a reload, "
+       "which empties the cache.", low=0),
     _S("hba_file", "path", "", 'pg_hba.conf-style rules of which client may reach which database, and how; "" lets any client try auth_type.'),
     # --- pools ---
     _S("pool_mode", "enum", "session", "When a server returns to the pool: session (client leaves), transaction (transaction ends) or statement (statement ends).", choices=POOL_MODES),

@@ -210,6 +210,7 @@ class Master:
         self.control_file = None               # (path, identity) of the control socket we bound
         self.unix_files: dict[int, tuple] = {}  # generation -> (path, identity) of its unix socket file
         self.pidfile = ""                      # as at start: reload cannot move it
+        self.instance_seed = os.urandom(32)    # shared by the workers (mock salts without a seed file)
         self.announced = False
         self.pending: dict[int, dict] = {}
         self._ids = itertools.count(1)
@@ -372,7 +373,8 @@ class Master:
         self.loop.close()
         from pgmp.worker import Worker
         try:
-            worker = Worker(self.config, slot, self.nworkers_of(generation), generation=generation)
+            worker = Worker(self.config, slot, self.nworkers_of(generation), generation=generation,
+                            instance_seed=self.instance_seed)
             worker.listen_on(keep)
             worker.attach_master(link)
         except Exception as exc:

@@ -13,8 +13,10 @@ import socket
 from pgmp import config as configmod
 from pgmp import control, errors, tls
 from pgmp.auth.authfile import load_auth_file
+from pgmp.auth.client import mock_profile
 from pgmp.auth.query import AuthQuery
 from pgmp.auth.server import ServerAuthenticator
+from pgmp.files import read_mock_secret
 from pgmp.hba import load_hba
 from pgmp.client import ClientConnection
 from pgmp.logs import reopen_log_files
@@ -97,9 +99,25 @@ class CancelConnection(Endpoint):
             self.on_done()
 
 
+def mock_profile_for(cfg, secrets, instance_seed: bytes):
+    """How this instance answers users without a secret (see auth/client.py): the same in every worker
+    and after a restart, from auth_mock_secret_file, else auth_file's bytes, else the master's seed."""
+    if cfg.auth_mock_secret_file:
+        material = read_mock_secret(cfg.auth_mock_secret_file)
+    elif cfg.auth_file:
+        with open(cfg.auth_file, "rb") as f:
+            material = f.read()
+    else:
+        material = instance_seed
+    return mock_profile(secrets, material)
+
+
 class Worker:
-    def __init__(self, config, slot: int = 0, nworkers: int = 1, generation: int = 0):
+    def __init__(self, config, slot: int = 0, nworkers: int = 1, generation: int = 0,
+                 instance_seed: bytes | None = None):
         self.config = config
+        # the master's random seed, for a mock salt without auth_mock_secret_file or auth_file
+        self.instance_seed = instance_seed if instance_seed is not None else os.urandom(32)
         self.slot = slot
         self.nworkers = nworkers
         self.generation = generation
@@ -113,7 +131,7 @@ class Worker:
         # TLS contexts towards clients and towards servers (None: TLS off on that side)
         self.client_tls = tls.for_clients(config)
         self.server_tls = tls.for_servers(config)
-        self.mock_seed = os.urandom(32)
+        self.mock = mock_profile_for(config, self.secrets, self.instance_seed)
         self.auth_query = AuthQuery(self)       # secrets of users missing from auth_file (auth_user)
         self.pools: dict[tuple[str, str], Pool] = {}
         self.statement_cache = StatementCache()
@@ -430,12 +448,14 @@ class Worker:
             secrets = load_auth_file(new.auth_file) if new.auth_file else {}
             rules = load_hba(new.hba_file) if new.hba_file else None
             client_tls, server_tls = tls.for_clients(new), tls.for_servers(new)    # certificates re-read
+            mock = mock_profile_for(new, secrets, self.instance_seed)
         except Exception as exc:
             log.error("reload failed, keeping the old configuration: %s", exc)
             return str(exc)
         self.config = new
         self.tracked_parameters = tracked_parameters(new)
         self.secrets = secrets
+        self.mock = mock
         self.hba = rules
         self.client_tls, self.server_tls = client_tls, server_tls
         self.loop.max_unsent = new.max_unsent

@@ -14,8 +14,14 @@ auth-scram.c):
 - A user without a usable secret (unknown, empty password, md5 secret under
   SCRAM) goes through the whole exchange and fails where a wrong password
   would. Its SCRAM salt is HMAC(mock_seed, user)[:16], stable per user, with
-  the default iteration count, so it looks like a real secret. A plaintext
-  secret gets the same salt, so even those users look alike.
+  the iteration count most real secrets have, so it looks like a real
+  secret. A plaintext secret gets the same salt, so even those users look
+  alike. Under "md5" an unknown user runs SCRAM, as most real users do (a
+  SCRAM secret runs SCRAM), unless ``mock_md5`` says the known users mostly
+  run md5. ``mock_profile`` makes those choices from the known secrets;
+  the seed comes from the caller (the worker derives it from a file the
+  operator keeps, so that it is the same in every worker and after a
+  restart: a salt that changed would tell an unknown user from a real one).
 - SCRAM-SHA-256-PLUS (channel binding tls-server-end-point, a hash of
   pgmp's own certificate) is offered only when the client connection is
   TLS and the caller passes ``channel_binding``. A client that answers "y"
@@ -36,10 +42,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import enum
 import hmac
 import secrets
 import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from pgmp.auth.authfile import (
     Secret, hmac_sha256, md5_hex, md5_response, md5_secret, scram_keys, scram_keys_cached,
@@ -68,6 +77,30 @@ class _State(enum.Enum):
     SASL_FINAL = "sasl-final"      # server-first sent: waiting for client-final
     DONE = "done"
     FAILED = "failed"
+
+
+@dataclass(frozen=True, repr=False)
+class MockProfile:
+    """How pgmp answers a user without a usable secret, so that it looks like the users it knows."""
+
+    seed: bytes                          # key of the per-user mock salt
+    md5: bool = False                    # under "md5": the md5 exchange (else SCRAM)
+    iterations: int = MOCK_ITERATIONS    # of the mock SCRAM exchange
+
+    def __repr__(self):
+        return f"MockProfile(md5={self.md5}, iterations={self.iterations})"
+
+
+MOCK_SEED_LABEL = b"pgmp mock SCRAM salt seed v1"
+
+
+def mock_profile(known: Mapping[str, Secret], seed_material: bytes) -> MockProfile:
+    """The mock that matches ``known`` (auth_file's secrets): the exchange most of them run under
+    "md5", the most common SCRAM iteration count; the seed is a keyed hash of ``seed_material``."""
+    kinds = collections.Counter("scram" if s.kind == "scram" else "md5" for s in known.values())
+    counts = collections.Counter(s.iterations for s in known.values() if s.kind == "scram")
+    iterations = counts.most_common(1)[0][0] if counts else MOCK_ITERATIONS
+    return MockProfile(hmac_sha256(seed_material, MOCK_SEED_LABEL), kinds["md5"] > kinds["scram"], iterations)
 
 
 def mock_salt(mock_seed: bytes, user: str) -> bytes:
@@ -99,8 +132,8 @@ class ClientAuthenticator:
     """
 
     def __init__(self, method: str, user: str, secret: Secret | None, *, mock_seed: bytes,
-                 mock_iterations: int = MOCK_ITERATIONS, channel_binding: bytes | None = None,
-                 missing: str | None = None):
+                 mock_iterations: int = MOCK_ITERATIONS, mock_md5: bool = False,
+                 channel_binding: bytes | None = None, missing: str | None = None):
         if method not in METHODS:
             raise ValueError(f"unknown authentication method {method!r}; expected one of {METHODS}")
         self.method = method
@@ -118,8 +151,9 @@ class ClientAuthenticator:
         self._channel_binding = channel_binding
         self._plus = False                       # the client chose SCRAM-SHA-256-PLUS
         self._state = _State.START
-        # The exchange actually run: "md5" with a SCRAM secret runs SCRAM, as in PostgreSQL.
-        if method == "md5" and secret is not None and secret.kind == "scram":
+        # The exchange actually run: "md5" with a SCRAM secret runs SCRAM, as in PostgreSQL; without
+        # a secret, what most known users run (PostgreSQL mocks its password_encryption, SCRAM).
+        if method == "md5" and (secret.kind == "scram" if secret is not None else not mock_md5):
             self.exchange = "scram-sha-256"
         else:
             self.exchange = method

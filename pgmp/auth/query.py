@@ -31,9 +31,11 @@ database run one at a time on that connection, which stays open for
 server_idle_timeout after the last one; logins of the same user that arrive
 while its lookup runs wait for that lookup instead of starting their own.
 
-Answers are cached per worker for auth_cache_ttl; "no usable secret" answers
-for at most NEGATIVE_TTL seconds, so a role created or given a password in
-PostgreSQL can log in a few seconds later. A reload empties the cache.
+Answers are cached per worker for auth_cache_ttl, "no usable secret" answers
+exactly as long as secrets: a lookup repeated sooner for a user that does not
+exist would tell it from a real one by the login's timing. So a role created
+or given a password in PostgreSQL can log in through pgmp once auth_cache_ttl
+has passed, or at once after a reload, which empties the cache.
 """
 from __future__ import annotations
 
@@ -54,7 +56,6 @@ log = logging.getLogger("pgmp")
 APPLICATION_NAME = "pgmp-auth"
 # a database owner's ALTER DATABASE ... SET search_path must not reach the lookup (startup options win)
 LOOKUP_OPTIONS = "-c search_path=pg_catalog,pg_temp"
-NEGATIVE_TTL = 5.0          # seconds a "no such user" / "password expired" answer is kept, at most
 MAX_CACHED = 10_000         # answers kept per worker; the oldest go first beyond this
 
 
@@ -135,7 +136,7 @@ class AuthQuery:
 
     def answered(self, key: tuple[str, str], found: Found, cache: bool) -> None:
         cfg = self.worker.config
-        ttl = cfg.auth_cache_ttl if found.secret is not None else min(cfg.auth_cache_ttl, NEGATIVE_TTL)
+        ttl = cfg.auth_cache_ttl            # the same for "no such user": see the module docstring
         found = dataclasses.replace(found, expires=self.worker.loop.clock() + ttl)
         if cache and ttl > 0:
             self._remember(key, found)

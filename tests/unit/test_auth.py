@@ -282,7 +282,7 @@ class TestPassword:
 
     @pytest.mark.parametrize("method", ["password", "md5"])
     def test_unknown_user_fails_after_the_response(self, method):
-        auth = ClientAuthenticator(method, "nobody", None, mock_seed=SEED)
+        auth = ClientAuthenticator(method, "nobody", None, mock_seed=SEED, mock_md5=True)
         code, _ = auth_request(auth.start())
         assert code == (messages.AUTH_CLEARTEXT if method == "password" else messages.AUTH_MD5)
         err = expect(AuthenticationFailed, "28P01", auth.feed, b"anything\0")
@@ -312,7 +312,7 @@ class TestMd5:
         expect(AuthenticationFailed, "28P01", auth.feed, md5_answer_bytes("nope", "alice", salt))
 
     def test_salt_is_random(self):
-        salts = {auth_request(ClientAuthenticator("md5", "a", None, mock_seed=SEED).start())[1]
+        salts = {auth_request(ClientAuthenticator("md5", "a", None, mock_seed=SEED, mock_md5=True).start())[1]
                  for _ in range(8)}
         assert len(salts) > 1
 
@@ -759,3 +759,25 @@ class TestServerAuthenticator:
             auth.feed(code, data)
         except PgmpError:
             pass
+
+
+class TestMockProfile:
+    """What an unknown user is shown is chosen from the users pgmp knows (user enumeration)."""
+
+    def test_unknown_user_under_md5_runs_scram_by_default(self):
+        auth = ClientAuthenticator("md5", "nobody", None, mock_seed=SEED)
+        code, _ = auth_request(auth.start())
+        assert code == messages.AUTH_SASL and auth.exchange == "scram-sha-256"
+
+    def test_profile_follows_the_known_secrets(self):
+        from pgmp.auth.client import mock_profile
+        scram = {f"s{i}": scram_secret("pw", iterations=8192) for i in range(3)}
+        md5 = {f"m{i}": parse_secret("md5" + md5_of(f"pw{i}")) for i in range(2)}
+        profile = mock_profile({**scram, **md5, "odd": scram_secret("pw", iterations=4096)}, b"material")
+        assert profile.iterations == 8192 and profile.md5 is False
+        assert mock_profile({**md5, "p": parse_secret("plain")}, b"material").md5 is True
+        empty = mock_profile({}, b"material")
+        assert empty.iterations == 4096 and empty.md5 is False
+        # the seed is a keyed hash of the material: stable for the same material, else different
+        assert empty.seed == mock_profile({}, b"material").seed != mock_profile({}, b"other").seed
+        assert b"material" not in empty.seed and "seed" not in repr(empty)
