@@ -4,8 +4,10 @@ The state machine is pgmp.session's; this module is its IO glue.
 """
 import logging
 import struct
+from functools import partial
 
 from pgmp import errors, tls
+from pgmp.auth.authfile import scram_keys
 from pgmp.auth.client import ClientAuthenticator, _printable
 from pgmp.errors import AuthenticationFailed, ClientProtocolError, PgmpError
 from pgmp.loop import Endpoint
@@ -168,13 +170,38 @@ class ClientConnection(Endpoint):
         if kind == 88:
             self.close("client sent Terminate during login")
             return STOP
-        reply = self.auth.feed(bytes(view[off + 5:off + ln]))
+        auth = self.auth
+        reply = auth.feed(bytes(view[off + 5:off + ln]))
         if reply:
             self.send(reply)
-        if self.auth.done:
+        if auth.done:
             self._authenticated()
             return STOP
+        if auth.pending is not None:
+            # a key derivation (PBKDF2): in a thread, so that the other sessions go on meanwhile
+            self.pause_reading()
+            self.worker.deriver.submit(scram_keys, auth.pending, partial(self._derived, auth))
+            return STOP
         return 1                                    # DROP
+
+    def _derived(self, auth, keys, error):
+        """The key derivation of ``auth.pending`` is done (in the loop again)."""
+        if self.closed or self.auth is not auth:
+            return
+        try:
+            if error is not None:
+                raise error
+            reply = auth.derived(keys)
+            if reply:
+                self.send(reply)
+            if auth.done:
+                self._authenticated()
+                return
+        except Exception as exc:
+            self.fail(exc)
+            return
+        self.resume_reading()
+        self.kick()
 
     def on_partial(self, kind, view, pos, n, length):
         """A Bind or Parse too large for one read, in transaction mode: rewrite its head, stream the rest."""
@@ -344,7 +371,8 @@ class ClientConnection(Endpoint):
         mock = worker.mock
         self.auth = ClientAuthenticator(method, self.user, secret, mock_seed=mock.seed,
                                         mock_iterations=mock.iterations, mock_md5=mock.md5,
-                                        channel_binding=tls.channel_binding(self.tls), missing=missing)
+                                        channel_binding=tls.channel_binding(self.tls), missing=missing,
+                                        defer=True)
         first = self.auth.start()
         self.set_state(ClientState.AUTH)
         self.scanner, self.flags, self.whole = _auth_scanner, AUTH_FLAGS, ALL_WHOLE

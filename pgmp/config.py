@@ -97,6 +97,10 @@ SCHEMA: tuple[Setting, ...] = (
        "pg_authid, which needs a superuser: otherwise call a SECURITY DEFINER function. Write names "
        "schema-qualified. A lookup that fails (server down, auth_user cannot log in, no answer within "
        "server_connect_timeout) refuses the client with 08006."),
+    _S("auth_max_iterations", "int", 100_000, "Largest SCRAM iteration count pgmp accepts: in an auth_file secret (refused at start "
+       "and reload), from auth_query (that user cannot log in) or asked by a server (its login fails). Each "
+       "derivation of a key costs CPU in proportion (about 30 ms per 100,000 here), before the client has proved "
+       "anything; PostgreSQL's default is 4096.", low=1, high=2**31 - 1),
     _S("auth_mock_secret_file", "path", "", "File of at least 32 secret random bytes (make it once: head -c 32 /dev/urandom > FILE; "
        "chmod 600 FILE) from which pgmp derives the SCRAM salt it shows for users that do not exist, so that "
        "the salt stays the same in every worker, across restarts and auth_file edits, as a real user's does. "

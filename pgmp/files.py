@@ -43,7 +43,7 @@ def check_files(cfg) -> list[str]:
     lines = []
     try:
         if cfg.auth_file:
-            users = load_auth_file(cfg.auth_file)
+            users = load_auth_file(cfg.auth_file, cfg.auth_max_iterations)
             lines.append(f"{cfg.auth_file}: {len(users)} users")
         if cfg.auth_mock_secret_file:
             lines.append(f"{cfg.auth_mock_secret_file}: {len(read_mock_secret(cfg.auth_mock_secret_file))} bytes")

@@ -16,6 +16,7 @@ from pgmp.auth.authfile import load_auth_file
 from pgmp.auth.client import mock_profile
 from pgmp.auth.query import AuthQuery
 from pgmp.auth.server import ServerAuthenticator
+from pgmp.derive import Deriver
 from pgmp.files import read_mock_secret
 from pgmp.hba import load_hba
 from pgmp.client import ClientConnection
@@ -126,13 +127,14 @@ class Worker:
         self._title = ""
         self.loop = Loop(config.buffer_size)
         self.loop.max_unsent = config.max_unsent
-        self.secrets = load_auth_file(config.auth_file) if config.auth_file else {}
+        self.secrets = load_auth_file(config.auth_file, config.auth_max_iterations) if config.auth_file else {}
         self.hba = load_hba(config.hba_file) if config.hba_file else None
         # TLS contexts towards clients and towards servers (None: TLS off on that side)
         self.client_tls = tls.for_clients(config)
         self.server_tls = tls.for_servers(config)
         self.mock = mock_profile_for(config, self.secrets, self.instance_seed)
         self.auth_query = AuthQuery(self)       # secrets of users missing from auth_file (auth_user)
+        self.deriver = Deriver(self.loop)       # PBKDF2 of logins, in threads (derive.py)
         self.pools: dict[tuple[str, str], Pool] = {}
         self.statement_cache = StatementCache()
         self.tracked_parameters = tracked_parameters(config)
@@ -382,6 +384,7 @@ class Worker:
             pool.close_all("pgmp worker exiting")
         for srv in [s for p in self.pools.values() for s in p.servers]:
             srv.flush()
+        self.deriver.close()
 
     def attach_master(self, sock: socket.socket):
         self.master = MasterLink(self, sock)
@@ -445,7 +448,7 @@ class Worker:
         reopen_log_files()
         try:
             new = configmod.loads(text, path) if text is not None else configmod.load(path)
-            secrets = load_auth_file(new.auth_file) if new.auth_file else {}
+            secrets = load_auth_file(new.auth_file, new.auth_max_iterations) if new.auth_file else {}
             rules = load_hba(new.hba_file) if new.hba_file else None
             client_tls, server_tls = tls.for_clients(new), tls.for_servers(new)    # certificates re-read
             mock = mock_profile_for(new, secrets, self.instance_seed)

@@ -111,8 +111,9 @@ def _b64(text: str, what: str) -> bytes:
 
 # ---- the file -----------------------------------------------------------------
 
-def load_auth_file(path: str) -> dict[str, Secret]:
-    """Read and parse an auth_file; AuthFileError if it cannot be read or parsed."""
+def load_auth_file(path: str, max_iterations: int | None = None) -> dict[str, Secret]:
+    """Read and parse an auth_file; AuthFileError if it cannot be read or parsed, or a SCRAM secret
+    has more than ``max_iterations`` iterations."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -123,10 +124,18 @@ def load_auth_file(path: str) -> dict[str, Secret]:
     except UnicodeDecodeError as e:
         lineno = raw.count(b"\n", 0, e.start) + 1
         raise AuthFileError("not valid UTF-8", path, lineno) from None
-    return parse_auth_file(text, path)
+    return parse_auth_file(text, path, max_iterations)
 
 
-def parse_auth_file(text: str, path: str) -> dict[str, Secret]:
+def check_iterations(secret: Secret, max_iterations: int | None) -> str | None:
+    """Why ``secret`` costs too much to use (more iterations than allowed), or None."""
+    if max_iterations is not None and secret.kind == "scram" and secret.iterations > max_iterations:
+        return (f"its SCRAM secret has {secret.iterations} iterations, more than "
+                f"auth_max_iterations ({max_iterations})")
+    return None
+
+
+def parse_auth_file(text: str, path: str, max_iterations: int | None = None) -> dict[str, Secret]:
     """Parse auth_file text; ``path`` only names the file in error messages."""
     users: dict[str, Secret] = {}
     first_line: dict[str, int] = {}
@@ -141,6 +150,10 @@ def parse_auth_file(text: str, path: str) -> dict[str, Secret]:
             if user in users:
                 raise AuthFileError(f'user "{user}" is listed twice (first on line {first_line[user]})')
             users[user] = parse_secret(secret_text)
+            costly = check_iterations(users[user], max_iterations)
+            if costly:
+                raise AuthFileError(f'user "{user}": {costly}; raise auth_max_iterations or store the '
+                                    "password with fewer iterations")
         except AuthFileError as e:
             raise AuthFileError(str(e), path, lineno) from None
         first_line[user] = lineno

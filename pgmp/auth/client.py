@@ -75,6 +75,7 @@ class _State(enum.Enum):
     SASL_INITIAL = "sasl-initial"  # waiting for SASLInitialResponse
     SASL_FIRST = "sasl-first"      # initial response had no data: waiting for client-first
     SASL_FINAL = "sasl-final"      # server-first sent: waiting for client-final
+    DERIVING = "deriving"          # waiting for the caller to run ``pending`` (a key derivation)
     DONE = "done"
     FAILED = "failed"
 
@@ -133,7 +134,7 @@ class ClientAuthenticator:
 
     def __init__(self, method: str, user: str, secret: Secret | None, *, mock_seed: bytes,
                  mock_iterations: int = MOCK_ITERATIONS, mock_md5: bool = False,
-                 channel_binding: bytes | None = None, missing: str | None = None):
+                 channel_binding: bytes | None = None, missing: str | None = None, defer: bool = False):
         if method not in METHODS:
             raise ValueError(f"unknown authentication method {method!r}; expected one of {METHODS}")
         self.method = method
@@ -147,6 +148,12 @@ class ClientAuthenticator:
         self._user = to_bytes(user)
         self._mock_seed = mock_seed
         self._mock_iterations = mock_iterations
+        self._mock_md5 = mock_md5
+        # defer: a key derivation is not run here but left in ``pending`` = (password, salt,
+        # iterations) for the caller to run (off its event loop) and hand to ``derived()``
+        self._defer = defer
+        self.pending: tuple[bytes, bytes, int] | None = None
+        self._then = None
         # tls-server-end-point data when the client came over TLS: SCRAM-SHA-256-PLUS is offered
         self._channel_binding = channel_binding
         self._plus = False                       # the client chose SCRAM-SHA-256-PLUS
@@ -195,7 +202,7 @@ class ClientAuthenticator:
     def feed(self, payload: bytes) -> bytes:
         """Take one 'p' message payload; return the bytes to send next (b"" when none)."""
         state = self._state
-        if state in (_State.START, _State.DONE, _State.FAILED):
+        if state in (_State.START, _State.DONE, _State.FAILED, _State.DERIVING):
             raise ClientProtocolError(f"unexpected password message (authentication is {state.value})")
         if len(payload) > self.max_payload:
             self._state = _State.FAILED
@@ -231,12 +238,45 @@ class ClientAuthenticator:
         answer = payload[:-1]
         if not answer:
             raise self._fail("empty password returned by client")
+        secret = self._secret
         if self._doomed:
+            if self.exchange == "password" and not self._mock_md5:
+                # a real user's cleartext check costs a derivation (SCRAM secret): so does this one,
+                # or the time the failure takes would tell the two apart
+                return self._derive(answer, mock_salt(self._mock_seed, self.user), self._mock_iterations,
+                                    lambda keys: self._password_result(answer, False))
             raise self._fail(self._doomed)
         if self.exchange == "md5":
-            ok = hmac.compare_digest(answer, self._expected_md5())
-        else:
-            ok = self._check_cleartext(answer)
+            return self._password_result(answer, hmac.compare_digest(answer, self._expected_md5()))
+        if secret.kind == "scram":
+            # Not cached: the password is the client's guess.
+            return self._derive(answer, secret.salt, secret.iterations, lambda keys: self._password_result(
+                answer, hmac.compare_digest(keys[1] + keys[2], secret.stored_key + secret.server_key)))
+        return self._password_result(answer, self._check_cleartext(answer))
+
+    def _derive(self, password: bytes, salt: bytes, iterations: int, then) -> bytes:
+        """``then(scram_keys(...))`` now, or (defer) once the caller hands the keys to ``derived()``."""
+        if not self._defer:
+            return then(scram_keys(password, salt, iterations))
+        self.pending = (password, salt, iterations)
+        self._then = then
+        self._state = _State.DERIVING
+        return b""
+
+    def derived(self, keys: tuple[bytes, bytes, bytes]) -> bytes:
+        """The result of ``scram_keys(*pending)``; returns what to send next, like ``feed``."""
+        if self._state is not _State.DERIVING:
+            raise RuntimeError("derived() without a pending derivation")
+        then, self._then, self.pending = self._then, None, None
+        try:
+            return then(keys)
+        except BaseException:
+            self._state = _State.FAILED
+            raise
+
+    def _password_result(self, answer: bytes, ok: bool) -> bytes:
+        if self._doomed:
+            raise self._fail(self._doomed)
         if not ok:
             raise self._fail(f"password does not match ({self.exchange} authentication)")
         if self.exchange == "password":
@@ -250,14 +290,11 @@ class ClientAuthenticator:
         return md5_response(inner, self._md5_salt)
 
     def _check_cleartext(self, password: bytes) -> bool:
+        """A cleartext password against a plaintext or md5 secret (SCRAM secrets: ``_derive``)."""
         secret = self._secret
         if secret.kind == "plain":
             return hmac.compare_digest(password, to_bytes(secret.value))
-        if secret.kind == "md5":
-            return hmac.compare_digest(md5_secret(password, self._user).encode(), secret.value.encode())
-        # Not cached: the password is the client's guess.
-        _, stored_key, server_key = scram_keys(password, secret.salt, secret.iterations)
-        return hmac.compare_digest(stored_key + server_key, secret.stored_key + secret.server_key)
+        return hmac.compare_digest(md5_secret(password, self._user).encode(), secret.value.encode())
 
     # ---- SCRAM-SHA-256 ----------------------------------------------------------------
 

@@ -44,7 +44,7 @@ import dataclasses
 import logging
 
 from pgmp import errors
-from pgmp.auth.authfile import AuthFileError, Secret, parse_secret, to_bytes
+from pgmp.auth.authfile import AuthFileError, Secret, check_iterations, parse_secret, to_bytes
 from pgmp.auth.client import _printable
 from pgmp.errors import PgmpError, ServerProtocolError
 from pgmp.pool import Pool
@@ -71,7 +71,7 @@ class Found:
         return f"Found({self.secret!r}, {self.reason!r})"
 
 
-def interpret(user: str, rows: list[bytes]) -> Found:
+def interpret(user: str, rows: list[bytes], max_iterations: int | None = None) -> Found:
     """The answer in the DataRows of auth_query (expires left 0); ValueError if it is unusable."""
     who = f'user "{_printable(user)}"'
     if not rows:
@@ -86,6 +86,9 @@ def interpret(user: str, rows: list[bytes]) -> Found:
         secret = parse_secret(value.decode("utf-8", "surrogateescape"))
     except AuthFileError as exc:
         return Found(None, f"auth_query returned an unusable secret for {who}: {exc}", 0.0)
+    costly = check_iterations(secret, max_iterations)
+    if costly:
+        return Found(None, f"auth_query returned an unusable secret for {who}: {costly}", 0.0)
     return Found(secret, None, 0.0)
 
 
@@ -254,7 +257,7 @@ class LookupPool(Pool):
             self.service.failed(key, f"the query failed: {error.sqlstate} {error.message}")
         else:
             try:
-                found = interpret(user, rows)
+                found = interpret(user, rows, self.worker.config.auth_max_iterations)
             except ValueError as exc:
                 self.service.failed(key, str(exc))
             else:

@@ -781,3 +781,37 @@ class TestMockProfile:
         # the seed is a keyed hash of the material: stable for the same material, else different
         assert empty.seed == mock_profile({}, b"material").seed != mock_profile({}, b"other").seed
         assert b"material" not in empty.seed and "seed" not in repr(empty)
+
+
+class TestDeferredDerivation:
+    """defer=True: the PBKDF2 of a cleartext check is left to the caller (a thread), not run in feed()."""
+
+    def run(self, secret, answer: bytes, user: str = "alice"):
+        from pgmp.auth.authfile import scram_keys
+        auth = ClientAuthenticator("password", user, secret, mock_seed=SEED, defer=True)
+        auth.start()
+        assert auth.feed(answer + b"\0") == b"" and not auth.done
+        assert auth.pending is not None
+        # nothing else may come from the client meanwhile
+        expect(ClientProtocolError, "08P01", auth.feed, b"more\0")
+        return auth, scram_keys(*auth.pending)
+
+    def test_right_password(self):
+        auth, keys = self.run(scram_secret("s3cret"), b"s3cret")
+        assert auth.derived(keys) == b"" and auth.done and auth.password == "s3cret"
+        assert auth.pending is None
+
+    def test_wrong_password(self):
+        auth, keys = self.run(scram_secret("s3cret"), b"nope")
+        expect(AuthenticationFailed, "28P01", auth.derived, keys)
+
+    def test_unknown_user_costs_a_derivation_too(self):
+        auth, keys = self.run(None, b"anything", user="nobody")
+        err = expect(AuthenticationFailed, "28P01", auth.derived, keys)
+        assert "does not exist" in err.reason
+
+    def test_plain_and_md5_secrets_need_no_derivation(self):
+        for kind in ("plain", "md5"):
+            auth = ClientAuthenticator("password", "alice", SECRETS[kind](), mock_seed=SEED, defer=True)
+            auth.start()
+            assert auth.feed(b"s3cret\0") == b"" and auth.done and auth.pending is None
