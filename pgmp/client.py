@@ -160,6 +160,9 @@ class ClientConnection(Endpoint):
                 self.terminating = True
                 return STOP
             link = self.link
+            if kind == 80 and ln > self.worker.config.max_parse_size and link.pooled and view is not None \
+                    and view[off + 5]:
+                self._check_parse_size(ln)          # a named Parse that fit in one read
             r = link.client_frame(kind, bytes(view[off + 5:off + ln])
                                   if link.pooled and view is not None and kind in b"PBCDEQ" else None)
             if r is None:
@@ -215,8 +218,18 @@ class ClientConnection(Endpoint):
                 raise ClientProtocolError("invalid statement or portal name in message")
             return WAIT
         if kind == 80 and head[0] != 0:                 # Parse: only an unnamed one can stream
+            self._check_parse_size(length)
             return ASSEMBLE                             # its text is the statement's key
         return self.link.client_head(kind, head, length)
+
+    def _check_parse_size(self, length: int) -> None:
+        limit = self.worker.config.max_parse_size
+        if length > limit:
+            raise PgmpError(errors.PROGRAM_LIMIT_EXCEEDED,
+                            f"prepared statement too large for transaction pooling: {length} bytes, "
+                            f"more than max_parse_size ({limit})",
+                            hint="pgmp holds a named statement's text to prepare it on any server: raise "
+                                 "max_parse_size, or use an unnamed statement")
 
     def framing_error(self, code, view, off):
         kind = view[off]
@@ -504,7 +517,8 @@ class ClientConnection(Endpoint):
         else:
             flags, whole = POOLED_FLAGS, POOLED_WHOLE
             link.logged_in(self.loop.clock, self.pool.stats,
-                           Pipeline(worker.statement_cache, worker.config.max_prepared_statements > 0),
+                           Pipeline(worker.statement_cache, worker.config.max_prepared_statements > 0,
+                                    worker.config.max_prepared_size),
                            statement_mode=self.pool.mode == "statement")
         self.scanner, self.flags, self.whole = ready_scanner(flags, worker.config.max_message_size), flags, whole
         if worker.config.log_connections:
@@ -599,12 +613,13 @@ class ClientConnection(Endpoint):
                         self.peer, exc.reason)
         data = messages.error_response(exc.sqlstate, exc.message, "FATAL", exc.detail, exc.hint)
         self.send(data)
-        self.close(f"{exc.sqlstate} {exc.message}")
+        self.close(f"{exc.sqlstate} {exc.message}", linger=True)
 
     def on_eof(self, reason: str):
         self.close(reason)
 
-    def close(self, reason: str | None):
+    def close(self, reason: str | None, linger: bool = False):
+        """Close the session (``linger``: after an ErrorResponse, see Endpoint.close_socket)."""
         if self.closed:
             return
         srv = self.server
@@ -616,7 +631,7 @@ class ClientConnection(Endpoint):
             self.timer = None
         if self.outq:
             self.flush()
-        self.close_socket()
+        self.close_socket(linger)
         self.worker.client_closed(self)
         if self.pool is not None:
             self.pool.forget(self)

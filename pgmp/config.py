@@ -145,6 +145,12 @@ SCHEMA: tuple[Setting, ...] = (
     _S("client_idle_timeout", "duration", 0, "Disconnect a client idle outside a transaction for this long (0 = off).", low=0),
     _S("cancel_wait_timeout", "duration", 10, "Drop a cancel request that cannot reach its server within this time (0 = wait forever).", low=0),
     # --- session state ---
+    _S("max_parse_size", "size", MB, "Largest named Parse (prepared statement) message accepted in transaction and statement "
+       "modes, where pgmp assembles it whole to key the statement by its text; a larger one ends the session "
+       "with 54000. Unnamed statements stream through and are limited by max_message_size only.", low=KB, high=GB),
+    _S("max_prepared_size", "size", 16 * MB, "Total size of the named statements one client keeps prepared in transaction and "
+       "statement modes (pgmp holds their text to prepare them on whichever server the client gets); a Parse "
+       "beyond it ends the session with 53400. Close (DEALLOCATE) statements no longer used.", low=KB, high=64 * GB),
     _S("max_prepared_statements", "int", 200, "Protocol-level prepared statements kept per server connection in transaction and statement modes (0 = not supported).", low=0),
     _S("track_extra_parameters", "strlist", ["IntervalStyle"], "Client parameters kept per client and set on each server it gets, besides client_encoding, DateStyle, TimeZone, standard_conforming_strings and application_name."),
     _S("application_name_add_host", "bool", False, "Append \" - <address>:<port>\" of the client to the application_name it logs in with (what its server connections show in pg_stat_activity)."),

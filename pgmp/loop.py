@@ -67,6 +67,7 @@ class Loop:
         self.running = False
         self.stopped = False
         self.max_unsent = 4 * buffer_size
+        self.lingering = 0                    # closed sockets kept a moment so their last bytes arrive
 
     # -- timers --------------------------------------------------------------
     def call_later(self, delay: float, fn, *args) -> Timer:
@@ -484,7 +485,9 @@ class Endpoint:
         while self.reading and not self.closed and ended is None:
             lo = self.leftover
             k = len(lo) if lo else 0
-            big = k > size                     # a large partial frame being assembled
+            # a frame larger than one read being assembled: append in place, as read() does, and
+            # look at it again only once complete (copying it whole at every read is quadratic)
+            big = k > size or (k and self.need > k + size)
             if k and not big:
                 loop.scratch[:k] = lo
             start = 0 if big else k
@@ -492,11 +495,19 @@ class Endpoint:
             if not got:
                 break
             self.rx += got
-            self.leftover = None
             if big:
-                data = lo + bytes(view[:got])
-                self.on_data(memoryview(data), len(data))
+                if type(lo) is not bytearray:
+                    lo = bytearray(lo)
+                lo += view[:got]
+                if len(lo) < self.need:
+                    self.leftover = lo
+                    continue
+                self.leftover = None
+                self.need = 0
+                self.on_data(memoryview(lo), len(lo))
             else:
+                self.leftover = None
+                self.need = 0
                 self.on_data(view, k + got)
         if not self.closed:
             if ended is not None:
@@ -561,7 +572,10 @@ class Endpoint:
                 pass
 
     # -- closing -------------------------------------------------------------
-    def close_socket(self):
+    def close_socket(self, linger: bool = False):
+        """Close now; with ``linger`` (after a final ErrorResponse) the socket is half-closed and
+        kept a moment while what the peer still sends is read and dropped: closing with unread
+        bytes would make the kernel reset the connection and drop the error on its way out."""
         if self.closed:
             return
         self.closed = True
@@ -570,10 +584,17 @@ class Endpoint:
             self.mask = 0
         if self.tls is not None and not self.outq:
             self._tls_close_notify()
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        if linger and not self.outq and self.loop.lingering < MAX_LINGERING:
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+                _Linger(self.loop, self.sock)
+            except OSError:
+                linger = False
+        if not linger:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
         self.outq = []
         self.leftover = None
         peer = self.paused_peer
@@ -582,7 +603,7 @@ class Endpoint:
             peer.resume_reading()
 
     def send_and_close(self, data: bytes):
-        """Best effort: send a final message (an ErrorResponse) and close."""
+        """Best effort: send a final message (an ErrorResponse) and close (lingering)."""
         if not self.closed and data:
             try:
                 if self.tls is not None:
@@ -591,7 +612,7 @@ class Endpoint:
                     self.sock.send(data)
             except OSError:
                 pass
-        self.close_socket()
+        self.close_socket(linger=True)
 
     # -- hooks ---------------------------------------------------------------
     def on_partial(self, kind: int, view, pos: int, n: int, length: int):
@@ -613,3 +634,42 @@ class Endpoint:
 
     def on_tls_failed(self, exc: Exception):
         self.on_eof(f"TLS handshake failed: {describe_tls_error(exc)}")
+
+
+LINGER_TIME = 2.0        # seconds a closed client's socket waits for the peer to close its side
+MAX_LINGERING = 256      # sockets lingering per loop at most; beyond, close at once
+
+
+class _Linger(Endpoint):
+    """A socket we closed for writing after our last message: reads and drops what the peer still
+    sends until it closes too, LINGER_TIME passes or LINGER_BYTES have come."""
+    __slots__ = ("timer", "budget")
+    LINGER_BYTES = 4 << 20
+
+    def __init__(self, loop, sock):
+        super().__init__(loop, sock)
+        loop.lingering += 1
+        self.budget = self.LINGER_BYTES
+        self.timer = loop.call_later(LINGER_TIME, self.close_socket)
+
+    def read(self):
+        view = self.loop.view
+        while True:
+            try:
+                n = self.sock.recv_into(view)
+            except _BLOCKED:
+                return
+            except OSError:
+                n = 0
+            self.budget -= n
+            if not n or self.budget <= 0:
+                self.close_socket()
+                return
+
+    def close_socket(self, linger: bool = False):
+        if self.closed:
+            return
+        self.loop.lingering -= 1
+        self.timer.cancel()
+        self.tls = None
+        super().close_socket()

@@ -18,7 +18,7 @@ dropped. Sans-IO: frames in, bytes out.
 import collections
 import struct
 
-from pgmp.errors import PgmpError
+from pgmp.errors import CONFIGURATION_LIMIT_EXCEEDED, PgmpError
 from pgmp.protocol.messages import frame, read_cstr
 
 _I16 = struct.Struct("!h")
@@ -37,17 +37,33 @@ RESPONSE_TYPES = b"123tTnCIsEZGV"
 
 
 class StatementCache:
-    """Per worker: one server-side name per distinct statement (text and parameter types)."""
+    """Per worker: one server-side name per distinct statement (text and parameter types), least
+    recently used first, at most ``max_entries`` statements and ``max_bytes`` of their text.
 
-    def __init__(self):
-        self.names: dict[bytes, bytes] = {}
+    An evicted statement gets a new name when it is used again (``seq`` never goes back, so a name
+    never stands for two texts): servers that prepared it under the old name drop that one in
+    their own LRU, and a client that still has it prepares it again where needed.
+    """
+
+    def __init__(self, max_entries: int = 20_000, max_bytes: int = 64 * 1024 * 1024):
+        self.names: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
         self.seq = 0
+        self.bytes = 0
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
 
     def name_for(self, key: bytes) -> bytes:
-        name = self.names.get(key)
-        if name is None:
-            self.seq += 1
-            name = self.names[key] = b"pgmp_%d" % self.seq
+        names = self.names
+        name = names.get(key)
+        if name is not None:
+            names.move_to_end(key)
+            return name
+        self.seq += 1
+        name = names[key] = b"pgmp_%d" % self.seq
+        self.bytes += len(key)
+        while len(names) > 1 and (len(names) > self.max_entries or self.bytes > self.max_bytes):
+            old, _ = names.popitem(last=False)
+            self.bytes -= len(old)
         return name
 
 
@@ -107,11 +123,12 @@ def parse_frame(name: bytes, key: bytes) -> bytes:
 
 class Pipeline:
     """One client's statements and owed responses in transaction or statement mode."""
-    __slots__ = ("cache", "statements", "expect", "skipping", "enabled")
+    __slots__ = ("cache", "statements", "expect", "skipping", "enabled", "max_size")
 
-    def __init__(self, cache: StatementCache, enabled: bool = True):
+    def __init__(self, cache: StatementCache, enabled: bool = True, max_size: int = 0):
         self.cache = cache
         self.enabled = enabled                         # max_prepared_statements = 0: names pass through
+        self.max_size = max_size                       # of the statements' text in all (0 = unlimited)
         self.statements: dict[bytes, bytes] = {}      # client name -> key (text\0 + types)
         self.expect: collections.deque = collections.deque()
         self.skipping = False                          # the server discards until Sync after an error
@@ -138,6 +155,13 @@ class Pipeline:
                                 hint="Close (DEALLOCATE) a prepared statement before preparing another with "
                                      "its name")
             key = payload[pos:]
+            if self.max_size and name not in self.statements:
+                held = sum(map(len, self.statements.values())) + len(key)
+                if held > self.max_size:
+                    raise PgmpError(CONFIGURATION_LIMIT_EXCEEDED, f"too many prepared statements: their text would take {held} "
+                                    f"bytes, more than max_prepared_size ({self.max_size})",
+                                    hint="Close (DEALLOCATE) prepared statements no longer used, or raise "
+                                         "max_prepared_size in pgmp's configuration")
             undo = (name, self.statements.get(name), key)
             self.statements[name] = key
             sname = self.cache.name_for(key)

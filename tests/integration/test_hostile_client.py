@@ -11,12 +11,14 @@ import os
 import threading
 import time
 
+import psutil
 import psycopg
 import pytest
 
 from pgmp.auth.authfile import make_scram_secret
 from tests.integration import rawpg
 from tests.integration.rawpg import RawPG, startup_packet
+from tests.integration.test_tls import certs, raw_tls, tls_config  # noqa: F401 (certs: a fixture)
 from tests.support import PASSWORDS, wait_for
 
 DB = "appdb"
@@ -103,3 +105,94 @@ def test_a_burst_of_costly_logins_does_not_stall_the_worker(pgmp):
     assert bystander.slowest < burst * cost / 4, (bystander.slowest, cost)
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         assert conn.execute("select current_user").fetchone() == ("scram_user",)
+
+
+# ---- memory after authentication (transaction mode keeps named statements) -------------------
+
+MB = 1024 * 1024
+
+
+def workers_rss(proxy) -> int:
+    return sum(p.memory_info().rss for p in psutil.Process(proxy.pid).children())
+
+
+def worker_cpu(proxy) -> float:
+    return sum(sum(p.cpu_times()[:2]) for p in psutil.Process(proxy.pid).children())
+
+
+def expect_fatal(conn: RawPG, sqlstate: str, timeout: float = 10.0) -> dict:
+    fields = conn.read_until(b"E", timeout)[-1].fields
+    assert fields.get("S") == "FATAL" and fields.get("C") == sqlstate, fields
+    assert conn.wait_closed(5)
+    return fields
+
+
+def run_named(conn: RawPG, name: str, sql: str) -> list:
+    conn.send(rawpg.parse(sql, name) + rawpg.bind(statement=name) + rawpg.execute() + rawpg.sync())
+    return conn.read_until(b"Z")
+
+
+def test_named_parse_over_max_parse_size(pgmp):
+    """A named Parse is assembled whole (its text keys the statement): only up to max_parse_size."""
+    proxy = pgmp.start(config={"pool_mode": "transaction", "max_parse_size": "64kB"})
+    with Bystander(proxy):
+        with RawPG.connect(proxy.host, proxy.port) as conn:
+            conn.login()
+            # just under the limit: prepared and run
+            sql = "select '" + "x" * (60 * 1024) + "' is not null"
+            assert [m.type for m in run_named(conn, "big", sql)][-3:] == [b"D", b"C", b"Z"]
+            before = workers_rss(proxy)
+            # announces 200 MB and streams 16 MB of it: refused at the header, nothing assembled
+            conn.send(rawpg.header(b"P", 200 * MB) + b"s2\0select '")
+            try:
+                for _ in range(64):
+                    conn.send(b"x" * (256 * 1024))
+            except OSError:
+                pass                                   # pgmp closed while we were still sending
+            fields = expect_fatal(conn, "54000")
+            assert "max_parse_size" in fields["M"] + fields.get("H", ""), fields
+            assert workers_rss(proxy) - before < 20 * MB
+
+
+def test_one_clients_statements_are_bounded(pgmp):
+    """Named statements a client keeps in transaction mode: max_prepared_size in all."""
+    proxy = pgmp.start(config={"pool_mode": "transaction"})         # default 16 MB
+    with Bystander(proxy):
+        with RawPG.connect(proxy.host, proxy.port, timeout=30) as conn:
+            conn.login()
+            before = workers_rss(proxy)
+            filler = "x" * (32 * 1024)
+            refused = None
+            for batch in range(160):                  # up to 4000 statements of 32 kB: 128 MB
+                conn.send(b"".join(rawpg.parse(f"select {batch * 25 + i}, '{filler}'", f"s{batch}_{i}")
+                                   for i in range(25)) + rawpg.sync())
+                while True:
+                    msg = conn.read_message()
+                    if msg.type in b"EZ":
+                        break
+                if msg.type == b"E":
+                    refused = msg.fields
+                    break
+            assert refused is not None, "4000 statements of 32 kB were all kept"
+            assert refused["C"] == "53400" and "max_prepared_size" in refused["M"] + refused.get("H", ""), refused
+            assert conn.wait_closed(5)
+            assert workers_rss(proxy) - before < 48 * MB
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_assembling_a_large_parse_costs_linear_time(pgmp, certs, tls):
+    """A large named Parse over TLS was assembled by copying it whole at every TLS read (quadratic)."""
+    config = {"pool_mode": "transaction", "max_parse_size": "64MB", "max_prepared_size": "64MB",
+              "max_message_size": "128MB",
+              **(tls_config(certs) if tls else {})}
+    proxy = pgmp.start(config=config)
+    size = 48 * MB
+    with (raw_tls(proxy) if tls else RawPG.connect(proxy.host, proxy.port)) as conn:
+        conn.login()
+        sql = "select length('" + "x" * size + "')"
+        started = worker_cpu(proxy)
+        msgs = run_named(conn, "huge", sql)
+        spent = worker_cpu(proxy) - started
+    assert [m for m in msgs if m.type == b"D"], msgs
+    # linear: a few copies of 48 MB (well under a second); quadratic: about 18 GB of copying
+    assert spent < 3.0, f"{spent:.2f}s of worker CPU to relay one {size // MB} MB Parse"

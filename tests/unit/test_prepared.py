@@ -917,3 +917,22 @@ def test_model_discard_all_then_a_pipelined_parse_of_a_statement_the_server_had(
     s = Scenario(nclients=2)
     s.check([parse(b"x", b"q1"), SYNC], client=1)
     s.check([query(b"DISCARD ALL"), parse(b"s1", b"q1"), bind(b"s1"), execute(), SYNC])
+
+
+def test_statement_cache_is_bounded_and_never_reuses_a_name():
+    cache = StatementCache(max_entries=100, max_bytes=10_000)
+    hot = b"select 1\0\0\0"
+    hot_name = cache.name_for(hot)
+    names = set()
+    for i in range(1000):
+        names.add(cache.name_for(b"select %d\0\0\0" % i + b"x" * (i % 50)))
+        cache.name_for(hot)                                     # used all along: stays
+    assert len(cache.names) <= 100 and cache.bytes <= 10_000
+    assert cache.bytes == sum(map(len, cache.names))
+    assert cache.name_for(hot) == hot_name
+    # an evicted statement comes back under a new name: a name never stands for two texts
+    again = cache.name_for(b"select 0\0\0\0")
+    assert again not in names and again != hot_name
+    # one statement larger than the byte budget is still named (and the only one kept)
+    big = cache.name_for(b"y" * 20_000)
+    assert list(cache.names.values()) == [big]
