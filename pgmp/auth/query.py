@@ -92,6 +92,19 @@ def interpret(user: str, rows: list[bytes], max_iterations: int | None = None) -
     return Found(secret, None, 0.0)
 
 
+class FirstRows:
+    """Where an internal query puts its DataRows: only the first is kept (interpret reads no other),
+    so an auth_query that returns a whole table costs no memory."""
+    __slots__ = ("rows",)
+
+    def __init__(self, rows: list):
+        self.rows = rows
+
+    def append(self, row: bytes) -> None:
+        if not self.rows:
+            self.rows.append(row)
+
+
 class AuthQuery:
     """A worker's auth_query service: the cache, the lookups in flight, a lookup connection per database."""
 
@@ -179,9 +192,9 @@ class AuthQuery:
     def reset(self, reason: str) -> None:
         """Reload or drain: forget every answer; lookup connections close once their work is done."""
         self.cache.clear()
-        for pool in self.pools.values():
+        pools, self.pools = list(self.pools.values()), {}
+        for pool in pools:              # retiring may close a connection, and its pool leaves the dict
             pool.retire(reason)
-        self.pools.clear()
 
 
 class LookupPool(Pool):
@@ -243,7 +256,8 @@ class LookupPool(Pool):
         self.service.lookups += 1
         log.debug('auth_query for user "%s" in database %s', _printable(user), self.db.name)
         srv = self.srv
-        srv.internal_query(messages.extended_query(cfg.auth_query, [to_bytes(user)]), self._answered, self.rows)
+        srv.internal_query(messages.extended_query(cfg.auth_query, [to_bytes(user)]), self._answered,
+                           FirstRows(self.rows))
         if cfg.server_connect_timeout > 0:
             self.timer = self.worker.loop.call_later(cfg.server_connect_timeout, self._no_answer, srv)
 
@@ -356,7 +370,10 @@ class LookupPool(Pool):
             self.current = None
             self.rows = None
             self.service.failed(key, "lost the lookup connection: " + (exc.message if exc else "closed"))
-        self._pump()
+        if self.queue:
+            self._pump()
+        elif self.service.pools.get(self.source.name) is self:
+            del self.service.pools[self.source.name]     # idle and closed: made again when needed
 
     def close_all(self, reason: str) -> None:
         self.retire(reason)

@@ -477,3 +477,21 @@ def test_auth_dbname_keeps_lookups_out_of_client_databases(pg, roles, owned_db, 
     assert re.search(rf"connection authorized: user={auth_setup.auth_user} database={DB} "
                      r"application_name=pgmp-auth", server_log), server_log
     assert not re.search(rf"user={auth_setup.auth_user} database={owned_db.name}", server_log), server_log
+
+
+def test_wildcard_lookups_run_only_in_auth_dbname(pg, roles, auth_setup):
+    """Through "*" a client names any database: lookups still go to auth_dbname, over one connection."""
+    user = roles.create("aq_wild", "wild-pass")
+    wildcard = {"*": {"host": pg.host, "port": pg.port}, DB: {"host": pg.host, "port": pg.port}}
+    proxy = auth_setup(databases=wildcard, auth_dbname=DB, server_idle_timeout=1, log_level="debug")
+    for database in ("otherdb", "postgres", DB, "otherdb"):
+        with connect(proxy, user, "wild-pass", dbname=database, application_name="aq-wild") as conn:
+            assert conn.execute("select current_database()").fetchone() == (database,)
+        assert login_error_in(proxy, database, unique("aq_wild_nobody"), "x")["C"] == "28P01"
+    sessions = lambda: pg.psql("select datname from pg_stat_activity where application_name = 'pgmp-auth' "
+                               f"and usename = '{auth_setup.auth_user}'").split()
+    assert sessions() == [DB]
+    # idle for server_idle_timeout: the lookup connection (and its pool) go; the next lookup makes them again
+    wait_for(lambda: sessions() == [], timeout=10, message="the idle lookup connection stayed open")
+    assert login_error_in(proxy, "postgres", unique("aq_wild_later"), "x")["C"] == "28P01"
+    assert sessions() == [DB]

@@ -118,7 +118,7 @@ def write_config(
         databases = default_databases(cluster)
     sections = [toml_table("pgmp", settings)]
     for db, values in databases.items():
-        entry = {"host": cluster.host, "port": cluster.port, "dbname": db, **values}
+        entry = {"host": cluster.host, "port": cluster.port, **({} if db == "*" else {"dbname": db}), **values}
         sections.append(toml_table(f"databases.{toml_key(db)}", entry))
     text = "\n".join(sections) + ("\n" + extra_toml.strip() + "\n" if extra_toml else "")
     (workdir / f"{name}.users").write_text(userlist(PASSWORDS if users is None else users))
