@@ -36,7 +36,7 @@ class Effect:
 # It runs on bytes.lower(): three times faster than re.IGNORECASE.
 _TRIGGER = re.compile(
     rb"\b(?:set|reset|discard|listen|unlisten|prepare|declare|create|begin|start|commit|end|rollback"
-    rb"|abort|savepoint|release|load|temp|temporary)\b|advisory_lock|set_config")
+    rb"|abort|savepoint|release|load|temp|temporary|do|call)\b|advisory_lock|set_config")
 
 # Token kinds. Words are folded to lower case; quoted identifiers are not.
 WORD, IDENT, STR, NUM, PARAM, OP, BAD = "word", "ident", "str", "num", "param", "op", "bad"
@@ -563,4 +563,6 @@ _STATEMENTS = {
     "savepoint": lambda t: [SAVEPOINT], "release": lambda t: [SAVEPOINT],
     "prepare": _prepare, "declare": _declare, "create": _create, "select": _select, "with": _select,
     "listen": lambda t: [Effect("pin", "listen")], "load": lambda t: [Effect("pin", "load")],
+    # code whose effects the text does not show (a DO block's set_config, a procedure's SET)
+    "do": lambda t: [Effect("pin", "do_block")], "call": lambda t: [Effect("pin", "call")],
 }

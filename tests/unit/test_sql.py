@@ -243,6 +243,10 @@ CASES = [
     ("ROLLBACK WORK TO SAVEPOINT sp", (SAVEPOINT,)),
     # pins
     ("LISTEN channel", (PIN("listen"),)),
+    # code blocks: what they change is not in the text (found by the isolation fuzz test)
+    ("DO $$ BEGIN PERFORM set_config('work_mem', '11MB', false); END $$", (PIN("do_block"),)),
+    ("do language plpgsql 'begin null; end'", (PIN("do_block"),)),
+    ("CALL my_procedure(1)", (PIN("call"),)),
     ('listen "Chan"', (PIN("listen"),)),
     ("UNLISTEN channel", ()),
     ("UNLISTEN *", ()),
