@@ -272,7 +272,9 @@ class Worker:
                                                f"could not connect to server {text}: {os.strerror(err)}")
             return None
         auth = ServerAuthenticator(pool.server_user, password=pool.password, scram_keys=pool.scram_keys,
-                                   secret=pool.secret, database=pool.db.name)
+                                   secret=pool.secret, database=pool.db.name,
+                                   require_auth=pool.db.server_require_auth,
+                                   max_iterations=getattr(self.config, "auth_max_iterations", 100_000))
         extra = {}
         if pool.db.application_name:
             extra["application_name"] = pool.db.application_name
