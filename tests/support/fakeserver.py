@@ -233,7 +233,7 @@ class FakeServer:
                 self.script(conn)
         except (ConnectionError, BrokenPipeError):
             pass
-        except BaseException as exc:   # reported by stop(), in the test's thread
+        except Exception as exc:       # reported by stop(), in the test's thread
             self.errors.append(exc)
         finally:
             conn.sock.close()
