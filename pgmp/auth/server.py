@@ -9,7 +9,8 @@ Which requests pgmp answers is the ``require_auth`` policy (the
 server_require_auth setting, modelled on libpq's require_auth): a request
 for a method it does not allow is refused before anything is sent, and so is
 an AuthenticationOk that no request preceded ("none", a server that trusts
-pgmp) unless "none" is allowed. Unset, it allows only scram-sha-256 when pgmp
+pgmp) unless "none" is allowed (a request pgmp holds no credential for fails
+first with the error that says what is missing). Unset, it allows only scram-sha-256 when pgmp
 logs in with SCRAM keys or an auth_file SCRAM secret (a server that knows the
 user's secret proves it; anything else would let an impostor in), and every
 method otherwise: with a password to give, refusing trust alone would stop no
