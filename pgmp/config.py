@@ -69,6 +69,8 @@ def _U(name, kind, default, doc, **kw):
 
 KB, MB, GB = 1024, 1024 ** 2, 1024 ** 3
 POOL_MODES = ("session", "transaction", "statement")
+# server_require_auth's methods, libpq's require_auth names; "none": the server asks for nothing.
+SERVER_AUTH_METHODS = ("password", "md5", "scram-sha-256", "none")
 # Every name and operator schema-qualified: the lookup must not resolve anything through a search_path
 # that a database owner controls (pgmp also pins search_path on the lookup connection).
 AUTH_QUERY = ("SELECT rolname, CASE WHEN rolvaliduntil OPERATOR(pg_catalog.<) pg_catalog.now() THEN NULL"
@@ -176,6 +178,12 @@ SCHEMA: tuple[Setting, ...] = (
     _S("server_tls_ca_file", "path", "", 'PEM CA bundle for checking server certificates; "" = the system\'s CAs.'),
     _S("server_tls_cert_file", "path", "", 'PEM client certificate presented to servers; "" presents none.'),
     _S("server_tls_key_file", "path", "", 'PEM private key of server_tls_cert_file; "" = the key is in the certificate file.'),
+    # --- what a server may ask of pgmp ---
+    _S("server_require_auth", "methods", [], "Authentication methods a server may ask pgmp for, as libpq's "
+       'require_auth: a list of password, md5, scram-sha-256 and none (the server asks for nothing), or of '
+       '"!method" to allow all but those. A server that asks for another method (or lets pgmp in unasked '
+       "when none is not allowed) is refused before pgmp sends anything. [] allows only scram-sha-256 when "
+       "pgmp logs in with SCRAM keys or an auth_file SCRAM secret, and any method otherwise."),
     # --- [databases.<name>] ---
     _D("host", "host", "127.0.0.1", "Server host name or IP address, or a unix socket directory (starts with /)."),
     _D("port", "int", 5432, "Server port (for a socket directory: the .s.PGSQL.<port> file).", low=1, high=65535),
@@ -187,6 +195,8 @@ SCHEMA: tuple[Setting, ...] = (
     _D("reserve_pool_size", "int", None, "Reserve connections per pool of this database.", low=0, inherit="reserve_pool_size"),
     _D("pool_mode", "enum", None, "Pool mode of this database.", choices=POOL_MODES, inherit="pool_mode"),
     _D("max_db_connections", "int", None, "Server connections to this database over all its pools (0 = unlimited).", low=0, inherit="max_db_connections"),
+    _D("server_require_auth", "methods", None, "server_require_auth of this database's server connections.",
+       inherit="server_require_auth"),
     _D("connect_query", "str", "", 'Query run once on each new server connection after login, before any client uses it, within server_connect_timeout (a failure counts as a failed login); "" runs none.'),
     _D("auth_dbname", "str", None, "Database section in which auth_query runs for clients of this database.", inherit="auth_dbname"),
     _D("application_name", "str", "", 'application_name of server connections whose client sets none; "" sets none.'),
@@ -340,6 +350,23 @@ def _parse_strlist(s: Setting, v: object) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
+def _parse_methods(s: Setting, v: object) -> tuple[str, ...]:
+    """server_require_auth: methods, or "!methods" (not both), as libpq's require_auth."""
+    items = _parse_strlist(s, v)
+    for item in items:
+        method = item.removeprefix("!")
+        if method in ("gss", "sspi", "oauth"):
+            raise _Invalid(f"pgmp does not log in to servers with {method}; allowed: {', '.join(SERVER_AUTH_METHODS)}")
+        if method not in SERVER_AUTH_METHODS:
+            raise _Invalid(f'unknown method {item!r}: expected {", ".join(SERVER_AUTH_METHODS)}, '
+                           'each optionally prefixed with "!"')
+    if len({item.startswith("!") for item in items}) > 1:
+        raise _Invalid('list either the methods to allow or "!methods" to refuse, not both (as libpq\'s require_auth)')
+    if items and items[0].startswith("!") and len(items) == len(SERVER_AUTH_METHODS):
+        raise _Invalid("refuses every method: no server could be logged in to")
+    return items
+
+
 def _parse_addrs(s: Setting, v: object) -> tuple[str, ...]:
     """Listen addresses: "*" is every IPv4 and IPv6 address; "" is none (unix socket only)."""
     addrs = _parse_strlist(s, v)
@@ -352,11 +379,11 @@ def _parse_addrs(s: Setting, v: object) -> tuple[str, ...]:
 _PARSERS = {
     "str": _parse_str, "path": _parse_str, "host": _parse_host, "int": _parse_int,
     "bool": _parse_bool, "enum": _parse_enum, "duration": _parse_duration, "size": _parse_size,
-    "mode": _parse_mode, "strlist": _parse_strlist, "addrs": _parse_addrs,
+    "mode": _parse_mode, "strlist": _parse_strlist, "addrs": _parse_addrs, "methods": _parse_methods,
 }
 _PYTYPES = {
     "str": str, "path": str, "host": str, "int": int, "bool": bool, "enum": str, "duration": float,
-    "size": int, "mode": int, "strlist": tuple[str, ...], "addrs": tuple[str, ...],
+    "size": int, "mode": int, "strlist": tuple[str, ...], "addrs": tuple[str, ...], "methods": tuple[str, ...],
 }
 
 
@@ -627,6 +654,7 @@ def diff(old: Config, new: Config) -> tuple[list[str], list[str]]:
 _KIND_TEXT = {
     "str": "string", "path": "path (relative: to the config file's directory)", "host": "host or socket directory", "bool": "boolean",
     "mode": "octal file mode", "strlist": "list of strings", "addrs": "address or list of addresses",
+    "methods": 'list of password, md5, scram-sha-256, none (or of "!method")',
 }
 
 

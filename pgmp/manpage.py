@@ -69,6 +69,82 @@ exactly as PostgreSQL stores it in pg_authid. A doubled double quote stands for 
 Lines starting with ; or # are comments. With a SCRAM secret pgmp logs in to the
 server with the client key it recovers from the client's own SCRAM proof, so it never
 needs the plaintext password.
+.SH SERVER AUTHENTICATION
+pgmp believes nothing a server sends during login before an AuthenticationOk that
+follows the rules below: a ParameterStatus, BackendKeyData or ReadyForQuery that
+comes first means the server skipped authentication, and the login fails with
+SQLSTATE 08006. With SCRAM-SHA-256, AuthenticationOk also needs the server's
+signature first, checked against what pgmp knows of the password, so only a server
+that knows the user's secret gets in. After AuthenticationOk, another
+authentication request, a second or malformed BackendKeyData, a ReadyForQuery that
+is not idle, NegotiateProtocolVersion (pgmp asks for protocol 3.0 and no options)
+or any other unexpected message fails the login with 08P01.
+.PP
+.B server_require_auth
+(in [pgmp] or per database) says which authentication a server may ask pgmp for,
+with libpq's require_auth names:
+.BR password " (cleartext), " md5 ", " scram\-sha\-256 ,
+and
+.B none
+for a server that asks for nothing (trust). A list allows those methods; a list of
+.RB \(dq! method \(dq
+allows all but those (the two cannot be mixed). A request for a method that is not
+allowed, or an AuthenticationOk that no request came before when none is not
+allowed, fails the login with 08006 before pgmp sends anything; the message says what
+the server asked for, what is allowed, and where to change it. When pgmp has no
+credential that answers the request at all (only SCRAM keys for an md5 request, say),
+the error (28000) says what is missing instead, and nothing is sent either.
+.PP
+Unset (the default,
+.BR [] ),
+it depends on what pgmp logs in with: with SCRAM keys recovered from a client's
+SCRAM login, or an auth_file SCRAM secret, and no password, only
+.B scram\-sha\-256
+is allowed, so a server (or a man in the middle) that does not know the secret cannot
+pass itself off as the real one, not even by trusting pgmp; with a password (the
+database's password, or a plaintext auth_file entry), an md5 hash or nothing, every
+method is allowed, as libpq allows without require_auth. Refusing trust alone would
+protect no password there: an impostor could ask for it instead. Set
+.B server_require_auth = ["scram\-sha\-256"]
+to keep a password from any server that does not prove it knows it (on a link
+without verified TLS, a cleartext or md5 request is how a man in the middle learns
+the password or a hash to crack). With SCRAM keys and a server that trusts pgmp, set
+.BR "[\(dqscram\-sha\-256\(dq, \(dqnone\(dq]" .
+.PP
+The SCRAM iteration count a server asks for is capped by
+.B auth_max_iterations
+(default 100000) when pgmp derives the key from a password: the derivation runs in
+the worker and would stall its other sessions. With SCRAM keys no derivation runs.
+.SH SERVER MESSAGE LIMITS
+pgmp relays a server's rows, COPY data and notifications in pieces, at any size. What
+it must read whole itself is bounded, by the type of message, with libpq's rules: a
+larger length ends the server connection at its header, before any of it is
+buffered. The log line names the server, the message type and its length; the
+client gets 08P01.
+.TP
+.B 2000 bytes
+an authentication request (libpq's limit).
+.TP
+.B 30000 bytes
+every other message, as libpq (which takes a longer one for lost synchronization):
+ParameterStatus, BackendKeyData, ReadyForQuery, CommandComplete, CopyInResponse, ...
+.TP
+.B 1 MB
+RowDescription and ParameterDescription (PostgreSQL's own limits, 1664 columns of
+63-byte names and 65535 parameters, keep them under about 450 kB and 262 kB), and
+the long types (ErrorResponse, NoticeResponse, DataRow, ...) of pgmp's own
+exchanges: login, session settings, reset and check queries, connect_query,
+auth_query.
+.TP
+.B any size
+an ErrorResponse or FunctionCallResponse relayed to a client: an error message can
+hold a large value, a function call can return a large object. Up to 30000 bytes
+pgmp reads them whole; beyond, it reads their first kilobyte (severity, SQLSTATE,
+message) and streams the rest.
+.PP
+A server may report at most 256 distinct setting names by ParameterStatus
+(PostgreSQL reports about 20), each at most 256 bytes long; more ends the connection
+with 08P01.
 .SH SETTINGS
 """
 

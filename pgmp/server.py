@@ -14,26 +14,103 @@ from pgmp.loop import EVENT_READ, EVENT_WRITE, Endpoint
 from pgmp.protocol import messages
 from pgmp.link import KEEP, RELEASE, ServerSession
 from pgmp.prepared import RESPONSE_TYPES
-from pgmp.protocol.scanner import Scanner, make_flags
-from pgmp.relay import DROP, FORWARD, REPLACE, RESCAN, relay
+from pgmp.protocol.scanner import ERR_LONG, Scanner, make_flags
+from pgmp.relay import ASSEMBLE, DROP, FORWARD, REPLACE, RESCAN, WAIT, relay
 
 log = logging.getLogger("pgmp")
 
 SERVER_MAX_MESSAGE = 1 << 30
 _ALL = bytes(range(256))
 
+# -- what pgmp assembles from a server, and how large it may be ---------------------------------
+# libpq takes any message above 30000 bytes for lost synchronization, except the types that may
+# be long (RowDescription, DataRow, CopyData, FunctionCallResponse, ErrorResponse, NoticeResponse,
+# NotificationResponse), and refuses an authentication request above 2000 bytes: no server that
+# libpq can use sends more. pgmp applies the same limits to every server message it assembles
+# (the length word, as libpq counts it); what it only relays streams through at any size.
+SMALL_MESSAGE_MAX = 30_000
+AUTH_REQUEST_MAX = 2_000
+# RowDescription and ParameterDescription have bounds of their own: at most 1664 columns of
+# 63-byte names (about 136 kB, some 450 kB if the client encoding quadruples the names) and
+# 65535 parameters of 4 bytes (262 kB).
+DESCRIPTION_MAX = 1 << 20
+# The long types in pgmp's own exchanges (login, settings, reset and check queries,
+# connect_query, auth_query), which pgmp reads whole.
+INTERNAL_LONG_MAX = 1 << 20
+# A relayed ErrorResponse or FunctionCallResponse may be long (a RAISE of a large value, an
+# lo_read through the fastpath): beyond SMALL_MESSAGE_MAX it streams to the client once pgmp
+# has read its first STREAM_HEAD bytes (the severity, the SQLSTATE, the start of the message).
+STREAMED = b"EV"
+STREAM_HEAD = 1024
+# ParameterStatus: PostgreSQL reports fewer than 20 settings, extensions a few more.
+MAX_PARAMETERS = 256
+MAX_PARAMETER_NAME = 256
+
+_NAMES = {
+    "R": "authentication request", "S": "ParameterStatus", "K": "BackendKeyData", "Z": "ReadyForQuery",
+    "E": "ErrorResponse", "N": "NoticeResponse", "A": "NotificationResponse", "T": "RowDescription",
+    "t": "ParameterDescription", "D": "DataRow", "d": "CopyData", "V": "FunctionCallResponse",
+    "C": "CommandComplete", "G": "CopyInResponse", "H": "CopyOutResponse", "W": "CopyBothResponse",
+    "c": "CopyDone", "1": "ParseComplete", "2": "BindComplete", "3": "CloseComplete", "n": "NoData",
+    "s": "PortalSuspended", "I": "EmptyQueryResponse", "v": "NegotiateProtocolVersion",
+}
+MESSAGE_NAMES = {ord(k): v for k, v in _NAMES.items()}
+
+
+def _limits(default: int, **by_type: int) -> tuple[int, ...]:
+    """Largest length word accepted, by type byte (type letters as keywords)."""
+    table = [default] * 256
+    for kind, limit in by_type.items():
+        table[ord(kind)] = limit
+    return tuple(table)
+
+
+RELAY_LIMITS = _limits(SMALL_MESSAGE_MAX, T=DESCRIPTION_MAX, t=DESCRIPTION_MAX,
+                       E=SERVER_MAX_MESSAGE, V=SERVER_MAX_MESSAGE)
+INTERNAL_LIMITS = _limits(SMALL_MESSAGE_MAX, R=AUTH_REQUEST_MAX, t=DESCRIPTION_MAX,
+                          **dict.fromkeys("TDdVENA", INTERNAL_LONG_MAX))
+
+
+def message_name(kind: int) -> str:
+    return MESSAGE_NAMES.get(kind) or f"type {chr(kind)!r}"
+
+
+def too_long(kind: int, declared: int, limit: int) -> ServerProtocolError:
+    return ServerProtocolError(f"server sent a {message_name(kind)} message of {declared} bytes, more than "
+                               f"the {limit} bytes pgmp accepts for that type", sqlstate=errors.PROTOCOL_VIOLATION)
+
+
+def violation(message: str) -> ServerProtocolError:
+    return ServerProtocolError(message, sqlstate=errors.PROTOCOL_VIOLATION)
+
+
+def record_parameter(params: dict[str, str], payload: bytes) -> tuple[str, str]:
+    """Decode a ParameterStatus into ``params``: a malformed one, a long name, one name too many are refused."""
+    end = payload.find(b"\0")
+    if end < 0 or payload.find(b"\0", end + 1) < 0:
+        raise violation("server sent a malformed ParameterStatus (a name and a value, each ending in NUL)")
+    if end > MAX_PARAMETER_NAME:
+        raise violation(f"server sent a ParameterStatus name of {end} bytes, more than the "
+                        f"{MAX_PARAMETER_NAME} pgmp accepts")
+    name, value = messages.parse_parameter_status(payload)
+    if name not in params and len(params) >= MAX_PARAMETERS:
+        raise violation(f"server reported more than {MAX_PARAMETERS} different settings by ParameterStatus "
+                        "(PostgreSQL reports about 20): pgmp keeps no more")
+    params[name] = value
+    return name, value
+
+
 # Normal relay: ReadyForQuery, CopyInResponse and ParameterStatus need a look.
 NORMAL_FLAGS = make_flags(report=b"ZGSE")
 # Login and internal queries: every frame is pgmp's own.
 ALL_FLAGS = make_flags(report=_ALL)
-WHOLE_ALL = bytes([1]) * 256
-NORMAL_WHOLE = bytes(1 if i in b"ZGSE" else 0 for i in range(256))
 # Transaction/statement mode: every frame that ends a response, for the client's Pipeline.
 POOLED_FLAGS = make_flags(report=b"ZGS" + RESPONSE_TYPES)
-POOLED_WHOLE = bytes(1 if i in b"ZGS" + RESPONSE_TYPES else 0 for i in range(256))
+# No type is assembled unasked: on_partial decides, by the limits above.
+NO_WHOLE = bytes(256)
 
 _normal_scanner = Scanner(NORMAL_FLAGS, SERVER_MAX_MESSAGE)
-_internal_scanner = Scanner(ALL_FLAGS, 1 << 20)
+_internal_scanner = Scanner(ALL_FLAGS, INTERNAL_LONG_MAX)
 _pooled_scanner = Scanner(POOLED_FLAGS, SERVER_MAX_MESSAGE)
 
 
@@ -56,7 +133,11 @@ class ServerError(PgmpError):
 
 
 class ServerLogin:
-    """pgmp logging in to a server: StartupMessage, authentication, parameters, key, ReadyForQuery."""
+    """pgmp logging in to a server: StartupMessage, authentication, parameters, key, ReadyForQuery.
+
+    Nothing but authentication requests (and an ErrorResponse) is believed before an
+    AuthenticationOk that the authenticator accepted; after it, no authentication request.
+    """
 
     def __init__(self, user: str, database: str, authenticator, startup_params: dict[str, str] | None = None):
         self.user = user
@@ -66,6 +147,8 @@ class ServerLogin:
         self.params: dict[str, str] = {}
         self.backend_pid = 0
         self.backend_secret = 0
+        self.authenticated = False
+        self.has_key = False
         self.done = False
 
     def startup(self) -> bytes:
@@ -73,26 +156,59 @@ class ServerLogin:
 
     def feed(self, kind: int, payload: bytes) -> bytes:
         """One frame from the server; returns what to send back."""
-        if kind == 82:                                   # 'R'
-            code, data = messages.parse_auth_request(payload)
-            # AuthenticationOk goes to the authenticator too: it refuses an OK that skips
-            # SCRAM's final server signature.
-            return self.auth.feed(code, data)
-        if kind == 83:                                   # 'S'
-            name, value = messages.parse_parameter_status(payload)
-            self.params[name] = value
-            return b""
-        if kind == 75:                                   # 'K'
-            self.backend_pid, self.backend_secret = messages.parse_backend_key(payload)
-            return b""
-        if kind == 90:                                   # 'Z'
-            self.done = True
-            return b""
         if kind == 69:                                   # 'E'
             raise ServerError(messages.parse_fields(payload))
-        if kind in (78, 118):                            # 'N' notice, 'v' NegotiateProtocolVersion
+        if kind == 118:                                  # 'v'
+            raise violation("server sent NegotiateProtocolVersion, but pgmp asked for protocol 3.0 "
+                            "with no protocol options: there was nothing to negotiate")
+        if not self.authenticated:
+            if kind == 82:                               # 'R'
+                return self._auth_request(payload)
+            if kind in (83, 75, 90):                     # 'S', 'K', 'Z'
+                raise ServerProtocolError(
+                    f"the server skipped authentication: it sent {message_name(kind)} before "
+                    "AuthenticationOk", detail="A misconfigured server, or something in between "
+                    "impersonating it, would do this.")
+            raise self._unexpected(kind)
+        if kind == 83:                                   # 'S'
+            record_parameter(self.params, payload)
             return b""
-        raise ServerProtocolError(f"unexpected message type {chr(kind)!r} from server during login")
+        if kind == 75:                                   # 'K'
+            if self.has_key:
+                raise violation("server sent BackendKeyData twice during login")
+            if len(payload) != 8:
+                raise violation(f"server sent a malformed BackendKeyData ({len(payload)} bytes of key "
+                                "data; protocol 3.0 has 8)")
+            self.backend_pid, self.backend_secret = messages.parse_backend_key(payload)
+            self.has_key = True
+            return b""
+        if kind == 90:                                   # 'Z'
+            if payload != b"I":
+                raise violation(f"server ended its login with a ReadyForQuery of status {payload[:8]!r}, "
+                                "not idle (b'I')")
+            self.done = True
+            return b""
+        if kind == 78:                                   # 'N'
+            return b""
+        if kind == 82:
+            raise violation("server sent an authentication request after AuthenticationOk")
+        raise self._unexpected(kind)
+
+    def _auth_request(self, payload: bytes) -> bytes:
+        try:
+            code, data = messages.parse_auth_request(payload)
+        except ValueError:
+            raise violation(f"server sent a malformed authentication request ({len(payload)} bytes)") from None
+        # AuthenticationOk goes to the authenticator too: it refuses an OK that skips SCRAM's
+        # final server signature, or that server_require_auth does not allow unasked.
+        reply = self.auth.feed(code, data)
+        if code == messages.AUTH_OK:
+            self.authenticated = True
+        return reply
+
+    @staticmethod
+    def _unexpected(kind: int) -> ServerProtocolError:
+        return violation(f"unexpected message type {chr(kind)!r} ({message_name(kind)}) from server during login")
 
 
 class ServerConnection(Endpoint):
@@ -118,7 +234,7 @@ class ServerConnection(Endpoint):
         self.backend_secret = 0
         self.scanner = _internal_scanner
         self.flags = ALL_FLAGS
-        self.whole = WHOLE_ALL
+        self.whole = NO_WHOLE          # what is assembled is on_partial's decision
         self.created = loop.clock()
         self.last_used = self.created
         self.timer = None
@@ -229,7 +345,7 @@ class ServerConnection(Endpoint):
             sc = _normal_scanner
             if sc.scan(view, 0, n) == 1 and sc.consumed == n and not sc.error:
                 kind, off, ln = sc.frame(0)
-                if kind == 90:
+                if kind == 90 and ln == 6:
                     link = client.link
                     link.server_ready(1, view[off + 5])
                     client.send(view[:n])
@@ -265,6 +381,8 @@ class ServerConnection(Endpoint):
         if self.scanner is _pooled_scanner:
             return self._pooled_frame(kind, view, off, ln)
         if self.scanner is _normal_scanner:
+            if ln > RELAY_LIMITS[kind] + 1:
+                raise too_long(kind, ln - 1, RELAY_LIMITS[kind])
             client = self.client
             if kind == 90:                                   # ReadyForQuery
                 client.link.server_ready(1, view[off + 5])
@@ -275,9 +393,10 @@ class ServerConnection(Endpoint):
             if kind == 69:                                   # ErrorResponse: a FATAL one ends the session
                 client.link.server_error_frame(view[off:off + ln])
                 return FORWARD
-            name, value = messages.parse_parameter_status(bytes(view[off + 5:off + ln]))
-            self._param_changed(name, value)
+            self._param_changed(bytes(view[off + 5:off + ln]))
             return FORWARD
+        if ln > INTERNAL_LIMITS[kind] + 1:
+            raise too_long(kind, ln - 1, INTERNAL_LIMITS[kind])
         payload = bytes(view[off + 5:off + ln])
         if self.login is not None:
             return self._login_frame(kind, payload)
@@ -293,8 +412,7 @@ class ServerConnection(Endpoint):
         elif kind == 68 and self.swallow_rows is not None:
             self.swallow_rows.append(payload)
         elif kind == 83:
-            name, value = messages.parse_parameter_status(payload)
-            self.params[name] = value
+            name, value = record_parameter(self.params, payload)
             self.session.reported[name.lower()] = value
             client = self.client
             # (a client still logging in gets its values with the login's ParameterStatus)
@@ -304,10 +422,11 @@ class ServerConnection(Endpoint):
 
     def _pooled_frame(self, kind, view, off, ln):
         """Transaction/statement mode: keep the client's Link in step, release at the boundary."""
+        if ln > RELAY_LIMITS[kind] + 1:
+            raise too_long(kind, ln - 1, RELAY_LIMITS[kind])
         client = self.client
-        if kind == 83 and ln > 5:                        # ParameterStatus (not Sync: servers send no 'S' Sync)
-            name, value = messages.parse_parameter_status(bytes(view[off + 5:off + ln]))
-            self._param_changed(name, value)
+        if kind == 83:                                   # ParameterStatus
+            self._param_changed(bytes(view[off + 5:off + ln]))
             return FORWARD
         link = client.link
         r = link.server_frame(kind, view[off:off + ln])
@@ -345,8 +464,49 @@ class ServerConnection(Endpoint):
             return RESCAN
         return DROP
 
-    def _param_changed(self, name: str, value: str):
-        self.params[name] = value
+    def on_partial(self, kind, view, pos, n, length):
+        """A reported frame split across reads: assemble it (ASSEMBLE) if its type's limit allows.
+
+        Beyond SMALL_MESSAGE_MAX a relayed ErrorResponse or FunctionCallResponse streams to the
+        client, once pgmp has acted on its head; anything else larger than its limit ends the
+        connection before a byte of it is buffered.
+        """
+        declared = length - 1
+        if self.scanner is _internal_scanner:
+            if declared > INTERNAL_LIMITS[kind]:
+                raise too_long(kind, declared, INTERNAL_LIMITS[kind])
+            return ASSEMBLE
+        if declared <= SMALL_MESSAGE_MAX or kind not in STREAMED:
+            if declared > RELAY_LIMITS[kind]:
+                raise too_long(kind, declared, RELAY_LIMITS[kind])
+            return ASSEMBLE
+        if n - pos < STREAM_HEAD:
+            return WAIT
+        return self._stream_head(kind, view[pos:pos + STREAM_HEAD], declared)
+
+    def _stream_head(self, kind, head, declared):
+        """What on_frame does for a long ErrorResponse or FunctionCallResponse, seen by its head.
+
+        The Link reads only the head of these (severity, SQLSTATE, message): their replacement,
+        if any, is made-up responses owed before them, sent ahead of the head.
+        """
+        client = self.client
+        if client is None:
+            raise ServerProtocolError("server sent data while idle")
+        if self.scanner is _normal_scanner:              # session mode reports only ErrorResponse
+            client.link.server_error_frame(head)
+            return None
+        r = client.link.server_frame(kind, head)
+        if r is None:
+            return None
+        head = bytes(head)
+        if r.endswith(head):
+            return r, len(head)
+        raise violation(f"server sent a {message_name(kind)} message of {declared} bytes where pgmp must "
+                        f"rewrite it: more than the {SMALL_MESSAGE_MAX} bytes pgmp accepts there")
+
+    def _param_changed(self, payload: bytes):
+        name, value = record_parameter(self.params, payload)
         client = self.client
         if client is not None:
             client.report(name, value)
@@ -363,7 +523,7 @@ class ServerConnection(Endpoint):
         self.swallow += 1
         self.swallow_done = done
         self.swallow_rows = rows
-        self.scanner, self.flags, self.whole = _internal_scanner, ALL_FLAGS, WHOLE_ALL
+        self.scanner, self.flags = _internal_scanner, ALL_FLAGS
         self.send(query)
 
     def _swallowed(self):
@@ -380,9 +540,9 @@ class ServerConnection(Endpoint):
         if pooled is None:
             pooled = self.client is not None and self.client.link.pooled
         if pooled:
-            self.scanner, self.flags, self.whole = _pooled_scanner, POOLED_FLAGS, POOLED_WHOLE
+            self.scanner, self.flags = _pooled_scanner, POOLED_FLAGS
         else:
-            self.scanner, self.flags, self.whole = _normal_scanner, NORMAL_FLAGS, NORMAL_WHOLE
+            self.scanner, self.flags = _normal_scanner, NORMAL_FLAGS
 
     # -- ending ----------------------------------------------------------------
     def on_eof(self, reason: str):
@@ -444,4 +604,11 @@ class ServerConnection(Endpoint):
         return was
 
     def framing_error(self, code, view, off):
-        self.abort(ServerProtocolError(f"invalid message framing from server (scanner error {code})"))
+        kind = view[off]
+        declared = int.from_bytes(view[off + 1:off + 5], "big")
+        if code == ERR_LONG:
+            internal = self.scanner is _internal_scanner
+            self.abort(too_long(kind, declared, INTERNAL_LIMITS[kind] if internal else SERVER_MAX_MESSAGE))
+        else:
+            self.abort(violation(f"invalid message framing from server: a {message_name(kind)} message "
+                                 f"of length {declared} (scanner error {code})"))

@@ -292,7 +292,9 @@ class Worker:
                                                f"could not connect to server {text}: {os.strerror(err)}")
             return None
         auth = ServerAuthenticator(pool.server_user, password=pool.password, scram_keys=pool.scram_keys,
-                                   secret=pool.secret, database=pool.db.name)
+                                   secret=pool.secret, database=pool.db.name,
+                                   require_auth=pool.db.server_require_auth,
+                                   max_iterations=self.config.auth_max_iterations)
         extra = dict(pool.startup_options)
         if pool.db.application_name:
             extra["application_name"] = pool.db.application_name

@@ -5,6 +5,17 @@ and feeds its code and data; ``feed`` returns the 'p' message to send (b""
 when nothing is due). Feed AuthenticationOk too: it is refused if a SCRAM
 exchange started and the server never proved it knows the password.
 
+Which requests pgmp answers is the ``require_auth`` policy (the
+server_require_auth setting, modelled on libpq's require_auth): a request
+for a method it does not allow is refused before anything is sent, and so is
+an AuthenticationOk that no request preceded ("none", a server that trusts
+pgmp) unless "none" is allowed (a request pgmp holds no credential for fails
+first with the error that says what is missing). Unset, it allows only scram-sha-256 when pgmp
+logs in with SCRAM keys or an auth_file SCRAM secret (a server that knows the
+user's secret proves it; anything else would let an impostor in), and every
+method otherwise: with a password to give, refusing trust alone would stop no
+impostor, which could ask for the password instead.
+
 Credentials, in the order tried: a cleartext ``password`` (or a plaintext
 auth_file secret); ``scram_keys`` = (ClientKey, ServerKey) recovered from a
 client's SCRAM login, which work while the server's salt and iteration count
@@ -14,7 +25,8 @@ answers md5 requests as is.
 SCRAM is written by hand over hashlib/hmac, not with scramp's ScramClient,
 because pgmp must log in with (ClientKey, ServerKey) and no password, which
 scramp cannot do, and must accept any iteration count the server uses
-(scramp refuses fewer than 4096). Tests run it against scramp's ScramServer.
+(scramp refuses fewer than 4096) up to ``max_iterations`` (auth_max_iterations:
+PBKDF2 runs in the worker's loop). Tests run it against scramp's ScramServer.
 """
 from __future__ import annotations
 
@@ -26,13 +38,18 @@ import secrets
 from pgmp.auth.authfile import (
     Secret, hmac_sha256, md5_hex, md5_response, scram_keys_cached, sha256, to_bytes, xor,
 )
+from pgmp.config import SERVER_AUTH_METHODS
 from pgmp.errors import CONNECTION_FAILURE, INVALID_AUTHORIZATION, PgmpError
 from pgmp.protocol import messages
 
 SCRAM_MECHANISM = "SCRAM-SHA-256"
 RAW_NONCE_LEN = 18
-# PBKDF2 runs in the worker loop: refuse a server that asks for absurd work.
-MAX_SCRAM_ITERATIONS = 10_000_000
+# PBKDF2 runs in the worker loop: a server asking for more work than this is refused
+# (auth_max_iterations; PostgreSQL's default is 4096).
+DEFAULT_MAX_ITERATIONS = 100_000
+
+METHODS = SERVER_AUTH_METHODS          # "none": AuthenticationOk without any request
+_WHAT = {"password": "cleartext password", "md5": "md5 password", "scram-sha-256": "SCRAM-SHA-256"}
 
 _UNSUPPORTED = {
     2: "Kerberos V5",
@@ -50,12 +67,20 @@ class ServerAuthError(PgmpError):
         super().__init__(sqlstate, message, **kw)
 
 
+def allowed_methods(require_auth) -> frozenset[str]:
+    """The methods a server_require_auth list allows: those listed, or with "!" all but those (libpq's rule)."""
+    names = tuple(require_auth)
+    if names and names[0].startswith("!"):
+        return frozenset(METHODS) - {name[1:] for name in names}
+    return frozenset(names)
+
+
 class ServerAuthenticator:
     """One server login; see the module docstring."""
 
     def __init__(self, user: str, *, password: str | None = None,
                  scram_keys: tuple[bytes, bytes] | None = None, secret: Secret | None = None,
-                 database: str | None = None):
+                 database: str | None = None, require_auth=(), max_iterations: int = DEFAULT_MAX_ITERATIONS):
         self.user = user
         self.database = database
         self._user = to_bytes(user)
@@ -68,14 +93,33 @@ class ServerAuthenticator:
             self._password = None
         self._scram_keys = scram_keys
         self._scram_state: str | None = None   # None, "first-sent", "final-sent", "verified"
+        self._require_auth = tuple(require_auth)
+        self.allowed = allowed_methods(self._require_auth) if self._require_auth else self._default_allowed()
+        self._max_iterations = max_iterations
+        self._asked: str | None = None         # the method the server asked for, once it did
+
+    def _default_allowed(self) -> frozenset[str]:
+        secret = self._secret
+        if self._password is None and (self._scram_keys is not None or (secret is not None and secret.kind == "scram")):
+            return frozenset({"scram-sha-256"})
+        return frozenset(METHODS)
 
     def feed(self, code: int, data: bytes) -> bytes:
         """Answer one authentication request; b"" when nothing is to be sent."""
         if code == messages.AUTH_OK:
+            if self._asked is None:
+                self._allow("none")
             if self._scram_state not in (None, "verified"):
                 raise ServerAuthError("server sent AuthenticationOk before completing SCRAM "
                                       "authentication: it did not prove it knows the password")
             return b""
+        method = {messages.AUTH_CLEARTEXT: "password", messages.AUTH_MD5: "md5",
+                  messages.AUTH_SASL: "scram-sha-256"}.get(code)
+        if method is not None:
+            if self._asked is not None:
+                raise ServerAuthError(f"server asked for {_WHAT[method]} authentication after "
+                                      f"{_WHAT[self._asked]}: a server asks for one method per login")
+            self._asked = method
         if code == messages.AUTH_CLEARTEXT:
             return self._cleartext()
         if code == messages.AUTH_MD5:
@@ -92,6 +136,33 @@ class ServerAuthenticator:
                                   "which pgmp does not support: use scram-sha-256, md5 or password "
                                   "for pgmp's connections in the server's pg_hba.conf")
         raise ServerAuthError(f"server sent an unknown authentication request (code {code})")
+
+    # ---- server_require_auth ---------------------------------------------------------
+
+    def _allow(self, method: str) -> None:
+        """Refuse, before anything is sent, a method the policy does not allow.
+
+        Called once pgmp knows it could answer: without a credential for the method, the
+        error says what is missing (and nothing is sent either)."""
+        if method in self.allowed:
+            return
+        allowed = ", ".join(m for m in METHODS if m in self.allowed) or "nothing"
+        if self._require_auth:
+            listed = ", ".join(f'"{m}"' for m in self._require_auth)
+            why = f"server_require_auth = [{listed}] allows {allowed}"
+        else:
+            why = ("server_require_auth is not set and pgmp logs in with a SCRAM secret or SCRAM keys "
+                   "for this user, so only scram-sha-256 is allowed")
+        if method == "none":
+            what = f'server let user "{self.user}" in without asking for a password (trust)'
+            meant = "trust pgmp"
+        else:
+            what = f'server asked for {_WHAT[method]} authentication for user "{self.user}"'
+            meant = f"ask for {_WHAT[method]} authentication"
+        raise ServerAuthError(
+            f"{what}, but {why}; pgmp sent nothing and refuses this server",
+            hint=f'if the server is meant to {meant}, allow "{method}" with server_require_auth '
+                 f"in {self._where()} (or in [pgmp], for every database)")
 
     # ---- messages -------------------------------------------------------------------
 
@@ -118,6 +189,7 @@ class ServerAuthenticator:
     def _cleartext(self) -> bytes:
         if self._password is None:
             raise self._no_credential("cleartext password", self._have())
+        self._allow("password")
         return messages.password_message(self._password + b"\0")
 
     def _md5(self, salt: bytes) -> bytes:
@@ -129,6 +201,7 @@ class ServerAuthenticator:
             inner = self._secret.value[3:]
         else:
             raise self._no_credential("md5 password", self._have())
+        self._allow("md5")
         return messages.password_message(md5_response(inner, salt) + b"\0")
 
     # ---- SCRAM-SHA-256 --------------------------------------------------------------
@@ -149,6 +222,7 @@ class ServerAuthenticator:
                 have = ("only a SCRAM secret and no client has logged in with SCRAM yet "
                         "to recover its client key")
             raise self._no_credential("SCRAM-SHA-256", have)
+        self._allow("scram-sha-256")
         self._nonce = _new_nonce()
         name = self._user.replace(b"=", b"=3D").replace(b",", b"=2C")
         # PostgreSQL ignores the SCRAM user name (libpq sends "n="); send it for other servers.
@@ -171,10 +245,20 @@ class ServerAuthenticator:
             salt = b""
         if not salt:
             raise _malformed("server-first-message", "the salt is not valid base64")
-        if not iterations_text.isdigit() or not 0 < int(iterations_text) <= MAX_SCRAM_ITERATIONS:
-            raise _malformed("server-first-message",
-                             f"the iteration count must be 1 to {MAX_SCRAM_ITERATIONS}")
-        client_key, server_key = self._keys_for(salt, int(iterations_text))
+        digits = iterations_text.lstrip(b"0")
+        if not iterations_text.isdigit() or not digits:
+            raise _malformed("server-first-message", "the iteration count must be a positive integer")
+        iterations = int(digits) if len(digits) <= 12 else None    # (int() of a long text is slow)
+        # Only a password needs PBKDF2 here: SCRAM keys work at any count (the auth_file's).
+        if self._password is not None and (iterations is None or iterations > self._max_iterations):
+            shown = digits.decode() if iterations is not None else "more than 10^12"
+            raise ServerAuthError(
+                f'server asked pgmp to derive the SCRAM key of user "{self.user}" with {shown} iterations, '
+                f"more than auth_max_iterations ({self._max_iterations}): pgmp refuses the work, which would "
+                "stall every session of its worker",
+                hint="PostgreSQL stores passwords with 4096 iterations unless scram_iterations says otherwise; "
+                     "raise auth_max_iterations if the server's secret really uses more")
+        client_key, server_key = self._keys_for(salt, iterations or 0)
         without_proof = b"c=biws,r=" + nonce
         auth_message = b",".join((self._client_first_bare, data, without_proof))
         proof = xor(client_key, hmac_sha256(sha256(client_key), auth_message))

@@ -78,7 +78,7 @@ def test_default_auth_type_needs_auth_file():
 
 
 RUNTIME_TYPES = {"str": str, "path": str, "host": str, "enum": str, "int": int, "size": int, "mode": int,
-                 "bool": bool, "duration": float, "strlist": tuple, "addrs": tuple}
+                 "bool": bool, "duration": float, "strlist": tuple, "addrs": tuple, "methods": tuple}
 
 
 def test_every_pgmp_setting_is_an_attribute_of_the_declared_type():
@@ -418,7 +418,8 @@ def test_databases_inherit_from_pgmp():
     assert appdb == config.DatabaseConfig(
         name="appdb", host="db1.internal", port=5433, dbname="appdb", user="app", password="s3cret",
         pool_size=7, min_pool_size=0, reserve_pool_size=2, pool_mode="transaction",
-        max_db_connections=50, connect_query="SET search_path TO app", auth_dbname="", application_name="")
+        max_db_connections=50, connect_query="SET search_path TO app", auth_dbname="", application_name="",
+        server_require_auth=())
     reports = cfg.databases["reports"]
     assert (reports.dbname, reports.pool_size, reports.pool_mode, reports.host) == (
         "warehouse", 5, "session", "/var/run/postgresql")
