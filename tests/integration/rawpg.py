@@ -313,6 +313,19 @@ class RawPG:
         return None
 
 
+def refused_login(host: str, port: int, user: str, password: str | None, database: str = "appdb",
+                  timeout: float = 10.0, **params: str) -> dict[str, str]:
+    """A login that must fail: the ErrorResponse's fields, after which the server must close."""
+    with RawPG.connect(host, port, timeout) as conn:
+        conn.send(startup_packet({"user": user, "database": database, **params}))
+        try:
+            conn.authenticate(user, password)
+        except ServerError as exc:
+            assert conn.wait_closed(5), "the connection stayed open after the error"
+            return exc.fields
+        raise AssertionError(f"user {user!r} logged in to {database!r}")
+
+
 class ServerError(Exception):
     def __init__(self, fields: dict[str, str]):
         super().__init__(f"{fields.get('S')} {fields.get('C')}: {fields.get('M')}")

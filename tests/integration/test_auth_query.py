@@ -86,12 +86,7 @@ def lookups(proxy, user: str) -> int:
 
 def login_error(proxy, user: str, password: str, **params) -> dict:
     """A raw login that must fail: the ErrorResponse fields; pgmp then closes."""
-    with RawPG.connect(proxy.host, proxy.port) as conn:
-        conn.send(startup_packet({"user": user, "database": DB, **params}))
-        with pytest.raises(rawpg.ServerError) as info:
-            conn.authenticate(user, password)
-        assert conn.wait_closed(5)
-        return info.value.fields
+    return rawpg.refused_login(proxy.host, proxy.port, user, password, DB, **params)
 
 
 def connect(proxy, user: str, password: str, **params) -> psycopg.Connection:
@@ -418,12 +413,7 @@ def owned_databases(pg, owned) -> dict:
 
 
 def login_error_in(proxy, database: str, user: str, password: str) -> dict:
-    with RawPG.connect(proxy.host, proxy.port) as conn:
-        conn.send(startup_packet({"user": user, "database": database}))
-        with pytest.raises(rawpg.ServerError) as info:
-            conn.authenticate(user, password)
-        assert conn.wait_closed(5)
-        return info.value.fields
+    return rawpg.refused_login(proxy.host, proxy.port, user, password, database)
 
 
 @pytest.mark.parametrize("query", ["default", "unqualified"])

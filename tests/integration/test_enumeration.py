@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import os
 
-import pytest
 
 from pgmp.auth.authfile import make_scram_secret
 from pgmp.protocol import messages
@@ -88,12 +87,7 @@ def test_unknown_user_gets_the_iteration_count_real_users_have(pgmp):
 
 
 def login_fields(proxy, user: str, password: str, database: str) -> dict:
-    with RawPG.connect(proxy.host, proxy.port) as conn:
-        conn.send(startup_packet({"user": user, "database": database}))
-        with pytest.raises(rawpg.ServerError) as info:
-            conn.authenticate(user, password)
-        assert conn.wait_closed(5)
-        return info.value.fields
+    return rawpg.refused_login(proxy.host, proxy.port, user, password, database)
 
 
 def test_unknown_database_is_told_only_after_authentication(pg, pgmp):
@@ -111,10 +105,7 @@ def test_unknown_database_is_told_only_after_authentication(pg, pgmp):
         # an auth_file user with the right password learns that the database does not exist
         fields = login_fields(proxy, "scram_user", PASSWORDS["scram_user"], "no_such_db")
         assert fields["C"] == "3D000", fields
-        with pytest.raises(rawpg.ServerError) as info, RawPG.connect(proxy.host, proxy.port) as conn:
-            conn.send(startup_packet({"user": "scram_user", "database": "no_such_db"}))
-            conn.authenticate("scram_user", "wrong")
-        assert info.value.fields["C"] == "28P01"
+        assert login_fields(proxy, "scram_user", "wrong", "no_such_db")["C"] == "28P01"
         # with auth_dbname, a PostgreSQL-only user is looked up there, proves its password, then gets 3D000
         pg.psql("DROP ROLE IF EXISTS enum_pg_only; CREATE ROLE enum_pg_only LOGIN PASSWORD 'pg-only'")
         looked_up = pgmp.start(users=users, config={"auth_user": auth_user, "auth_dbname": DB})

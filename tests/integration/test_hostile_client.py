@@ -17,7 +17,7 @@ import pytest
 
 from pgmp.auth.authfile import make_scram_secret
 from tests.integration import rawpg
-from tests.integration.rawpg import RawPG, startup_packet
+from tests.integration.rawpg import RawPG
 from tests.integration.test_tls import certs, raw_tls, tls_config  # noqa: F401 (certs: a fixture)
 from tests.support import PASSWORDS, wait_for
 
@@ -25,12 +25,7 @@ DB = "appdb"
 
 
 def refused(proxy, user: str, password: str) -> dict:
-    with RawPG.connect(proxy.host, proxy.port, timeout=30) as conn:
-        conn.send(startup_packet({"user": user, "database": DB}))
-        with pytest.raises(rawpg.ServerError) as info:
-            conn.authenticate(user, password)
-        assert conn.wait_closed(5)
-        return info.value.fields
+    return rawpg.refused_login(proxy.host, proxy.port, user, password, DB, timeout=30)
 
 
 class Bystander:
@@ -180,7 +175,7 @@ def test_one_clients_statements_are_bounded(pgmp):
 
 
 @pytest.mark.parametrize("tls", [False, True])
-def test_assembling_a_large_parse_costs_linear_time(pgmp, certs, tls):
+def test_assembling_a_large_parse_costs_linear_time(pgmp, certs, tls):  # noqa: F811 (a fixture)
     """A large named Parse over TLS was assembled by copying it whole at every TLS read (quadratic)."""
     config = {"pool_mode": "transaction", "max_parse_size": "64MB", "max_prepared_size": "64MB",
               "max_message_size": "128MB",
