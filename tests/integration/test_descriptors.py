@@ -22,7 +22,7 @@ import pytest
 
 from tests.integration.rawpg import RawPG, ssl_request, startup_packet
 from tests.support import wait_for
-from tests.support.proxy import PgmpFactory
+from tests.support.proxy import PgmpFactory, PgmpProcess
 
 USER, DB = "scram_user", "appdb"
 TOO_MANY = "53300"
@@ -166,3 +166,123 @@ def test_lingering_refused_clients_do_not_take_freed_slots(pgmp):
             conn.close()
         for c in held:
             c.close()
+
+
+# ================================================================ pidfile and control socket
+
+PRECIOUS = "must not be overwritten\n"
+NOBODY = 65534
+
+
+def start_outcome(pgmp, **config) -> tuple[int | None, str]:
+    """Run `pgmp start` on a config with these [pgmp] settings: (exit code or None if it started, its output)."""
+    cfg = pgmp.write_config(config=config)
+    proc = PgmpProcess(cfg, cfg.path.with_suffix(".log"))
+    try:
+        # (the port accepts as soon as it is bound, before the checks that follow: wait for "ready")
+        wait_for(lambda: proc.poll() is not None or " ready: " in proc.log(), timeout=20,
+                 message=lambda: f"pgmp neither started nor exited:\n{proc.log()}")
+        code = proc.poll()
+    finally:
+        proc.stop()
+    return code, proc.log()
+
+
+def assert_refused(pgmp, *expected: str, **config) -> str:
+    code, output = start_outcome(pgmp, **config)
+    assert code is not None, f"pgmp started with {config}:\n{output}"
+    assert code == 1, (code, output)
+    assert "Traceback" not in output, output
+    for text in expected:
+        assert text in output, (text, output)
+    return output
+
+
+def precious_file(tmp_path: Path) -> Path:
+    target = tmp_path / "precious"
+    target.write_text(PRECIOUS)
+    return target
+
+
+def test_pidfile_symlink_is_refused_and_its_target_untouched(pgmp, tmp_path):
+    target = precious_file(tmp_path)
+    pidfile = tmp_path / "pgmp.pid"
+    pidfile.symlink_to(target)
+    assert_refused(pgmp, str(pidfile), "symbolic link", pidfile=str(pidfile))
+    assert target.read_text() == PRECIOUS
+    assert pidfile.is_symlink()
+
+
+def test_pidfile_in_a_world_writable_directory_without_sticky_bit_is_refused(pgmp, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    pidfile = shared / "pgmp.pid"
+    assert_refused(pgmp, str(shared), "sticky", pidfile=str(pidfile))
+    assert not pidfile.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to plant a file owned by another user")
+def test_pidfile_of_another_user_is_refused(pgmp, tmp_path):
+    pidfile = tmp_path / "pgmp.pid"
+    pidfile.write_text("1\n")
+    os.chown(pidfile, NOBODY, NOBODY)
+    assert_refused(pgmp, str(pidfile), f"uid {NOBODY}", pidfile=str(pidfile))
+    assert pidfile.read_text() == "1\n"
+
+
+def test_stale_pidfile_naming_a_live_process_that_is_not_pgmp_is_replaced(pgmp, tmp_path):
+    pidfile = tmp_path / "pgmp.pid"
+    # alive, and not pgmp, though "pgmp" is in its command line (an editor on pgmp.toml, say)
+    other = subprocess.Popen(["pgmp-notes", "60"], executable=shutil.which("sleep"))
+    try:
+        pidfile.write_text(f"{other.pid}\n")
+        proxy = pgmp.start(config={"pidfile": str(pidfile)})
+        wait_for(lambda: pidfile.read_text() == f"{proxy.pid}\n", timeout=10,
+                 message=lambda: f"pidfile holds {pidfile.read_text()!r}:\n{proxy.log()}")
+        assert not pidfile.is_symlink()
+        assert proxy.stop() == 0
+        assert not pidfile.exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_control_socket_path_taken_by_a_directory_is_refused(pgmp, tmp_path):
+    path = tmp_path / "pgmp.ctl"
+    path.mkdir()
+    assert_refused(pgmp, str(path), "directory", control_socket=str(path))
+    assert path.is_dir()
+
+
+def test_control_socket_symlink_is_not_followed(pgmp, tmp_path):
+    target = precious_file(tmp_path)
+    path = tmp_path / "pgmp.ctl"
+    path.symlink_to(target)
+    assert_refused(pgmp, str(path), "symbolic link", control_socket=str(path))
+    assert path.is_symlink() and target.read_text() == PRECIOUS
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to plant a socket owned by another user")
+def test_control_socket_of_another_user_is_refused(pgmp, tmp_path):
+    path = tmp_path / "pgmp.ctl"
+    planted = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    planted.bind(str(path))                        # a dead socket (nobody listens), owned by nobody
+    planted.close()
+    os.chown(path, NOBODY, NOBODY, follow_symlinks=False)
+    before = os.lstat(path)
+    assert_refused(pgmp, str(path), f"uid {NOBODY}", control_socket=str(path))
+    after = os.lstat(path)
+    assert (after.st_ino, after.st_uid) == (before.st_ino, before.st_uid), "someone else's socket was replaced"
+
+
+def test_stale_control_socket_of_ours_is_replaced(pgmp, tmp_path):
+    path = tmp_path / "pgmp.ctl"
+    planted = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    planted.bind(str(path))                        # left by a pgmp that died: ours, nobody listens
+    planted.close()
+    proxy = pgmp.start(config={"control_socket": str(path)})
+    r = cli("status", "-c", proxy.config_path)
+    assert r.returncode == 0, r
+    assert proxy.stop() == 0
+    assert not path.exists()
