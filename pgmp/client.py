@@ -393,7 +393,8 @@ class ClientConnection(Endpoint):
 
     def _check_tls_mode(self, addr: str | None, encrypted: bool) -> None:
         """client_tls_mode require, verify-ca and verify-full refuse TCP clients without TLS (verify-*: without
-        a verified certificate). Unix socket clients are exempt: libpq never uses TLS on them."""
+        a verified certificate; verify-full: one whose CN is not the user name). Unix socket clients are
+        exempt: libpq never uses TLS on them."""
         mode = self.worker.config.client_tls_mode
         if addr is None or mode not in ("require", "verify-ca", "verify-full"):
             return
@@ -402,7 +403,9 @@ class ClientConnection(Endpoint):
                                        reason=f"client_tls_mode = {mode}: the client did not ask for TLS",
                                        sqlstate=errors.INVALID_AUTHORIZATION)
         if mode != "require":
-            self._check_certificate(f"client_tls_mode = {mode}", "verify-ca")
+            # verify-full: the certificate must also name the user (CN), whatever the hba rule says,
+            # refused as the cert method refuses
+            self._check_certificate(f"client_tls_mode = {mode}", "cert" if mode == "verify-full" else "verify-ca")
 
     def _check_certificate(self, where: str, check: str) -> None:
         """A verified client certificate is required; "verify-full" and "cert" also want its CN = the user name."""

@@ -21,7 +21,8 @@ import psycopg
 import pytest
 
 from tests.integration.rawpg import RawPG, ssl_request, startup_packet
-from tests.support import wait_for
+from tests.integration.test_tls import certs, expect_refusal, hba_file, raw_tls, startup, tls_config  # noqa: F401
+from tests.support import PASSWORDS, wait_for
 from tests.support.proxy import PgmpFactory, PgmpProcess
 
 USER, DB = "scram_user", "appdb"
@@ -286,3 +287,71 @@ def test_stale_control_socket_of_ours_is_replaced(pgmp, tmp_path):
     assert r.returncode == 0, r
     assert proxy.stop() == 0
     assert not path.exists()
+
+
+# ================================================================ client_tls_mode = verify-full: CN = user name
+
+def verify_full(certs, **extra) -> dict:
+    return tls_config(certs, "verify-full", client_tls_ca_file=str(certs.ca), **extra)
+
+
+# (auth_type, hba rule or None): every way a TCP login can reach the TLS check
+VERIFY_FULL_PATHS = [
+    ("scram-sha-256", None),
+    ("trust", None),
+    ("md5", None),
+    ("scram-sha-256", "hostssl all all 127.0.0.1/32 scram-sha-256\n"),
+    ("scram-sha-256", "hostssl all all 127.0.0.1/32 trust\n"),
+    ("scram-sha-256", "hostssl all all 127.0.0.1/32 scram-sha-256 clientcert=verify-ca\n"),
+    ("scram-sha-256", "host all all 127.0.0.1/32 md5\n"),
+]
+
+
+@pytest.mark.parametrize("auth_type, rule", VERIFY_FULL_PATHS)
+def test_verify_full_refuses_a_certificate_of_another_user(pgmp, certs, tmp_path, auth_type, rule):
+    extra = {"hba_file": hba_file(tmp_path, rule)} if rule else {}
+    proxy = pgmp.start(config=verify_full(certs, **extra), auth_type=auth_type)
+    # md5_user's certificate (CN=md5_user), logging in as scram_user
+    with raw_tls(proxy, cert=certs.client["md5_user"]) as conn:
+        fields = expect_refusal(conn, startup(user="scram_user"))
+    assert fields["C"] == "28000" and fields["S"] == "FATAL", fields
+    assert fields["M"] == 'certificate authentication failed for user "scram_user"', fields
+    assert re.search(r"login failed: user=scram_user .*client_tls_mode = verify-full: certificate CN "
+                     r"'md5_user' is not the user name", proxy.log()), proxy.log()
+    # the right certificate logs in
+    with raw_tls(proxy, cert=certs.client["scram_user"]) as conn:
+        conn.login(user="scram_user", password_text=PASSWORDS["scram_user"])
+        assert conn.scalar("select current_user") == "scram_user"
+
+
+def test_verify_full_with_psycopg(pgmp, certs):
+    proxy = pgmp.start(config=verify_full(certs))
+    params = dict(host="localhost", hostaddr="127.0.0.1", sslmode="verify-full", sslrootcert=str(certs.ca))
+    bob, alice = certs.client["scram_user"], certs.client["md5_user"]
+    with psycopg.connect(proxy.dsn(**params, sslcert=str(bob[0]), sslkey=str(bob[1]))) as conn:
+        assert conn.execute("select current_user").fetchone() == ("scram_user",)
+    with pytest.raises(psycopg.OperationalError, match='certificate authentication failed for user "scram_user"'):
+        psycopg.connect(proxy.dsn(**params, sslcert=str(alice[0]), sslkey=str(alice[1])))
+
+
+def test_over_max_client_conn_tls_client_that_stalls_is_not_held(pgmp, certs):
+    """SSLRequest over the limit gets 'S' (PostgreSQL answers it before looking at the limit); a client that
+    then never starts its handshake is closed within seconds."""
+    proxy = pgmp.start(workers=1, config=tls_config(certs, "prefer", max_client_conn=1))
+    held = admitted(proxy, 1)
+    try:
+        started = time.monotonic()
+        with RawPG.connect(proxy.host, proxy.port) as conn:
+            conn.send(ssl_request())
+            assert conn.read_exact(1) == b"S"
+            assert conn.wait_closed(5)
+        took = time.monotonic() - started
+        assert took < 3.5, took
+        # and one that completes the handshake gets 53300 inside TLS, at once
+        with raw_tls(proxy) as conn:
+            started = time.monotonic()
+            conn.send(startup())
+            refused_at_once(conn, started)
+    finally:
+        for c in held:
+            c.close()
