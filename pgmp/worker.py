@@ -367,7 +367,12 @@ class Worker:
             pool.last_error = errors.PgmpError(errors.CONNECTION_FAILURE,
                                                f"could not resolve server host {pool.db.host!r}: {exc}")
             return None
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:              # out of descriptors: the client waits, as for a full pool
+            pool.last_error = errors.PgmpError(errors.CONNECTION_FAILURE,
+                                               f"could not connect to server {text}: {exc.strerror or exc}")
+            return None
         sock.setblocking(False)
         if family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -443,7 +448,13 @@ class Worker:
         """Cancel the query running on ``client``'s server; the server is held until it is done."""
         srv = client.server
         family, sockaddr, text = srv.pool.address()
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            log.warning("cannot cancel the query of %s@%s: %s", client.user, client.database, exc.strerror or exc)
+            if on_done is not None:
+                on_done()
+            return
         sock.setblocking(False)
         err = sock.connect_ex(sockaddr)
         if err not in (0, 115, 11):

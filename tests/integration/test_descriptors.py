@@ -7,12 +7,14 @@ session opened before keeps working.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -90,6 +92,47 @@ def test_accept_out_of_descriptors_backs_off_and_recovers(pgmp):
     proxy.wait_log(r"accept resumed after \d+ failures: too many open files")
     assert bystander.execute("select 'after'").fetchone() == ("after",)
     bystander.close()
+
+
+def waiting_clients(proxy) -> int:
+    r = cli("stats", "--json", "-c", proxy.config_path)
+    assert r.returncode == 0, r.stderr
+    return sum(p["cl_waiting"] for w in json.loads(r.stdout)["workers"] for p in w["pools"])
+
+
+def test_out_of_descriptors_a_client_needing_a_new_server_waits_for_one(pgmp):
+    """A client that needs a new server while its worker has no descriptor left is not dropped: it waits,
+    as for a pool at its size, and gets the next server freed; the session holding one goes on."""
+    proxy = pgmp.start(workers=1, config={"pool_mode": "transaction", "default_pool_size": 5})
+    holder = psycopg.connect(proxy.dsn())                   # in a transaction: holds the pool's one server
+    assert holder.execute("select 'holding'").fetchone() == ("holding",)
+    waiter = psycopg.connect(proxy.dsn(), autocommit=True)  # logged in, no server between transactions
+    pid = worker_pid(proxy)
+    worker = psutil.Process(pid)
+    soft, hard = worker.rlimit(psutil.RLIMIT_NOFILE)
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(_query(waiter, "select 'got a server'")))
+    try:
+        worker.rlimit(psutil.RLIMIT_NOFILE, (open_fds(pid), hard))
+        thread.start()
+        wait_for(lambda: waiting_clients(proxy) == 1, timeout=10, message=lambda: proxy.log()[-2000:])
+        assert holder.execute("select 'still holding'").fetchone() == ("still holding",)
+        holder.commit()                                     # frees the server: the waiter gets it
+        thread.join(10)
+        assert result == [("got a server",)], (result, proxy.log()[-2000:])
+    finally:
+        worker.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
+        thread.join(10)
+    holder.close()
+    waiter.close()
+    assert "Traceback" not in proxy.log() and "internal error" not in proxy.log(), proxy.log()
+
+
+def _query(conn, sql):
+    try:
+        return conn.execute(sql).fetchone()
+    except psycopg.Error as exc:
+        return exc
 
 
 # ================================================================ over max_client_conn
