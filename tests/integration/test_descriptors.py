@@ -48,6 +48,20 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def worker_stats(proxy) -> dict:
+    r = cli("stats", "--json", "-c", proxy.config_path)
+    assert r.returncode == 0, r.stderr
+    (worker,) = json.loads(r.stdout)["workers"]
+    return worker
+
+
+def settled(proxy, clients: int) -> None:
+    """Wait until the worker has exactly ``clients`` (start()'s readiness probe may still be open): its
+    descriptors can then be counted without one closing later and leaving room below a lowered limit."""
+    wait_for(lambda: worker_stats(proxy)["clients"] == clients, timeout=10,
+             message=lambda: f"worker has not {clients} clients: {worker_stats(proxy)}")
+
+
 # ================================================================ accept() without descriptors
 
 ACCEPT_FAILED = re.compile(r"accept\(\) failed|accept failed")
@@ -61,6 +75,7 @@ def test_accept_out_of_descriptors_backs_off_and_recovers(pgmp):
     worker = psutil.Process(pid)
     soft, hard = worker.rlimit(psutil.RLIMIT_NOFILE)
     extra: list[socket.socket] = []
+    settled(proxy, 1)
     try:
         # room for 3 more descriptors in the worker: the 4th accepted connection hits EMFILE
         worker.rlimit(psutil.RLIMIT_NOFILE, (open_fds(pid) + 3, hard))
@@ -95,9 +110,7 @@ def test_accept_out_of_descriptors_backs_off_and_recovers(pgmp):
 
 
 def waiting_clients(proxy) -> int:
-    r = cli("stats", "--json", "-c", proxy.config_path)
-    assert r.returncode == 0, r.stderr
-    return sum(p["cl_waiting"] for w in json.loads(r.stdout)["workers"] for p in w["pools"])
+    return sum(p["cl_waiting"] for p in worker_stats(proxy)["pools"])
 
 
 def test_out_of_descriptors_a_client_needing_a_new_server_waits_for_one(pgmp):
@@ -111,6 +124,7 @@ def test_out_of_descriptors_a_client_needing_a_new_server_waits_for_one(pgmp):
     worker = psutil.Process(pid)
     soft, hard = worker.rlimit(psutil.RLIMIT_NOFILE)
     result: list = []
+    settled(proxy, 2)
     thread = threading.Thread(target=lambda: result.append(_query(waiter, "select 'got a server'")))
     try:
         worker.rlimit(psutil.RLIMIT_NOFILE, (open_fds(pid), hard))
