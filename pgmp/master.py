@@ -244,16 +244,26 @@ class Master:
         self._set_title()
 
     def _make_files(self) -> None:
-        """Listening sockets, the control socket and the pidfile; the pidfile path is checked first."""
+        """The pidfile path is checked, then the control socket and the listening sockets are made, then the pidfile.
+
+        The control socket comes first, so that a second pgmp on the same config stops there
+        before its SO_REUSEPORT listeners could take (and drop) connections meant for the first;
+        in a takeover it comes last, so that a new master that cannot listen leaves the old
+        one's control socket in place.
+        """
         cfg = self.config
+        takeover = self.takeover_pid is not None
         try:
             if cfg.pidfile:
-                check_pidfile(cfg.pidfile)          # before anything is bound
+                check_pidfile(cfg.pidfile)
+            if not takeover:
+                self._bind_control_socket()
             self.nworkers = cfg.workers or os.cpu_count() or 1
-            self.listen[0] = bind_all(cfg, self.nworkers, takeover=self.takeover_pid is not None)
+            self.listen[0] = bind_all(cfg, self.nworkers, takeover=takeover)
             if self.listen[0][1] is not None:
                 self.unix_files[0] = _socket_file(cfg.unix_socket_path)
-            self._bind_control_socket()
+            if takeover:
+                self._bind_control_socket()
             if cfg.pidfile:
                 write_pidfile(cfg.pidfile)
                 self.pidfile = cfg.pidfile
