@@ -35,6 +35,10 @@ AUTH_FLAGS = make_flags(report=bytes(range(256)), small=b"X", valid=b"pX")
 NO_WHOLE = bytes(256)
 ALL_WHOLE = bytes([1]) * 256
 AUTH_MAX_MESSAGE = 65535 + 1024     # PG_MAX_AUTH_TOKEN_LENGTH plus the SASL header
+# A client over max_client_conn is refused once its StartupMessage arrives (after an SSLRequest's
+# TLS handshake, as PostgreSQL does); one that sends none is refused after this long, not at
+# client_login_timeout: refused connections must not pile up holding descriptors.
+REFUSE_GRACE = 2.0
 
 _auth_scanner = Scanner(AUTH_FLAGS, AUTH_MAX_MESSAGE)
 _ready_scanners: dict[tuple[bytes, int], Scanner] = {}
@@ -84,6 +88,8 @@ class ClientConnection(Endpoint):
         self.settings_pending = False              # waiting for the server to accept our settings
         self.logged_in = False                     # AuthenticationOk .. ReadyForQuery sent
         timeout = worker.config.client_login_timeout
+        if over_limit:
+            timeout = min(timeout, REFUSE_GRACE) if timeout > 0 else REFUSE_GRACE
         self.timer = worker.loop.call_later(timeout, self._login_timeout) if timeout > 0 else None
 
     def __repr__(self):
@@ -333,7 +339,7 @@ class ClientConnection(Endpoint):
         self.user = packet.user
         self.database = packet.database
         if self.over_limit:
-            raise PgmpError(errors.TOO_MANY_CONNECTIONS, "no more connections allowed (max_client_conn)")
+            raise self._too_many()
         worker = self.worker
         settings = client_settings(packet)
         if worker.config.application_name_add_host:
@@ -434,7 +440,8 @@ class ClientConnection(Endpoint):
 
     def _check_tls_mode(self, addr: str | None, encrypted: bool) -> None:
         """client_tls_mode require, verify-ca and verify-full refuse TCP clients without TLS (verify-*: without
-        a verified certificate). Unix socket clients are exempt: libpq never uses TLS on them."""
+        a verified certificate; verify-full: one whose CN is not the user name). Unix socket clients are
+        exempt: libpq never uses TLS on them."""
         mode = self.worker.config.client_tls_mode
         if addr is None or mode not in ("require", "verify-ca", "verify-full"):
             return
@@ -443,7 +450,9 @@ class ClientConnection(Endpoint):
                                        reason=f"client_tls_mode = {mode}: the client did not ask for TLS",
                                        sqlstate=errors.INVALID_AUTHORIZATION)
         if mode != "require":
-            self._check_certificate(f"client_tls_mode = {mode}", "verify-ca")
+            # verify-full: the certificate must also name the user (CN), whatever the hba rule says,
+            # refused as the cert method refuses
+            self._check_certificate(f"client_tls_mode = {mode}", "cert" if mode == "verify-full" else "verify-ca")
 
     def _check_certificate(self, where: str, check: str) -> None:
         """A verified client certificate is required; "verify-full" and "cert" also want its CN = the user name."""
@@ -646,9 +655,15 @@ class ClientConnection(Endpoint):
             log.info("disconnect: user=%s db=%s from %s: %s", self.user or "-", self.database or "-",
                      self.peer, reason)
 
+    def _too_many(self) -> PgmpError:
+        return PgmpError(errors.TOO_MANY_CONNECTIONS, "sorry, too many clients already",
+                         detail=f"pgmp's max_client_conn ({self.worker.config.max_client_conn}) is reached")
+
     def _login_timeout(self):
         self.timer = None
-        if self.state in (ClientState.STARTUP, ClientState.AUTH_LOOKUP, ClientState.AUTH, ClientState.LOGIN_WAIT):
+        if self.over_limit and self.state is ClientState.STARTUP:
+            self.fail(self._too_many())
+        elif self.state in (ClientState.STARTUP, ClientState.AUTH_LOOKUP, ClientState.AUTH, ClientState.LOGIN_WAIT):
             self.fail(PgmpError(errors.PROTOCOL_VIOLATION, "client_login_timeout: login took too long"))
 
     def _wait_timeout(self):

@@ -120,7 +120,7 @@ SCHEMA: tuple[Setting, ...] = (
     _S("min_pool_size", "int", 0, "Server connections each pool keeps open even when idle.", low=0),
     _S("reserve_pool_size", "int", 0, "Extra server connections a pool may open once a client has waited reserve_pool_timeout.", low=0),
     _S("reserve_pool_timeout", "duration", 5, "How long a client waits for a server before its pool may use the reserve.", low=0),
-    _S("max_client_conn", "int", 1000, "Client connections open at once, for the whole instance; more are refused with 53300.", low=1),
+    _S("max_client_conn", "int", 1000, "Client connections open at once, for the whole instance; more are refused at once with 53300 (sorry, too many clients already).", low=1),
     _S("max_db_connections", "int", 0, "Server connections per database over all its pools (0 = unlimited).", low=0),
     _S("max_user_connections", "int", 0, "Server connections per user over all their pools (0 = unlimited).", low=0),
     # --- memory bounds ---
@@ -162,12 +162,12 @@ SCHEMA: tuple[Setting, ...] = (
     _S("log_level", "enum", "info", "Least severe log messages written.", choices=("debug", "info", "warning", "error")),
     _S("log_connections", "bool", True, "Log each client login."),
     _S("log_disconnections", "bool", True, "Log each client disconnection and its reason."),
-    _S("pidfile", "path", "", 'File the master writes its pid to; "" writes none.', reload=False),
+    _S("pidfile", "path", "", 'File the master writes its pid to, in a directory other users cannot write (a link, a file of another user or a world-writable directory without the sticky bit is refused); "" writes none.', reload=False),
     _S("control_socket", "path", "", "Unix socket that pgmp status, stats and reload talk to the master on.", reload=False,
        default_doc="\".pgmp.<listen_port>.ctl\" in the pidfile's directory, "
                    "or /tmp/.pgmp.<listen_port>.ctl without a pidfile"),
     # --- TLS to clients ---
-    _S("client_tls_mode", "enum", "disable", "TLS for clients: disable, allow and prefer (accept it), require (refuse plaintext), verify-ca and verify-full (also require a certificate signed by client_tls_ca_file).", choices=("disable", "allow", "prefer", "require", "verify-ca", "verify-full")),
+    _S("client_tls_mode", "enum", "disable", "TLS for clients: disable, allow and prefer (accept it), require (refuse plaintext), verify-ca and verify-full (also require a certificate signed by client_tls_ca_file; verify-full: whose CN is the user name).", choices=("disable", "allow", "prefer", "require", "verify-ca", "verify-full")),
     _S("client_tls_cert_file", "path", "", "PEM certificate (chain) pgmp presents to clients; needed when client_tls_mode is not disable."),
     _S("client_tls_key_file", "path", "", 'PEM private key of client_tls_cert_file; "" = the key is in the certificate file.'),
     _S("client_tls_ca_file", "path", "", "PEM CA bundle that signs client certificates; needed for verify-ca and verify-full."),

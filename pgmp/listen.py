@@ -1,8 +1,9 @@
 """Create the listening sockets: TCP with SO_REUSEPORT (one per worker slot) and the unix socket."""
-import errno
 import logging
 import os
 import socket
+
+from pgmp.runfiles import RunFileError, SocketInUse, bind_unix, clear_socket_path
 
 log = logging.getLogger("pgmp")
 
@@ -31,39 +32,27 @@ def tcp_listener(addr: str, port: int, backlog: int = 4096, reuseport: bool = Tr
 
 def unix_listener(directory: str, port: int, mode: int, backlog: int = 4096,
                   takeover: bool = False) -> socket.socket:
-    """The unix socket; ``takeover`` replaces a live one (a restart or a new worker generation)."""
+    """The unix socket; ``takeover`` replaces a live one (a restart or a new worker generation).
+
+    Only a socket of pgmp's own user is replaced; a link, a file or another user's socket at the
+    path is refused (pgmp.runfiles).
+    """
     path = os.path.join(directory, f".s.PGSQL.{port}")
-    if not takeover and _alive(path):
-        raise ListenError(f"cannot listen on {path}: another server is accepting connections there")
     try:
-        os.unlink(path)                 # a live socket (takeover) or one left by a dead process
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise ListenError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+        clear_socket_path(path, "unix socket", "unix_socket_dir", takeover=takeover)
+    except SocketInUse:
+        raise ListenError(f"cannot listen on {path}: another server is accepting connections there") from None
+    except RunFileError as exc:
+        raise ListenError(str(exc)) from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(path)
-        os.chmod(path, mode)
+        bind_unix(sock, path, mode)
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
         raise ListenError(f"cannot listen on {path}: {exc.strerror or exc}") from None
     sock.setblocking(False)
     return sock
-
-
-def _alive(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-        return True
-    except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
-            return False
-        raise ListenError(f"cannot listen on {path}: {exc.strerror or exc}") from None
-    finally:
-        probe.close()
 
 
 def bind_all(config, slots: int = 1, takeover: bool = False) -> tuple[list[list[socket.socket]], socket.socket | None]:

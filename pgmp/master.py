@@ -24,6 +24,8 @@ from pgmp.listen import ListenError, bind_all, tcp_listener
 from pgmp.loop import Endpoint, Loop
 from pgmp.logs import reopen_log_files, set_log_level
 from pgmp.notify import notify
+from pgmp.runfiles import (RunFileError, SocketInUse, bind_unix, check_pidfile, clear_socket_path, read_pidfile,
+                           write_pidfile)
 
 log = logging.getLogger("pgmp")
 
@@ -35,6 +37,7 @@ HEARTBEAT_TIMEOUT = 30.0       # a worker silent this long is hung: SIGABRT, the
 HEARTBEAT_TIMEOUT_ENV = "PGMP_HEARTBEAT_TIMEOUT"   # overrides it (seconds), for tests and debugging
 KILL_GRACE = 5.0
 BOOT_TIMEOUT = 30.0
+CONTROL_ACCEPT_RETRY = 1.0
 
 
 class StartError(Exception):
@@ -53,32 +56,30 @@ def heartbeat_timeout() -> float:
 
 # ---- pidfile --------------------------------------------------------------------
 
-def read_pidfile(path: str) -> int | None:
-    try:
-        with open(path) as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def running_pid(path: str) -> int | None:
-    """The pid in ``path`` if that process is alive and is pgmp; None for a missing or stale pidfile."""
+    """The pid in ``path`` if that process is alive and is a pgmp master; None for a missing or stale pidfile."""
     pid = read_pidfile(path)
     if pid is None or pid == os.getpid():
         return None
     try:
-        proc = psutil.Process(pid)
-        cmd = " ".join(proc.cmdline())
+        cmdline = psutil.Process(pid).cmdline()
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return None
-    return pid if "pgmp" in cmd else None
+    return pid if is_pgmp_master(cmdline) else None
 
 
-def write_pidfile(path: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)
+def is_pgmp_master(cmdline: list[str]) -> bool:
+    """A master by its title ("pgmp: master …") or, before it sets one, its command: pgmp or python -m pgmp.
+
+    Not "pgmp" anywhere in the line: an editor on pgmp.toml must not pass for a running pgmp.
+    """
+    if not cmdline:
+        return False
+    if " ".join(cmdline).startswith("pgmp: master"):      # (psutil splits a title at its spaces)
+        return True
+    if os.path.basename(cmdline[0]) == "pgmp":
+        return True
+    return any(a == "-m" and b == "pgmp" for a, b in zip(cmdline, cmdline[1:]))
 
 
 def _socket_file(path: str) -> tuple[str, tuple[int, int]] | None:
@@ -88,7 +89,7 @@ def _socket_file(path: str) -> tuple[str, tuple[int, int]] | None:
     device and inode as they were right after bind.)
     """
     try:
-        st = os.stat(path)
+        st = os.lstat(path)
     except OSError:
         return None
     return path, (st.st_dev, st.st_ino)
@@ -100,7 +101,7 @@ def _unlink_if_ours(entry: tuple[str, tuple[int, int]] | None) -> None:
         return
     path, ident = entry
     try:
-        st = os.stat(path)
+        st = os.lstat(path)
         if (st.st_dev, st.st_ino) == ident:
             os.unlink(path)
     except OSError:
@@ -146,7 +147,14 @@ class _ControlListener(Endpoint):
     def read(self):
         try:
             sock, _ = self.sock.accept()
-        except OSError:
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            # level-triggered: retrying at once (out of descriptors, say) would spin the master
+            log.error("control socket: accept() failed: %s; trying again in %gs", exc.strerror or exc,
+                      CONTROL_ACCEPT_RETRY)
+            self.pause_reading()
+            self.loop.call_later(CONTROL_ACCEPT_RETRY, self.resume_reading)
             return
         ControlLink(self.loop, sock, self.master)
 
@@ -225,49 +233,71 @@ class Master:
             if other is not None and other != self.takeover_pid:
                 raise StartError(f"pgmp is already running (pid {other}, pidfile {cfg.pidfile}); "
                                  "use 'pgmp restart' or stop it first")
-        self.nworkers = cfg.workers or os.cpu_count() or 1
         try:
-            self.listen[0] = bind_all(cfg, self.nworkers, takeover=self.takeover_pid is not None)
-        except ListenError as exc:
-            raise StartError(str(exc)) from None
-        if self.listen[0][1] is not None:
-            self.unix_files[0] = _socket_file(cfg.unix_socket_path)
-        self._bind_control_socket()
-        if cfg.pidfile:
-            write_pidfile(cfg.pidfile)
-            self.pidfile = cfg.pidfile
+            self._make_files()
+        except StartError:
+            self._abandon()
+            raise
         self._install_signals()
         for slot in range(self.nworkers):
             self.spawn(slot, 0)
         self.loop.call_later(HEARTBEAT_INTERVAL, self._tick)
         self._set_title()
 
+    def _make_files(self) -> None:
+        """The pidfile path is checked, then the control socket and the listening sockets are made, then the pidfile.
+
+        The control socket comes first, so that a second pgmp on the same config stops there
+        before its SO_REUSEPORT listeners could take (and drop) connections meant for the first;
+        in a takeover it comes last, so that a new master that cannot listen leaves the old
+        one's control socket in place.
+        """
+        cfg = self.config
+        takeover = self.takeover_pid is not None
+        try:
+            if cfg.pidfile:
+                check_pidfile(cfg.pidfile)
+            if not takeover:
+                self._bind_control_socket()
+            self.nworkers = cfg.workers or os.cpu_count() or 1
+            self.listen[0] = bind_all(cfg, self.nworkers, takeover=takeover)
+            if self.listen[0][1] is not None:
+                self.unix_files[0] = _socket_file(cfg.unix_socket_path)
+            if takeover:
+                self._bind_control_socket()
+            if cfg.pidfile:
+                write_pidfile(cfg.pidfile)
+                self.pidfile = cfg.pidfile
+        except (ListenError, RunFileError) as exc:
+            raise StartError(str(exc)) from None
+
+    def _abandon(self) -> None:
+        """A start that failed half-way: close what it bound and remove the socket files it made."""
+        for gen in list(self.listen):
+            self._close_listeners(gen)
+        if self.control_sock is not None:
+            _unlink_if_ours(self.control_file)
+            self.control_sock.close()
+            self.control_sock = None
+        self.loop.close()
+
     def _bind_control_socket(self):
+        """The CLI's socket, mode 0600: only pgmp's own user may reload or stop it."""
         path = self.config.control_socket
         if not path:
             return
-        if os.path.exists(path) and self.takeover_pid is None:
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-                probe.close()
-                raise StartError(f"another pgmp answers on the control socket {path}")
-            except (ConnectionRefusedError, FileNotFoundError):
-                probe.close()
         try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+            clear_socket_path(path, "control socket", "control_socket", takeover=self.takeover_pid is not None)
+        except SocketInUse:
+            raise StartError(f"another pgmp answers on the control socket {path}; stop it first, "
+                             "or use 'pgmp restart'") from None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)                 # 0600: only pgmp's own user may reload or stop it
         try:
-            sock.bind(path)
+            bind_unix(sock, path, 0o600)
+            sock.listen(64)
         except OSError as exc:
+            sock.close()
             raise StartError(f"cannot create control socket {path}: {exc.strerror or exc}") from None
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
-        sock.listen(64)
         self.control_sock = sock
         self.control_file = _socket_file(path)
         _ControlListener(self.loop, sock, self)

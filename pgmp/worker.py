@@ -4,6 +4,7 @@ Workers share nothing: everything that crosses processes is a control
 message on the link to the master (pgmp.control). A Worker can also run
 alone in one process (the tests of the data path do that).
 """
+import errno
 import logging
 import os
 import secrets as _secrets
@@ -34,6 +35,7 @@ log = logging.getLogger("pgmp")
 # int32, never 0, as clients expect of a backend pid). Session mode gives the server's real pid.
 KEY_SEQ_MASK = (1 << 30) - 1
 HEARTBEAT_INTERVAL = 1.0
+REFUSAL_LOG_INTERVAL = 10.0
 
 
 def tracked_parameters(config) -> frozenset[str]:
@@ -41,28 +43,112 @@ def tracked_parameters(config) -> frozenset[str]:
     return TRACKED | {p.lower() for p in config.track_extra_parameters}
 
 
+# accept() errors that say the process or the host is out of descriptors or memory: the pending
+# connection stays queued and an immediate retry fails again.
+ACCEPT_EXHAUSTED = {
+    errno.EMFILE: ("too many open files", "raise LimitNOFILE / ulimit -n or lower max_client_conn"),
+    errno.ENFILE: ("too many open files in the system", "raise the kernel's fs.file-max or lower max_client_conn"),
+    errno.ENOBUFS: ("no buffer space", "the host is short of memory"),
+    errno.ENOMEM: ("out of memory", "the host is short of memory"),
+}
+# Errors of one connection that Linux reports from accept() itself (accept(2), "Error handling"):
+# that connection is gone, the next one may be fine.
+ACCEPT_SKIP = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT, errno.EHOSTDOWN,
+                         errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH, errno.EPERM})
+ACCEPT_BACKOFF_FIRST = 0.1
+ACCEPT_BACKOFF_MAX = 1.0
+ACCEPT_REMIND = 60.0            # a long episode is logged again this often
+
+
 class Listener(Endpoint):
     """A listening socket: accepts in batches and makes client sessions."""
-    __slots__ = ("worker", "kind")
+    __slots__ = ("worker", "kind", "name")
 
     def __init__(self, worker, sock: socket.socket):
         super().__init__(worker.loop, sock)
         self.worker = worker
         self.kind = "unix" if sock.family == socket.AF_UNIX else "tcp"
+        name = sock.getsockname()
+        self.name = name if isinstance(name, str) else f"{name[0]}:{name[1]}"
 
     def read(self):
+        pause = self.worker.accept_pause
         for _ in range(64):
             try:
                 sock, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.error("accept failed on %s: %s", self.sock.getsockname(), exc.strerror or exc)
+                if exc.errno in ACCEPT_SKIP:
+                    log.debug("accept on %s: a connection failed before it was accepted: %s",
+                              self.name, exc.strerror or exc)
+                    continue
+                pause.failed(self, exc)
                 return
+            if pause.failures:
+                pause.recovered()
             self.worker.accepted(sock, addr, self.kind)
 
     def on_eof(self, reason):
         pass
+
+
+class AcceptPause:
+    """Stops watching a worker's listen sockets for a while when accept() fails for want of resources.
+
+    The listen sockets are level-triggered: a queued connection that cannot be accepted
+    would wake the loop again at once, spinning it and flooding the log. So the worker
+    stops watching them for a back-off (0.1 s, doubling up to 1 s, reset once an accept
+    works) and goes on serving the sessions it has. An episode is logged when it starts
+    and when accepting works again, with the count of failures in between.
+    """
+    __slots__ = ("worker", "failures", "delay", "errno", "started", "reminded", "timer")
+
+    def __init__(self, worker):
+        self.worker = worker
+        self.failures = 0
+        self.delay = 0.0
+        self.errno = 0
+        self.started = self.reminded = 0.0
+        self.timer = None
+
+    def failed(self, listener: Listener, exc: OSError) -> None:
+        worker = self.worker
+        now = worker.loop.clock()
+        self.failures += 1
+        if self.failures == 1:
+            self.errno = exc.errno or 0
+            self.started = self.reminded = now
+            self.delay = ACCEPT_BACKOFF_FIRST
+            what, advice = self.explain()
+            log.error("accept() failed on %s: %s; worker %d pauses accepting new connections (%gs, doubling "
+                      "up to %gs) until it works again, open sessions go on — %s", listener.name,
+                      exc.strerror or exc, worker.slot, self.delay, ACCEPT_BACKOFF_MAX, advice)
+        else:
+            self.delay = min(2 * self.delay, ACCEPT_BACKOFF_MAX)
+            if now - self.reminded >= ACCEPT_REMIND:
+                self.reminded = now
+                log.error("accept() still failing on worker %d: %d failures in %.0fs: %s — %s", worker.slot,
+                          self.failures, now - self.started, *self.explain())
+        for lst in worker.listeners:
+            lst.pause_reading()
+        if self.timer is None:
+            self.timer = worker.loop.call_later(self.delay, self._retry)
+
+    def _retry(self) -> None:
+        self.timer = None
+        for lst in self.worker.listeners:
+            lst.resume_reading()             # level-triggered: a queued connection wakes the loop at once
+
+    def recovered(self) -> None:
+        what, advice = self.explain()
+        log.warning("accept resumed after %d failures: %s — %s", self.failures, what, advice)
+        self.failures = 0
+        self.delay = 0.0
+
+    def explain(self) -> tuple[str, str]:
+        return ACCEPT_EXHAUSTED.get(self.errno, (os.strerror(self.errno).lower() if self.errno else "unknown error",
+                                                 "see the first accept() error above"))
 
 
 class CancelConnection(Endpoint):
@@ -144,6 +230,9 @@ class Worker:
         self.clients: set[ClientConnection] = set()
         self._seq = 0
         self.listeners: list[Listener] = []
+        self.accept_pause = AcceptPause(self)
+        self.refusing = 0                   # clients being refused (over max_client_conn), among self.clients
+        self._refusals = [0.0, 0]           # when the last refusal was logged, refusals since
         self._signal_ep = None
         self.stopping = False
 
@@ -160,11 +249,30 @@ class Worker:
             peer = f"{addr[0]}:{addr[1]}"
         else:
             peer = "unix"
-        over = len(self.clients) >= worker_share(self.config.max_client_conn, self.nworkers, self.slot)
+        # Clients being refused do not hold a slot: a slot freed meanwhile goes to the next client.
+        limit = worker_share(self.config.max_client_conn, self.nworkers, self.slot)
+        over = len(self.clients) - self.refusing >= limit
+        if over:
+            self.refusing += 1
+            self._log_refusal(limit)
         self.clients.add(ClientConnection(self, sock, peer, over_limit=over))
 
+    def _log_refusal(self, limit: int):
+        """At most one line per REFUSAL_LOG_INTERVAL: a connection storm must not flood the log too."""
+        now = self.loop.clock()
+        last, count = self._refusals
+        count += 1
+        if now - last >= REFUSAL_LOG_INTERVAL or not last:
+            log.warning("max_client_conn reached: worker %d has its %d clients; refused %d new connection%s "
+                        "with 53300 since the last report", self.slot, limit, count, "" if count == 1 else "s")
+            last, count = now, 0
+        self._refusals = [last, count]
+
     def client_closed(self, client):
-        self.clients.discard(client)
+        if client in self.clients:
+            self.clients.discard(client)
+            if client.over_limit:
+                self.refusing -= 1
         if self.draining and not self.clients:
             self._drained()         # now: a timer would first wait out the poll
         key = (client.key_pid, client.key_secret)
@@ -279,7 +387,12 @@ class Worker:
             pool.last_error = errors.PgmpError(errors.CONNECTION_FAILURE,
                                                f"could not resolve server host {pool.db.host!r}: {exc}")
             return None
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:              # out of descriptors: the client waits, as for a full pool
+            pool.last_error = errors.PgmpError(errors.CONNECTION_FAILURE,
+                                               f"could not connect to server {text}: {exc.strerror or exc}")
+            return None
         sock.setblocking(False)
         if family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -357,7 +470,13 @@ class Worker:
         """Cancel the query running on ``client``'s server; the server is held until it is done."""
         srv = client.server
         family, sockaddr, text = srv.pool.address()
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            log.warning("cannot cancel the query of %s@%s: %s", client.user, client.database, exc.strerror or exc)
+            if on_done is not None:
+                on_done()
+            return
         sock.setblocking(False)
         err = sock.connect_ex(sockaddr)
         if err not in (0, 115, 11):

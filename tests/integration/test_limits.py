@@ -148,7 +148,8 @@ def test_connection_storm_refuses_exactly_the_excess(pgmp, many_fds):
     assert summary.get("ok", 0) == MAX_CLIENT_CONN - 1, summary
     for fields in outcomes["refused"]:
         assert fields.get("C") == "53300" and fields.get("S") == "FATAL", fields
-        assert "max_client_conn" in fields.get("M", ""), fields
+        assert fields.get("M") == "sorry, too many clients already", fields
+        assert "max_client_conn" in fields.get("D", ""), fields
     assert all(rows == [["42"]] for rows in outcomes["ok"])
     # the admitted client was answered promptly all along
     assert prober.latencies and max(prober.latencies) < 1.0, (max(prober.latencies), took)
