@@ -851,7 +851,8 @@ def test_daemon_start_and_stop(pgmp, tmp_path, strays):
     with psycopg.connect(proxymod.conninfo(host=cfg.host, port=cfg.port, user="scram_user",
                                            password="scram_pass", dbname="appdb", connect_timeout=10)) as c:
         assert c.execute("select 1").fetchone() == (1,)
-    assert "ready" in logfile.read_text()
+    # the worker may serve a client a moment before the master has logged "ready"
+    wait_for(lambda: "ready" in logfile.read_text(), timeout=10, message="the daemon never logged ready")
     r = cli("stop", "-c", cfg.path, timeout=60)
     assert r.returncode == 0, r
     assert not process_alive(pid)
