@@ -2,8 +2,17 @@
 import json
 import time
 
-from pgmp.tables import (Column, human_bytes, human_count, human_percent, human_rate, human_seconds, human_us,
-                         render_pairs, render as render_table)
+from pgmp.tables import (
+    Column,
+    human_bytes,
+    human_count,
+    human_percent,
+    human_rate,
+    human_seconds,
+    human_us,
+    render_pairs,
+)
+from pgmp.tables import render as render_table
 
 COUNTERS = ("xact_count", "query_count", "bytes_in", "bytes_out", "xact_time_us", "query_time_us",
             "wait_time_us", "wait_count", "login_count")
@@ -50,6 +59,10 @@ def to_json(report: dict) -> str:
 
 def _mean_us(total_us: float, count: int) -> float | None:
     return total_us / count if count else None
+
+
+def _cpu_time(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds < 59.995 else human_seconds(seconds)
 
 
 def _worker_state(w: dict) -> str:
@@ -115,13 +128,13 @@ def render(report: dict, width: int | None = None, style: bool = False, ellipsis
 
     m = report.get("master", {})
     procs = [["master", m.get("pid", "-"), "", "", "", "", "", "", "", "",
-              human_bytes(m.get("rss", 0)), human_us(m.get("cpu", 0) * 1e6)]]
+              human_bytes(m.get("rss", 0)), _cpu_time(m.get("cpu", 0))]]
     for w in report.get("workers", []):
         t = merge(w.get("pools", []))
         procs.append([f"worker {w.get('slot', '?')}", w.get("pid", "-"), w.get("generation", 0), _worker_state(w),
                       w.get("clients", 0), w.get("servers", 0), human_count(t["xact_count"]),
                       human_count(t["query_count"]), human_bytes(t["bytes_in"]), human_bytes(t["bytes_out"]),
-                      human_bytes(w.get("rss", 0)), human_us(w.get("cpu", 0) * 1e6)])
+                      human_bytes(w.get("rss", 0)), _cpu_time(w.get("cpu", 0))])
     parts = [render_table(POOL_COLUMNS, rows, width, style, ellipsis),
              render_table(PROCESS_COLUMNS, procs, width, style, ellipsis)]
     if _missing(report):

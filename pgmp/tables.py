@@ -49,6 +49,11 @@ class Terminal:
         utf8 = (getattr(stream, "encoding", "") or "").lower().replace("-", "") == "utf8"
         return cls(tty=True, width=size.columns, height=size.lines, style=style, ellipsis="…" if utf8 else "~")
 
+    @property
+    def layout(self) -> dict:
+        """The keyword arguments of render() (and of the views built on it) for this output."""
+        return {"width": self.width, "style": self.style, "ellipsis": self.ellipsis}
+
 
 # ---------------------------------------------------------------- rendering
 

@@ -232,7 +232,7 @@ def test_stats_view_pools_and_processes():
     pheader = lines[procs]
     master, w0, w1 = lines[procs + 1:procs + 4]
     assert master.startswith("master ") and cell(master, pheader, "pid") == "100"
-    assert cell(master, pheader, "rss") == "30.0 MB" and cell(master, pheader, "cpu") == "1.2 s"
+    assert cell(master, pheader, "rss") == "30.0 MB" and cell(master, pheader, "cpu") == "1.25 s"
     assert w0.startswith("worker 0 ") and cell(w0, pheader, "pid") == "101"
     assert cell(w0, pheader, "clients") == "3" and cell(w0, pheader, "xacts") == "11"
     assert cell(w1, pheader, "state") == "ready" and cell(w1, pheader, "rss") == "41.0 MB"
