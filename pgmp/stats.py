@@ -11,6 +11,7 @@ from pgmp.tables import (
     human_seconds,
     human_us,
     render_pairs,
+    text_width,
 )
 from pgmp.tables import render as render_table
 
@@ -248,14 +249,19 @@ def render_top(status: dict, before: dict, after: dict, seconds: float, width: i
     r = rates(before, after, seconds)
     dbs = sorted(r["databases"].items(), key=lambda kv: (-kv[1]["tps"], -kv[1]["qps"], kv[0]))
     ws = sorted(r["workers"].items(), key=lambda kv: (kv[1]["slot"] is None, kv[1]["slot"], kv[0]))
+    # the instance line, most telling first: what does not fit a narrow terminal is left out whole
     head = [f"pgmp {status.get('version', '?')}", f"pid {status.get('pid', '?')}",
-            f"up {human_seconds(status.get('uptime', 0))}", f"{len(ws)} workers",
-            f"{sum(w['clients'] for _, w in ws)} clients", f"{sum(w['servers'] for _, w in ws)} servers",
+            f"up {human_seconds(status.get('uptime', 0))}",
             f"{human_rate(sum(d['tps'] for _, d in dbs))} tps", f"{human_rate(sum(d['qps'] for _, d in dbs))} qps",
-            time.strftime("%H:%M:%S", time.localtime(time.time() if now is None else now))]
+            f"{sum(w['clients'] for _, w in ws)} clients", f"{sum(w['servers'] for _, w in ws)} servers",
+            f"{len(ws)} workers", time.strftime("%H:%M:%S", time.localtime(time.time() if now is None else now))]
     if status.get("stopping"):
         head.insert(3, f"stopping ({status['stopping']})")
-    lines = ["  ".join(head)[:width] if width else "  ".join(head)]
+    line = head[0]
+    for item in head[1:]:
+        if width is None or text_width(line) + 2 + text_width(item) <= width:
+            line += "  " + item
+    lines = [line]
     if _missing(after):
         lines.append(_missing(after))
 

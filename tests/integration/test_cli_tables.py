@@ -79,7 +79,7 @@ def traffic(proxy, dbname: str = "appdb", seconds: float = 60.0):
                         conn.execute("select 1")
                         conn.execute("select 2")
                     stop.wait(0.002)          # pace it: two cores are shared with pgmp and the other tests
-        except Exception as exc:               # reported by the test, not lost in the thread
+        except (psycopg.Error, OSError) as exc:   # reported by the test, not lost in the thread
             errors.append(exc)
 
     thread = threading.Thread(target=run, name=f"traffic-{dbname}", daemon=True)
@@ -281,3 +281,4 @@ def test_top_on_a_terminal_redraws_fits_and_restores_it(pgmp, busy, how):
         assert "Traceback" not in term.text()
     finally:
         term.close()
+
