@@ -340,6 +340,6 @@ def test_top_frame_fits_the_terminal():
     assert len(lines) <= 15 and max(len(line) for line in lines) <= 50
     # the instance line keeps whole items, the rates before the counts
     assert lines[0] == "pgmp 0.1.0  pid 100  up 1h 02m  1.6k tps  0 qps"
-    assert stats.render_top(STATUS, before, after, seconds=1.0, width=80).splitlines()[0].startswith(
+    assert stats.render_top(STATUS, before, after, seconds=1.0, width=100).splitlines()[0].startswith(
         "pgmp 0.1.0  pid 100  up 1h 02m  1.6k tps  0 qps  4 clients  3 servers  2 workers  ")
     assert re.search(r"… \d+ more databases", text)
