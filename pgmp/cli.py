@@ -333,6 +333,7 @@ def top(config: str = ConfigOpt,
         iterations: int = typer.Option(0, "--iterations", "-n", min=0,
                                        help="Print this many frames, one per interval, and exit (0: until q or Ctrl-C).")):
     """A live view: databases by transactions per second, clients waiting, servers in use, each worker's CPU."""
+    import signal
     import time
 
     from pgmp import stats as statsmod
@@ -347,11 +348,12 @@ def top(config: str = ConfigOpt,
             raise typer.Exit(1 if exc.exit_code == 3 else exc.exit_code)
 
     keys = _Keys(sys.stdin if live else None)
-    before, since = ask("stats"), time.monotonic()
     shown = 0
     try:
-        keys.start()
+        before, since = ask("stats"), time.monotonic()
         if live:
+            signal.signal(signal.SIGTERM, _interrupt)   # a kill gives the terminal back too
+            keys.start()
             sys.stdout.write(f"\x1b[?25l\x1b[H\x1b[2Jpgmp top: first figures in {interval:g}s (q quits)")
             sys.stdout.flush()
         due = since + interval
@@ -381,6 +383,10 @@ def top(config: str = ConfigOpt,
         if live:
             sys.stdout.write("\x1b[?25h\n")
             sys.stdout.flush()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 class _Keys:

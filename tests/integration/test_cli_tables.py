@@ -258,7 +258,7 @@ class Pty:
         os.close(self.slave)
 
 
-@pytest.mark.parametrize("how", ["q", "ctrl-c"])
+@pytest.mark.parametrize("how", ["q", "ctrl-c", "kill"])
 def test_top_on_a_terminal_redraws_fits_and_restores_it(pgmp, busy, how):
     term = Pty(["top", "--interval", "0.3", "-c", str(busy.config_path)], columns=64, lines=16)
     try:
@@ -274,7 +274,7 @@ def test_top_on_a_terminal_redraws_fits_and_restores_it(pgmp, busy, how):
         if how == "q":
             os.write(term.master, b"q")
         else:
-            term.proc.send_signal(signal.SIGINT)
+            term.proc.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGTERM)
         assert term.proc.wait(10) == 0
         term.read_until(r"\x1b\[\?25h")                                                   # the cursor is back
         assert termios.tcgetattr(term.slave)[3] == term.attrs[3]                          # echo, line mode back
