@@ -296,9 +296,14 @@ def reconnect(database: str = DatabaseArg, config: str = ConfigOpt):
     typer.echo(f"reconnecting {database or 'all databases'} ({data.get('pools', 0)} pools)")
 
 
+def _terminal():
+    from pgmp.tables import Terminal
+    return Terminal.of(sys.stdout)
+
+
 @app.command()
 def status(config: str = ConfigOpt, json_out: bool = typer.Option(False, "--json", help="Machine-readable.")):
-    """Say whether pgmp runs: pid, version, uptime, workers and their generation."""
+    """Say whether pgmp runs: pid, version, uptime, generation; each worker's state, clients, RSS and CPU."""
     cfg = _load(config)
     reply = _ask(cfg, "status", timeout=5)
     data = reply.get("data") or {}
@@ -306,24 +311,121 @@ def status(config: str = ConfigOpt, json_out: bool = typer.Option(False, "--json
         import json
         typer.echo(json.dumps(data, indent=2))
         return
-    typer.echo(f"pgmp {data['version']} running: pid {data['pid']}, up {data['uptime']:.0f}s, "
-               f"generation {data['generation']}, config {data['config']}")
-    if data.get("stopping"):
-        typer.echo(f"stopping ({data['stopping']})")
-    for w in data["workers"]:
-        state = "draining" if w["draining"] else ("ready" if w["ready"] else "starting")
-        typer.echo(f"  worker {w['slot']}: pid {w['pid']}, generation {w['generation']}, {state}, "
-                   f"{w['clients']} clients, {w['servers']} servers, up {w['uptime']:.0f}s")
+    from pgmp import stats as statsmod
+    figures = statsmod.process_figures([w["pid"] for w in data.get("workers", [])])
+    typer.echo(statsmod.render_status(data, figures, **_terminal().layout))
 
 
 @app.command()
 def stats(config: str = ConfigOpt, json_out: bool = typer.Option(False, "--json", help="Machine-readable.")):
-    """Per-worker and total pool statistics, with each process's RSS and CPU."""
+    """Pools over the whole instance (clients, servers, counters, averages), then each process with RSS and CPU."""
     cfg = _load(config)
     reply = _ask(cfg, "stats", timeout=10)
     from pgmp import stats as statsmod
     data = reply.get("data") or {}
-    typer.echo(statsmod.to_json(data) if json_out else statsmod.render(data))
+    typer.echo(statsmod.to_json(data) if json_out else statsmod.render(data, **_terminal().layout))
+
+
+@app.command()
+def top(config: str = ConfigOpt,
+        interval: float = typer.Option(1.0, "--interval", "-i", min=0.1, help="Seconds between frames."),
+        once: bool = typer.Option(False, "--once", help="Print one frame (the rates over one interval) and exit."),
+        iterations: int = typer.Option(0, "--iterations", "-n", min=0,
+                                       help="Print this many frames, one per interval, and exit (0: until q or Ctrl-C).")):
+    """A live view: databases by transactions per second, clients waiting, servers in use, each worker's CPU."""
+    import signal
+    import time
+
+    from pgmp import stats as statsmod
+    cfg = _load(config)
+    frames = 1 if once else iterations
+    live = _terminal().tty and not frames          # redraw in place; otherwise one plain frame per interval
+
+    def ask(command: str) -> dict:
+        try:
+            return _ask(cfg, command, timeout=10).get("data") or {}
+        except typer.Exit as exc:                  # not running: exit 1 as stats does, not status's 3
+            raise typer.Exit(1 if exc.exit_code == 3 else exc.exit_code)
+
+    keys = _Keys(sys.stdin if live else None)
+    shown = 0
+    try:
+        before, since = ask("stats"), time.monotonic()
+        if live:
+            signal.signal(signal.SIGTERM, _interrupt)   # a kill gives the terminal back too
+            keys.start()
+            sys.stdout.write(f"\x1b[?25l\x1b[H\x1b[2Jpgmp top: first figures in {interval:g}s (q quits)")
+            sys.stdout.flush()
+        due = since + interval
+        while not keys.wait(due - time.monotonic()):
+            status, after = ask("status"), ask("stats")
+            now = time.monotonic()
+            term = _terminal()
+            frame = statsmod.render_top(status, before, after, now - since, height=term.height and term.height - 1,
+                                        **term.layout)
+            if live:
+                sys.stdout.write("\x1b[H" + frame.replace("\n", "\x1b[K\n") + "\x1b[K\x1b[J")
+                sys.stdout.flush()
+            else:
+                typer.echo(("\n" if shown else "") + frame)
+            shown += 1
+            if frames and shown >= frames:
+                break
+            before, since = after, now
+            due = max(due + interval, now)         # a slow answer delays the next frame, it does not bunch them
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:                        # `pgmp top | head`: the reader is gone
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    finally:
+        keys.stop()
+        if live:
+            sys.stdout.write("\x1b[?25h\n")
+            sys.stdout.flush()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+class _Keys:
+    """pgmp top's keyboard: a terminal stdin in cbreak mode (no echo, no line buffering) until stop()."""
+
+    def __init__(self, stdin):
+        self.fd = stdin.fileno() if stdin is not None and stdin.isatty() else None
+        self.saved = None
+
+    def start(self):
+        if self.fd is not None:
+            import termios
+            import tty
+            self.saved = termios.tcgetattr(self.fd)
+            tty.setcbreak(self.fd)
+
+    def stop(self):
+        if self.saved is not None:
+            import termios
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+            self.saved = None
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep ``seconds``; True as soon as q is pressed."""
+        import os
+        import select
+        import time
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if self.saved is None:
+                time.sleep(left)
+                break
+            if select.select([self.fd], [], [], left)[0]:
+                data = os.read(self.fd, 64)
+                if not data:                       # the terminal went away: only Ctrl-C or the count ends it now
+                    self.stop()
+                elif b"q" in data.lower():
+                    return True
+        return False
 
 
 @config_app.command("check")

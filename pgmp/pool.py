@@ -427,6 +427,12 @@ class Pool:
         row["cl_waiting"] = states.count(ClientState.WAITING)
         row["cl_idle"] = states.count(ClientState.IDLE)
         row["cl_login"] = len(self.login_waiters)
+        now, cfg = self.worker.loop.clock(), self.worker.config
+        waits = [now - c.wait_started for c in (*self.waiting, *self.login_waiters) if c.wait_started]
+        row["maxwait_us"] = int(max(waits, default=0) * 1e6)
+        # idle servers that get server_check_query before their next use (PgBouncer's sv_used)
+        row["sv_used"] = sum(1 for s in self.idle if cfg.server_check_query
+                             and now - s.last_used > cfg.server_check_delay)
         sstates = [s.state for s in self.servers]
         row["sv_active"] = sstates.count(ServerState.ACTIVE)
         row["sv_idle"] = sstates.count(ServerState.IDLE)

@@ -1,4 +1,4 @@
-"""The control channel codec (pgmp.control) and the stats tables (pgmp.stats), sans-IO."""
+"""The control channel codec (pgmp.control) and the stats counters (pgmp.stats), sans-IO; the tables are in test_tables."""
 import json
 import struct
 
@@ -173,12 +173,12 @@ REPORT = {
 def test_merge_sums_counters_and_gauges():
     a, b = REPORT["workers"][0]["pools"][0], REPORT["workers"][1]["pools"][0]
     m = stats.merge([a, b])
-    assert set(m) == set(stats.COUNTERS + stats.GAUGES)
+    assert set(m) == set(stats.COUNTERS + stats.GAUGES + stats.MAXIMA)
     assert m["xact_count"] == 40 and m["query_count"] == 80
     assert m["bytes_in"] == 4000 and m["bytes_out"] == 5000 + 2 * 1024 * 1024
     assert m["cl_active"] == 1 and m["cl_idle"] == 2 and m["cl_waiting"] == 1
     assert m["sv_active"] == 1 and m["sv_idle"] == 2
-    assert stats.merge([]) == {name: 0 for name in stats.COUNTERS + stats.GAUGES}
+    assert stats.merge([]) == {name: 0 for name in stats.COUNTERS + stats.GAUGES + stats.MAXIMA}
     assert stats.merge([{"xact_count": 2}])["xact_count"] == 2          # missing keys count 0
 
 
@@ -196,32 +196,6 @@ def test_pool_stats_counters_start_at_zero():
     assert ps.as_dict() == {name: 0 for name in stats.COUNTERS}
     ps.xact_count += 2
     assert ps.as_dict()["xact_count"] == 2
-
-
-def test_render():
-    text = stats.render(REPORT)
-    lines = text.splitlines()
-    assert lines[0].split()[:3] == ["worker", "pool", "mode"]
-    per_worker = [l.split() for l in lines if l.split()[:1] in (["0"], ["1"])]
-    assert [(r[0], r[1]) for r in per_worker] == [("0", "appdb/alice"), ("0", "otherdb/bob"), ("1", "appdb/alice")]
-    totals = {l.split()[1]: l.split() for l in lines if l.split()[:1] == ["all"]}
-    assert set(totals) == {"appdb/alice", "otherdb/bob", "TOTAL"}
-    # xacts and queries columns (after worker, pool, mode and five gauges)
-    assert totals["appdb/alice"][3:10] == ["1", "1", "2", "1", "2", "40", "80"]
-    assert totals["otherdb/bob"][8:10] == ["1", "1"]
-    assert totals["TOTAL"][7:9] == ["41", "81"]                   # TOTAL has an empty mode column
-    assert "5.00ms" in " ".join(totals["appdb/alice"])            # avg_xact
-    assert "2.0MB" in " ".join(totals["appdb/alice"])             # bytes out, human-readable
-    procs = {l.split()[0] if l.split()[0] == "master" else " ".join(l.split()[:2]): l.split()
-             for l in lines if l.startswith(("master", "worker "))}
-    assert procs["master"][1] == "100" and procs["master"][2] == "30.0MB" and procs["master"][3] == "1.25"
-    assert procs["worker 0"][2:5] == ["101", "0", "3"]
-    assert procs["worker 1"][2] == "102" and "41.0MB" in procs["worker 1"]
-
-
-def test_render_empty_report():
-    text = stats.render({})
-    assert "TOTAL" in text and "master" in text
 
 
 def test_to_json_round_trips():
