@@ -576,8 +576,10 @@ class Master:
                           else None, data={"pools": total("pools"), "busy_servers": total("busy_servers"),
                                            "killed": total("killed"), "missing": sorted(req["waiting"])})
             current = [w for w in self.workers.values() if not w.draining or name == "kill_client"]
+            # (also to workers still booting: they forked with the state before this command)
             self._ask_workers("pool_command", link, {"action": name, "database": database,
-                                                     "client_id": args.get("id")}, targets=current, on_done=done)
+                                                     "client_id": args.get("id")}, targets=current, on_done=done,
+                              booting=True)
         elif name == "set":
             self.set_setting(link, str(args.get("key", "")), args.get("value"))
         else:
@@ -612,10 +614,12 @@ class Master:
                         for w in sorted(self.workers.values(), key=lambda w: (w.generation, w.slot))],
         }
 
-    def _ask_workers(self, msg_type: str, link, fields: dict, targets=None, on_done=None):
-        """Send a request to workers and reply to ``link`` once all answered (or after 3 s)."""
+    def _ask_workers(self, msg_type: str, link, fields: dict, targets=None, on_done=None, booting: bool = False):
+        """Send a request to workers and reply to ``link`` once all answered (or after 3 s).
+
+        ``booting``: also to workers not ready yet (they read it once their loop runs)."""
         rid = next(self._ids)
-        targets = [w for w in (targets or self.workers.values()) if w.ready]
+        targets = [w for w in (targets or self.workers.values()) if w.ready or booting]
         req = {"link": link, "type": msg_type, "waiting": {w.pid for w in targets}, "replies": {},
                "on_done": on_done}
         self.pending[rid] = req
