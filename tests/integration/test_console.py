@@ -436,7 +436,8 @@ def test_a_stopped_worker_gives_a_partial_answer_with_a_warning(pg, pgmp):
         notices = []
         adm.add_notice_handler(lambda d: notices.append((d.severity, d.message_primary)))
         mine = worker_of(adm)
-        (other,) = [w["pid"] for w in show(adm, "WORKERS") if w["slot"] != mine]
+        workers = wait_for(lambda: len(w := show(adm, "WORKERS")) == 2 and w, message="both workers ready")
+        (other,) = [w["pid"] for w in workers if w["slot"] != mine]
         os.kill(other, signal.SIGSTOP)
         try:
             t = time.monotonic()
