@@ -3,10 +3,11 @@
 The state machine is pgmp.session's; this module is its IO glue.
 """
 import logging
+import os
 import struct
 from functools import partial
 
-from pgmp import errors, tls
+from pgmp import console, errors, tls
 from pgmp.auth.authfile import scram_keys
 from pgmp.auth.client import ClientAuthenticator, _printable
 from pgmp.errors import AuthenticationFailed, ClientProtocolError, PgmpError
@@ -39,6 +40,10 @@ AUTH_MAX_MESSAGE = 65535 + 1024     # PG_MAX_AUTH_TOKEN_LENGTH plus the SASL hea
 # TLS handshake, as PostgreSQL does); one that sends none is refused after this long, not at
 # client_login_timeout: refused connections must not pile up holding descriptors.
 REFUSE_GRACE = 2.0
+# The admin console: every message whole (a query is a few words), none larger than this.
+CONSOLE_FLAGS = make_flags(report=bytes(range(256)), small=b"", valid=FRONTEND_TYPES)
+CONSOLE_MAX_MESSAGE = 65536
+EXTENDED_TYPES = b"PBEDCSH"
 
 _auth_scanner = Scanner(AUTH_FLAGS, AUTH_MAX_MESSAGE)
 _ready_scanners: dict[tuple[bytes, int], Scanner] = {}
@@ -55,9 +60,10 @@ class ClientConnection(Endpoint):
     __slots__ = ("worker", "state", "peer", "user", "database", "reported", "pool", "server",
                  "auth", "auth_method", "secret_entry", "link", "key_pid", "key_secret", "timer", "scanner", "flags",
                  "whole", "terminating", "ssl_asked", "gss_asked", "connected_at", "over_limit", "wait_started",
-                 "close_at_boundary", "replacement", "cancelled_at", "settings_pending", "logged_in")
+                 "close_at_boundary", "replacement", "cancelled_at", "settings_pending", "logged_in",
+                 "conn_id", "peer_cred", "console", "console_waiting")
 
-    def __init__(self, worker, sock, peer: str, over_limit: bool = False):
+    def __init__(self, worker, sock, peer: str, over_limit: bool = False, peer_cred=None):
         super().__init__(worker.loop, sock)
         self.worker = worker
         self.state = ClientState.STARTUP
@@ -87,6 +93,10 @@ class ClientConnection(Endpoint):
         self.cancelled_at = 0.0                    # query_timeout: the query already cancelled
         self.settings_pending = False              # waiting for the server to accept our settings
         self.logged_in = False                     # AuthenticationOk .. ReadyForQuery sent
+        self.conn_id = worker.next_conn_id()       # the id of SHOW CLIENTS and KILL_CLIENT
+        self.peer_cred = peer_cred                 # (pid, uid, gid) of a unix socket peer (SO_PEERCRED)
+        self.console = None                        # the admin console session (pgmp.console)
+        self.console_waiting = False               # its reading paused until the console answers
         timeout = worker.config.client_login_timeout
         if over_limit:
             timeout = min(timeout, REFUSE_GRACE) if timeout > 0 else REFUSE_GRACE
@@ -132,7 +142,7 @@ class ClientConnection(Endpoint):
                 self._need_server(view, n)
             elif st is ClientState.STARTUP:
                 self._startup_data(view, n)
-            elif st is ClientState.AUTH:
+            elif st is ClientState.AUTH or st is ClientState.CONSOLE:
                 relay(self, view, n, [])
             else:                                   # AUTH_LOOKUP / LOGIN_WAIT / WAITING: keep it for later
                 self.leftover = bytes(view[:n])
@@ -161,6 +171,8 @@ class ClientConnection(Endpoint):
                 self.timer = self.loop.call_later(wait, self._wait_timeout)
 
     def on_frame(self, kind, view, off, ln):
+        if self.console is not None:
+            return self._console_frame(kind, view, off, ln)
         if self.state is ClientState.ACTIVE:
             if kind == 88:                            # Terminate: the pooled server stays
                 self.terminating = True
@@ -347,6 +359,9 @@ class ClientConnection(Endpoint):
         self.link = Link(settings, worker.tracked_parameters, name=f"{packet.user}@{packet.database}")
         if packet.minor > 0 or packet.unrecognized:
             self.send(messages.negotiate_protocol_version(0, packet.unrecognized))
+        if self.database in console.CONSOLE_DATABASES and self._own_user():
+            self._console_login(admin=True)
+            return
         method = self._auth_method()
         secret = worker.secrets.get(self.user)
         if secret is None and worker.config.auth_user:
@@ -474,9 +489,16 @@ class ClientConnection(Endpoint):
 
     def _authenticated(self):
         worker = self.worker
+        if self.database in console.CONSOLE_DATABASES:
+            self.auth = None
+            self._console_login(admin=None)
+            return
         db = worker.database_for(self.database)
         if db is None:
             raise self._no_database()
+        if db.name in worker.disabled_dbs:
+            raise PgmpError(console.NOT_IN_PREREQUISITE_STATE, f'database "{db.name}" is disabled',
+                            hint="an administrator ran DISABLE on the admin console; ENABLE lets clients in again")
         self.pool = worker.get_pool(db, self.user)
         self.pool.learn_credentials(self.auth, self.secret_entry)
         self.auth = None
@@ -534,6 +556,65 @@ class ClientConnection(Endpoint):
             log.info("login: user=%s db=%s from %s", self.user, self.database, self.peer)
         self.resume_reading()
         self.kick()
+
+    # -- admin console -------------------------------------------------------------
+    def _own_user(self) -> bool:
+        """Over the unix socket, pgmp's own OS user logging in as user pgmp or pgbouncer (peer authentication)."""
+        cred = self.peer_cred
+        return cred is not None and cred[1] == os.getuid() and self.user in console.CONSOLE_USERS
+
+    def _console_login(self, admin: bool | None):
+        """An authenticated client of the console (``admin`` None: admin_users or stats_users decide)."""
+        cfg = self.worker.config
+        if admin is None:
+            if self.user in cfg.admin_users:
+                admin = True
+            elif self.user in cfg.stats_users:
+                admin = False
+            else:
+                raise AuthenticationFailed(f'user "{self.user}" is not allowed to use the admin console',
+                                           reason="not in admin_users or stats_users",
+                                           sqlstate=errors.INVALID_AUTHORIZATION)
+        self.set_state(ClientState.CONSOLE)
+        self.console = console.Console(_ConsoleHost(self), admin)
+        self.key_pid, self.key_secret = self.worker.new_cancel_key(self)
+        self.send(console.welcome(self.key_pid, self.key_secret))
+        self.logged_in = True
+        if self.timer:
+            self.timer.cancel()
+            self.timer = None
+        self.scanner = ready_scanner(CONSOLE_FLAGS, CONSOLE_MAX_MESSAGE)
+        self.flags, self.whole = CONSOLE_FLAGS, ALL_WHOLE
+        if cfg.log_connections:
+            log.info("login: user=%s db=%s from %s (admin console, %s)", self.user, self.database, self.peer,
+                     "admin" if admin else "stats only")
+        self.resume_reading()
+        self.kick()
+
+    def _console_frame(self, kind, view, off, ln):
+        if kind == 88:                                  # Terminate
+            self.close("client sent Terminate")
+            return STOP
+        if kind in EXTENDED_TYPES:
+            raise ClientProtocolError("extended query protocol not supported by admin console",
+                                      hint="use the simple query protocol (psql; psycopg's execute() without "
+                                           "parameters)")
+        if kind != 81:
+            raise ClientProtocolError(f"unsupported message type for admin console: {chr(kind)!r}")
+        text = bytes(view[off + 5:off + ln]).rstrip(b"\0").decode("utf-8", "replace")
+        self.console.query(text)
+        if self.console.busy and not self.closed:
+            self.console_waiting = True         # the answer comes from the master: the next query waits
+            self.pause_reading()
+            return STOP
+        return 1                                # DROP
+
+    def console_done(self):
+        """The console sent ReadyForQuery: read the next query."""
+        if self.console_waiting and not self.closed:
+            self.console_waiting = False
+            self.resume_reading()
+            self.kick()
 
     # -- server link -------------------------------------------------------------
     def attach(self, srv):
@@ -671,3 +752,34 @@ class ClientConnection(Endpoint):
         if self.state is ClientState.WAITING:
             self.fail(PgmpError(errors.PROTOCOL_VIOLATION, "query_wait_timeout: no server connection became free",
                                 hint="raise pool_size or query_wait_timeout, or look for long transactions"))
+
+
+class _ConsoleHost:
+    """What pgmp.console.Console needs from its connection and worker."""
+    __slots__ = ("client",)
+
+    def __init__(self, client):
+        self.client = client
+
+    @property
+    def config(self):
+        return self.client.worker.config
+
+    @property
+    def closed(self) -> bool:
+        return self.client.closed
+
+    def auth_users(self):
+        return self.client.worker.secrets.keys()
+
+    def send(self, data: bytes) -> None:
+        self.client.send(data)
+
+    def ask(self, command: str, args: dict, callback) -> None:
+        self.client.worker.console_ask(command, args, callback)
+
+    def later(self, seconds: float, fn) -> None:
+        self.client.loop.call_later(seconds, fn)
+
+    def done(self) -> None:
+        self.client.console_done()

@@ -113,6 +113,10 @@ SCHEMA: tuple[Setting, ...] = (
        "the same for users that do not exist as for real ones, so that timing cannot tell them apart: "
        "a role created in PostgreSQL logs in through pgmp after auth_cache_ttl, or at once after a reload, "
        "which empties the cache.", low=0),
+    _S("admin_users", "strlist", [], "Users who may run every command of the admin console (the virtual database pgmp, "
+       "alias pgbouncer), once authenticated as any client is; over the unix socket, pgmp's own OS user may also "
+       "log in to it as user pgmp or pgbouncer without a password."),
+    _S("stats_users", "strlist", [], "Users who may log in to the admin console and run its read-only SHOW commands."),
     _S("hba_file", "path", "", 'pg_hba.conf-style rules of which client may reach which database, and how; "" lets any client try auth_type.'),
     # --- pools ---
     _S("pool_mode", "enum", "session", "When a server returns to the pool: session (client leaves), transaction (transaction ends) or statement (statement ends).", choices=POOL_MODES),
@@ -589,15 +593,74 @@ class _Loader:
                 self.error(f"[pgmp] {name}", f"socket path {sock!r} is longer than {UNIX_PATH_MAX} bytes")
 
 
-def loads(text: str, path: str = "<string>") -> Config:
-    """Parse and validate config text; relative paths resolve against dirname(path) (cwd for "<string>")."""
+def loads(text: str, path: str = "<string>", overrides: dict | None = None) -> Config:
+    """Parse and validate config text; relative paths resolve against dirname(path) (cwd for "<string>").
+
+    ``overrides`` are [pgmp] values (as TOML would give them) that win over the file's: the admin
+    console's SET.
+    """
     if path != "<string>":
         path = os.path.abspath(path)
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    if overrides:
+        top = doc.setdefault("pgmp", {})
+        if isinstance(top, dict):
+            top.update(overrides)
     return _Loader(path).load(doc)
+
+
+_TRUE, _FALSE = ("on", "true", "yes", "1"), ("off", "false", "no", "0")
+
+
+def value_from_text(name: str, text: str):
+    """A [pgmp] setting's value from text (the admin console's SET key = value), as TOML would give it.
+
+    Raises ConfigError when the setting does not exist, cannot change while pgmp runs, or the text
+    is not of its type; range and cross-setting checks are the loader's.
+    """
+    s = _settings("pgmp").get(name)
+    if s is None:
+        raise ConfigError(f"unknown setting {name!r}{_suggest(name, _settings('pgmp'))}")
+    if not s.reloadable:
+        raise ConfigError(f"{name} cannot change while pgmp runs: edit the file and restart pgmp")
+    if s.kind == "bool":
+        if text.lower() in _TRUE or text.lower() in _FALSE:
+            return text.lower() in _TRUE
+        raise ConfigError(f"{name}: expected on or off, got {text!r}")
+    if s.kind == "int":
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{name}: expected an integer, got {text!r}") from None
+    if s.kind in ("duration", "size") and re.fullmatch(r"\s*\d+\s*", text):
+        return int(text)
+    return text           # strings, enums, paths, durations and sizes with units, comma lists
+
+
+def value_text(s: Setting, value) -> str:
+    """A setting's value as the admin console's SHOW CONFIG prints it."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"          # as PgBouncer shows its booleans
+    if s.kind == "mode":
+        return f"0{value:o}"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (tuple, list)):
+        return ",".join(value)
+    return str(value)
+
+
+def default_value_text(s: Setting) -> str:
+    """The schema default of ``s`` as value_text prints it (its documentation when it has no plain default)."""
+    if s.default is None or s.default_doc:
+        return ""
+    value = _PARSERS[s.kind](s, s.default)
+    return value_text(s, value)
 
 
 def load(path: str) -> Config:

@@ -12,23 +12,33 @@ type               direction       fields
 =================  ==============  =============================================
 ready              worker→master   slot, generation, pid
 heartbeat          worker→master   clients, servers
-reload             master→worker   path, text (the validated config file)
+reload             master→worker   path, text (the validated config file),
+                                   overrides ([pgmp] values of the console's SET)
 reload_result      worker→master   ok, error
 drain              master→worker   mode ("graceful" | "fast"): stop accepting,
                                    close clients (at the next transaction
                                    boundary when graceful), exit when none left
 stop               master→worker   mode "immediate": exit now
-stats_request      master→worker   id
+stats_request      master→worker   id, detail (None | "sockets": also a row per
+                                   client, server and listening socket)
 stats              worker→master   id, data
 cancel             worker→master   pid, secret: a CancelRequest for a session
                    master→worker   of another worker, forwarded to its owner
-pool_command       master→worker   id, action ("pause" | "resume" | "reconnect"),
-                                   database (None = all)
-pool_result        worker→master   id, ok, data (pools, busy_servers)
+pool_command       master→worker   id, action ("pause" | "resume" | "reconnect" |
+                                   "kill" | "disable" | "enable" |
+                                   "kill_client"), database (None = all),
+                                   client_id (kill_client: SHOW CLIENTS' id)
+pool_result        worker→master   id, ok, data (pools, busy_servers, killed)
 command            CLI→master      command ("status" | "stats" | "reload" |
                                    "stop" | "restart" | "pause" | "resume" |
-                                   "reconnect"), args
+                                   "reconnect" | "kill" | "disable" | "enable" |
+                                   "kill_client" | "set"), args
 reply              master→CLI      ok, error, data
+console            worker→master   id (the worker's), command, args: a command
+                                   of the admin console, run as the CLI's
+console_result     master→worker   id, ok, error, data: its reply (a gather
+                                   lists in data.missing the worker pids that
+                                   did not answer within 3 s)
 =================  ==============  =============================================
 """
 import json
@@ -39,7 +49,8 @@ MAX_MESSAGE = 16 << 20
 _LEN = struct.Struct("!I")
 
 TYPES = frozenset({"ready", "heartbeat", "reload", "reload_result", "drain", "stop", "stats_request",
-                   "stats", "cancel", "pool_command", "pool_result", "command", "reply"})
+                   "stats", "cancel", "pool_command", "pool_result", "command", "reply", "console",
+                   "console_result"})
 
 
 class ControlError(Exception):

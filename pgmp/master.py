@@ -224,6 +224,12 @@ class Master:
         self._ids = itertools.count(1)
         self.retiring: list[int] = []          # generations being drained
         self.heartbeat_timeout = heartbeat_timeout()
+        self.config_text: str | None = None     # the file's text as last loaded (SET reloads it with overrides)
+        self.overrides: dict = {}               # the admin console's SET values, until the next reload
+        # PAUSE / DISABLE state of the instance, given to every worker that starts (respawn, new generation)
+        self.paused_all = False
+        self.paused_dbs: set[str] = set()
+        self.disabled_dbs: set[str] = set()
 
     # -- start ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -238,6 +244,11 @@ class Master:
         except StartError:
             self._abandon()
             raise
+        try:
+            with open(cfg.path, encoding="utf-8") as f:
+                self.config_text = f.read()
+        except OSError:
+            pass
         self._install_signals()
         for slot in range(self.nworkers):
             self.spawn(slot, 0)
@@ -405,6 +416,9 @@ class Master:
         try:
             worker = Worker(self.config, slot, self.nworkers_of(generation), generation=generation,
                             instance_seed=self.instance_seed)
+            worker.paused_all = self.paused_all
+            worker.paused_dbs = set(self.paused_dbs)
+            worker.disabled_dbs = set(self.disabled_dbs)
             worker.listen_on(keep)
             worker.attach_master(link)
         except Exception as exc:
@@ -517,6 +531,8 @@ class Master:
                 self._forward_cancel(link, msg)
             elif kind in ("stats", "reload_result", "pool_result"):
                 self._collect(wp, msg)
+            elif kind == "console":
+                self.command(_ConsoleReply(link, msg.get("id")), msg.get("command", ""), msg.get("args") or {})
             return
         if kind == "command":
             self.command(link, msg.get("command", ""), msg.get("args") or {})
@@ -565,7 +581,7 @@ class Master:
         if name == "status":
             link.post("reply", ok=True, data=self.status())
         elif name == "stats":
-            self._ask_workers("stats_request", link, {})
+            self._ask_workers("stats_request", link, {"detail": args.get("detail")})
         elif name == "reload":
             self.reload(link)
         elif name == "stop":
@@ -577,21 +593,45 @@ class Master:
             self.stop(mode)
         elif name == "restart":
             link.post("reply", **self.restart())
-        elif name in ("pause", "resume", "reconnect"):
+        elif name in ("pause", "resume", "reconnect", "kill", "disable", "enable", "kill_client"):
             database = args.get("database") or None
+            self._pool_state(name, database)
 
             def done(req):
-                busy = sum((m.get("data") or {}).get("busy_servers", 0) for m in req["replies"].values())
-                pools = sum((m.get("data") or {}).get("pools", 0) for m in req["replies"].values())
-                log.info("%s %s: %d pools in %d workers", name, database or "all databases", pools,
-                         len(req["replies"]))
+                def total(key):
+                    return sum((m.get("data") or {}).get(key, 0) for m in req["replies"].values())
+                what = f"client {args.get('id')}" if name == "kill_client" else database or "all databases"
+                log.info("%s %s: %d pools in %d workers", name, what, total("pools"), len(req["replies"]))
                 link.post("reply", ok=not req["waiting"], error="some workers did not answer" if req["waiting"]
-                          else None, data={"pools": pools, "busy_servers": busy})
-            current = [w for w in self.workers.values() if not w.draining]
-            self._ask_workers("pool_command", link, {"action": name, "database": database}, targets=current,
-                              on_done=done)
+                          else None, data={"pools": total("pools"), "busy_servers": total("busy_servers"),
+                                           "killed": total("killed"), "missing": sorted(req["waiting"])})
+            current = [w for w in self.workers.values() if not w.draining or name == "kill_client"]
+            # (also to workers still booting: they forked with the state before this command)
+            self._ask_workers("pool_command", link, {"action": name, "database": database,
+                                                     "client_id": args.get("id")}, targets=current, on_done=done,
+                              booting=True)
+        elif name == "set":
+            self.set_setting(link, str(args.get("key", "")), args.get("value"))
         else:
             link.post("reply", ok=False, error=f"unknown command {name!r}")
+
+    def _pool_state(self, action: str, database: str | None) -> None:
+        """Keep PAUSE / RESUME / KILL / DISABLE / ENABLE for the workers that start later."""
+        if action in ("pause", "kill"):
+            if database is None:
+                self.paused_all = True
+            else:
+                self.paused_dbs.add(database)
+        elif action == "resume":
+            if database is None:
+                self.paused_all = False
+                self.paused_dbs.clear()
+            else:
+                self.paused_dbs.discard(database)
+        elif action == "disable":
+            self.disabled_dbs.add(database)
+        elif action == "enable":
+            self.disabled_dbs.discard(database)
 
     def status(self) -> dict:
         return {
@@ -604,10 +644,12 @@ class Master:
                         for w in sorted(self.workers.values(), key=lambda w: (w.generation, w.slot))],
         }
 
-    def _ask_workers(self, msg_type: str, link, fields: dict, targets=None, on_done=None):
-        """Send a request to workers and reply to ``link`` once all answered (or after 3 s)."""
+    def _ask_workers(self, msg_type: str, link, fields: dict, targets=None, on_done=None, booting: bool = False):
+        """Send a request to workers and reply to ``link`` once all answered (or after 3 s).
+
+        ``booting``: also to workers not ready yet (they read it once their loop runs)."""
         rid = next(self._ids)
-        targets = [w for w in (targets or self.workers.values()) if w.ready]
+        targets = [w for w in (targets or self.workers.values()) if w.ready or booting]
         req = {"link": link, "type": msg_type, "waiting": {w.pid for w in targets}, "replies": {},
                "on_done": on_done}
         self.pending[rid] = req
@@ -656,18 +698,33 @@ class Master:
             data["pid"] = pid
             workers.append(data)
         missing = sorted(req["waiting"])
+        silent = [{"pid": pid, "slot": wp.slot, "generation": wp.generation, "clients": wp.clients,
+                   "servers": wp.servers, **figures(pid)}
+                  for pid, wp in ((pid, self.workers.get(pid)) for pid in missing) if wp is not None]
         return {"master": {"pid": os.getpid(), **figures(os.getpid())}, "workers": workers,
-                "missing": missing}
+                "missing": missing, "missing_workers": silent}
 
     # -- reload --------------------------------------------------------------------------------
-    def reload(self, link=None):
+    def set_setting(self, link, key: str, value) -> None:
+        """The admin console's SET: reload the configuration as last loaded, with ``key`` = ``value``."""
+        setting = next((s for s in configmod.SCHEMA if s.section == "pgmp" and s.name == key), None)
+        if setting is None or not setting.reloadable:
+            link.post("reply", ok=False, error=f"{key} is not a setting that applies on reload")
+            return
+        self.reload(link, overrides={**self.overrides, key: value})
+
+    def reload(self, link=None, overrides: dict | None = None):
+        """Reload the config file (dropping SET values), or with ``overrides`` the text last loaded."""
         reopen_log_files()
         notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
         path = self.config.path
         try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-            new = configmod.loads(text, path)
+            if overrides is None or self.config_text is None:
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+            else:
+                text = self.config_text
+            new = configmod.loads(text, path, overrides)
             check_files(new)
         except (configmod.ConfigError, FileCheckError, OSError) as exc:
             msg = str(exc) if not isinstance(exc, OSError) else f"cannot read {path}: {exc.strerror or exc}"
@@ -676,6 +733,7 @@ class Master:
             if link is not None:
                 link.post("reply", ok=False, error=msg)
             return
+        self.config_text, self.overrides = text, overrides or {}
         live, restart = configmod.diff(self.config, new)
         fixed = [n for n in restart if n in ("pidfile", "control_socket")]
         if fixed:
@@ -717,7 +775,8 @@ class Master:
                           data={"changed": live, "generation": self.generation})
 
         current = [w for w in self.workers.values() if not w.draining]
-        self._ask_workers("reload", None, {"path": path, "text": text}, targets=current, on_done=done)
+        self._ask_workers("reload", None, {"path": path, "text": text, "overrides": self.overrides},
+                          targets=current, on_done=done)
 
     def _new_generation(self):
         cfg = self.config
@@ -827,6 +886,18 @@ class Master:
             setproctitle.setproctitle(f"pgmp: master [gen {self.generation}] {self.summary()} {self.config.path}")
         except Exception:
             pass
+
+
+class _ConsoleReply:
+    """Where a command from a worker's admin console answers: "reply" becomes console_result with its id."""
+    __slots__ = ("link", "id")
+
+    def __init__(self, link, rid):
+        self.link = link
+        self.id = rid
+
+    def post(self, msg_type: str, **fields):
+        self.link.post("console_result", id=self.id, **fields)
 
 
 def _record(signum, frame):

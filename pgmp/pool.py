@@ -32,7 +32,8 @@ class Pool:
     __slots__ = ("worker", "db", "client_user", "name", "dbname", "server_user", "size", "mode",
                  "idle", "servers", "opening", "waiting", "login_waiters", "params",
                  "password", "scram_keys", "secret", "last_error", "_addr", "stats", "clients", "resetting",
-                 "min_size", "reserve", "use_reserve", "paused", "reconnect_before", "login_failed_at")
+                 "min_size", "reserve", "use_reserve", "paused", "reconnect_before", "login_failed_at",
+                 "stats_older", "stats_newer")
 
     # StartupMessage parameters of this pool's server connections beyond user and database
     startup_options: dict[str, str] = {}
@@ -66,6 +67,8 @@ class Pool:
         self.paused = False                 # pgmp pause: hand out no server
         self.reconnect_before = 0.0         # pgmp reconnect: servers older than this are closed at release
         self.login_failed_at = 0.0          # server_login_retry counts from here
+        self.stats_older: dict = {}          # totals() one and two STATS_PERIODs ago (the console's averages)
+        self.stats_newer: dict = {}
 
     def __repr__(self):
         return f"<pool {self.name} servers={len(self.servers)} idle={len(self.idle)} waiting={len(self.waiting)}>"
@@ -181,6 +184,7 @@ class Pool:
         srv.state = ServerState.ACTIVE
         srv.client = client
         srv.last_used = now = self.worker.loop.clock()
+        self.stats.assign_count += 1
         if client.wait_started:
             self.stats.wait_time_us += int((now - client.wait_started) * 1e6)
             self.stats.wait_count += 1
@@ -414,14 +418,22 @@ class Pool:
             self.idle.remove(srv)
             srv.close("pgmp reconnect")
 
-    def snapshot(self) -> dict:
-        """Counters and gauges of this pool now, for ``pgmp stats``."""
-        from pgmp.session import ClientState
-        row = {"database": self.db.name, "user": self.client_user, "mode": self.mode, "pool_size": self.size,
-               "paused": self.paused}
-        row.update(self.stats.as_dict())
+    def totals(self) -> dict:
+        """The counters, with the bytes of the connections still open."""
+        row = self.stats.as_dict()
         row["bytes_in"] += sum(c.rx for c in self.clients)
         row["bytes_out"] += sum(s.rx for s in self.servers)
+        return row
+
+    def snapshot(self) -> dict:
+        """Counters and gauges of this pool now, for ``pgmp stats`` and the admin console."""
+        from pgmp.session import ClientState
+        row = {"database": self.db.name, "user": self.client_user, "mode": self.mode, "pool_size": self.size,
+               "paused": self.paused, "server_user": self.server_user}
+        row.update(self.totals())
+        row["prev"] = self.stats_older
+        row["clients"] = len(self.clients) + len(self.login_waiters)
+        row["servers"] = len(self.servers)
         states = [c.state for c in self.clients]
         row["cl_active"] = states.count(ClientState.ACTIVE)
         row["cl_waiting"] = states.count(ClientState.WAITING)
@@ -435,7 +447,15 @@ class Pool:
                              and now - s.last_used > cfg.server_check_delay)
         sstates = [s.state for s in self.servers]
         row["sv_active"] = sstates.count(ServerState.ACTIVE)
-        row["sv_idle"] = sstates.count(ServerState.IDLE)
+        cfg = self.worker.config
+        now = self.worker.loop.clock()
+        used = sum(1 for s in self.idle if cfg.server_check_query and now - s.last_used > cfg.server_check_delay)
+        parked = sum(1 for s in self.servers if s.parked)
+        row["sv_idle"] = sstates.count(ServerState.IDLE) - used - parked
+        row["sv_used"] = used
+        row["sv_being_canceled"] = parked
+        first = next((c for c in self.waiting if c.wait_started), None)
+        row["maxwait_us"] = int((now - first.wait_started) * 1e6) if first is not None else 0
         row["sv_login"] = sstates.count(ServerState.CONNECTING) + sstates.count(ServerState.LOGIN)
         row["sv_reset"] = sstates.count(ServerState.RESET)
         return row

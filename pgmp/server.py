@@ -213,13 +213,14 @@ class ServerLogin:
 
 class ServerConnection(Endpoint):
     """One connection to PostgreSQL, owned by a pool."""
-    __slots__ = ("pool", "state", "login", "params", "session", "client", "swallow", "swallow_error",
+    __slots__ = ("conn_id", "pool", "state", "login", "params", "session", "client", "swallow", "swallow_error",
                  "swallow_done", "backend_pid", "backend_secret", "scanner", "flags", "whole", "created",
                  "last_used", "timer", "addr_text", "cancel_pending", "release_after",
                  "replacement", "parked", "swallow_rows", "release_reset")
 
     def __init__(self, loop, pool, sock: socket.socket, addr_text: str, login: ServerLogin):
         super().__init__(loop, sock, EVENT_WRITE)
+        self.conn_id = 0                   # set by the worker: SHOW SERVERS' id
         self.pool = pool
         self.state = ServerState.CONNECTING
         self.login = login

@@ -20,18 +20,20 @@ class ClientState(enum.Enum):
     IDLE = "idle"              # logged in, no server linked
     WAITING = "waiting"        # has a request, queued for a server
     ACTIVE = "active"          # a server is linked
+    CONSOLE = "console"        # logged in to the admin console (pgmp.console): no pool, no server
     CLOSED = "closed"
 
 
 _S = ClientState
 TRANSITIONS: dict[ClientState, frozenset[ClientState]] = {
-    _S.STARTUP: frozenset({_S.STARTUP, _S.AUTH_LOOKUP, _S.AUTH, _S.CLOSED}),
+    _S.STARTUP: frozenset({_S.STARTUP, _S.AUTH_LOOKUP, _S.AUTH, _S.CONSOLE, _S.CLOSED}),  # CONSOLE: peer
     _S.AUTH_LOOKUP: frozenset({_S.AUTH, _S.CLOSED}),
-    _S.AUTH: frozenset({_S.LOGIN_WAIT, _S.IDLE, _S.CLOSED}),
+    _S.AUTH: frozenset({_S.LOGIN_WAIT, _S.IDLE, _S.CONSOLE, _S.CLOSED}),
     _S.LOGIN_WAIT: frozenset({_S.IDLE, _S.ACTIVE, _S.CLOSED}),   # session mode: linked at login
     _S.IDLE: frozenset({_S.WAITING, _S.ACTIVE, _S.CLOSED}),
     _S.WAITING: frozenset({_S.ACTIVE, _S.CLOSED}),
     _S.ACTIVE: frozenset({_S.IDLE, _S.CLOSED}),
+    _S.CONSOLE: frozenset({_S.CLOSED}),
     _S.CLOSED: frozenset(),
 }
 

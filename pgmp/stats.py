@@ -16,7 +16,7 @@ from pgmp.tables import (
 from pgmp.tables import render as render_table
 
 COUNTERS = ("xact_count", "query_count", "bytes_in", "bytes_out", "xact_time_us", "query_time_us",
-            "wait_time_us", "wait_count", "login_count")
+            "wait_time_us", "wait_count", "login_count", "assign_count")
 GAUGES = ("cl_active", "cl_waiting", "cl_idle", "cl_login", "sv_active", "sv_idle", "sv_login", "sv_reset",
           "sv_used")
 MAXIMA = ("maxwait_us",)        # the longest wait now: over several workers the largest, not the sum

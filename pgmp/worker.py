@@ -10,9 +10,10 @@ import os
 import secrets as _secrets
 import signal
 import socket
+import struct
 
 from pgmp import config as configmod
-from pgmp import control, errors, tls
+from pgmp import console, control, errors, tls
 from pgmp.auth.authfile import load_auth_file
 from pgmp.auth.client import mock_profile
 from pgmp.auth.query import AuthQuery
@@ -36,6 +37,9 @@ log = logging.getLogger("pgmp")
 KEY_SEQ_MASK = (1 << 30) - 1
 HEARTBEAT_INTERVAL = 1.0
 REFUSAL_LOG_INTERVAL = 10.0
+CONSOLE_TIMEOUT = 10.0      # the master answers within its own 3 s; this covers a master that does not
+STATS_PERIOD = 60.0         # SHOW STATS' averages cover the last period (PgBouncer's stats_period default)
+_PEERCRED = struct.Struct("3i")
 
 
 def tracked_parameters(config) -> frozenset[str]:
@@ -226,6 +230,11 @@ class Worker:
         self.tracked_parameters = tracked_parameters(config)
         self.paused_dbs: set[str] = set()
         self.paused_all = False
+        self.disabled_dbs: set[str] = set()     # DISABLE on the admin console: new logins refused
+        self._conn_seq = 0
+        self._console_seq = 0
+        self.console_waits: dict[int, tuple] = {}   # console request id -> (callback, timer)
+        self.stats_stamps = (self.loop.clock() - 1.0, self.loop.clock())   # (older, newer): STATS_PERIOD
         self.keys: dict[int, ClientConnection] = {}
         self.clients: set[ClientConnection] = set()
         self._seq = 0
@@ -249,13 +258,25 @@ class Worker:
             peer = f"{addr[0]}:{addr[1]}"
         else:
             peer = "unix"
+        cred = None
+        if kind == "unix":
+            try:
+                cred = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+            except OSError:
+                pass
         # Clients being refused do not hold a slot: a slot freed meanwhile goes to the next client.
         limit = worker_share(self.config.max_client_conn, self.nworkers, self.slot)
         over = len(self.clients) - self.refusing >= limit
         if over:
             self.refusing += 1
             self._log_refusal(limit)
-        self.clients.add(ClientConnection(self, sock, peer, over_limit=over))
+        self.clients.add(ClientConnection(self, sock, peer, over_limit=over, peer_cred=cred))
+
+    def next_conn_id(self) -> int:
+        """An id for a client or server connection, unique in the instance (SHOW CLIENTS, KILL_CLIENT):
+        a sequence of this worker, its generation (10 bits) and slot (10 bits)."""
+        self._conn_seq += 1
+        return (self._conn_seq << 20) | ((self.generation & 1023) << 10) | self.slot
 
     def _log_refusal(self, limit: int):
         """At most one line per REFUSAL_LOG_INTERVAL: a connection storm must not flood the log too."""
@@ -328,6 +349,10 @@ class Worker:
         now = self.loop.clock()
         for pool in list(self.pools.values()):
             pool.janitor(now)
+        if now - self.stats_stamps[1] >= STATS_PERIOD:
+            self.stats_stamps = (self.stats_stamps[1], now)
+            for pool in self.pools.values():
+                pool.stats_older, pool.stats_newer = pool.stats_newer, pool.totals()
         cfg = self.config
         qt, itt, cit = cfg.query_timeout, cfg.idle_transaction_timeout, cfg.client_idle_timeout
         if qt or itt or cit:
@@ -356,10 +381,19 @@ class Worker:
             client.fail(errors.PgmpError(errors.PROTOCOL_VIOLATION, "client_idle_timeout",
                                          detail=f"idle for more than {cit:g}s"))
 
-    def pool_command(self, action: str, database: str | None) -> dict:
-        """pause / resume / reconnect the pools of ``database`` (all when None)."""
+    def pool_command(self, action: str, database: str | None, client_id: int = 0) -> dict:
+        """pause / resume / reconnect / kill the pools of ``database`` (all when None); disable / enable
+        logins to ``database``; kill_client the client whose SHOW CLIENTS id is ``client_id``."""
+        if action in ("disable", "enable"):
+            (self.disabled_dbs.add if action == "disable" else self.disabled_dbs.discard)(database)
+            return {"pools": 0, "busy_servers": 0}
+        if action == "kill_client":
+            return {"killed": self.kill_client(client_id)}
         pools = [p for p in self.pools.values() if database is None or p.db.name == database]
         busy = 0
+        if action == "kill":
+            self._kill(pools)
+            action = "pause"                    # new clients of a killed database wait for RESUME
         for pool in pools:
             if action == "pause":
                 busy += pool.pause()
@@ -380,6 +414,27 @@ class Worker:
                 self.paused_dbs.discard(database)
         return {"pools": len(pools), "busy_servers": busy}
 
+    def _kill(self, pools) -> None:
+        """KILL: close the clients and every server of ``pools`` now."""
+        shutdown = errors.PgmpError(errors.ADMIN_SHUTDOWN, "terminating connection due to administrator command",
+                                    detail="an administrator ran KILL on the admin console")
+        for client in [c for c in self.clients if c.pool in pools]:
+            client.fail(shutdown)
+        for pool in pools:
+            for srv in list(pool.servers):
+                srv.close("KILL on the admin console")
+
+    def kill_client(self, client_id: int) -> int:
+        """KILL_CLIENT: close the client with this id and its server, if it is here; 1 if it was."""
+        for client in self.clients:
+            if client.conn_id == client_id:
+                srv = client.server
+                client.fail(errors.PgmpError(errors.ADMIN_SHUTDOWN, "admin forced disconnect",
+                                             detail="an administrator ran KILL_CLIENT on the admin console"))
+                if srv is not None and not srv.closed:
+                    srv.close("KILL_CLIENT on the admin console")
+                return 1
+        return 0
     def open_server(self, pool: Pool):
         try:
             family, sockaddr, text = pool.address()
@@ -413,6 +468,7 @@ class Worker:
             extra["application_name"] = pool.db.application_name
         login = ServerLogin(pool.server_user, pool.dbname, auth, extra)
         srv = ServerConnection(self.loop, pool, sock, text, login)
+        srv.conn_id = self.next_conn_id()
         timeout = self.config.server_connect_timeout
         if timeout > 0:
             srv.timer = self.loop.call_later(timeout, self._server_login_timeout, srv)
@@ -550,25 +606,29 @@ class Worker:
     def on_control(self, msg: dict):
         kind = msg["type"]
         if kind == "reload":
-            error = self.reload_from(msg.get("path", self.config.path), msg.get("text"))
+            error = self.reload_from(msg.get("path", self.config.path), msg.get("text"), msg.get("overrides"))
             self.master.post("reload_result", id=msg.get("id"), ok=error is None, error=error)
         elif kind == "drain":
             self.drain(msg.get("mode", "graceful"))
         elif kind == "stop":
             os._exit(0)
         elif kind == "stats_request":
-            self.master.post("stats", id=msg.get("id"), data=self.snapshot())
+            self.master.post("stats", id=msg.get("id"), data=self.snapshot(msg.get("detail")))
         elif kind == "cancel":
             self.cancel_request(int(msg.get("pid", 0)), int(msg.get("secret", 0)), forwarded=True)
         elif kind == "pool_command":
-            data = self.pool_command(msg.get("action", ""), msg.get("database"))
+            data = self.pool_command(msg.get("action", ""), msg.get("database"), int(msg.get("client_id") or 0))
             self.master.post("pool_result", id=msg.get("id"), ok=True, data=data)
+        elif kind == "console_result":
+            self._console_answered(msg)
 
-    def reload_from(self, path: str, text: str | None = None) -> str | None:
-        """Apply a new configuration to new logins and released servers; the error text, or None."""
+    def reload_from(self, path: str, text: str | None = None, overrides: dict | None = None) -> str | None:
+        """Apply a new configuration to new logins and released servers; the error text, or None.
+
+        ``overrides``: [pgmp] values that win over the file's (the admin console's SET)."""
         reopen_log_files()
         try:
-            new = configmod.loads(text, path) if text is not None else configmod.load(path)
+            new = configmod.loads(text, path, overrides) if text is not None else configmod.load(path)
             secrets = load_auth_file(new.auth_file, new.auth_max_iterations) if new.auth_file else {}
             rules = load_hba(new.hba_file) if new.hba_file else None
             client_tls, server_tls = tls.for_clients(new), tls.for_servers(new)    # certificates re-read
@@ -587,12 +647,60 @@ class Worker:
         log.debug("worker %d: configuration reloaded", self.slot)
         return None
 
-    def snapshot(self) -> dict:
-        return {
+    def snapshot(self, detail: str | None = None) -> dict:
+        """This worker now, for ``pgmp stats`` and the admin console; detail "sockets" adds a row
+        per client, server and listening socket."""
+        period = self.loop.clock() - self.stats_stamps[0]
+        pools = []
+        for p in self.pools.values():
+            row = p.snapshot()
+            row["period_s"] = period
+            pools.append(row)
+        data = {
             "slot": self.slot, "generation": self.generation, "pid": os.getpid(),
             "clients": len(self.clients), "servers": sum(len(p.servers) for p in self.pools.values()),
-            "draining": self.draining, "pools": [p.snapshot() for p in self.pools.values()],
+            "draining": self.draining, "pools": pools,
+            "login_clients": sum(1 for c in self.clients if console.client_state(c) == "login"),
+            "paused_all": self.paused_all, "paused_dbs": sorted(self.paused_dbs),
+            "disabled_dbs": sorted(self.disabled_dbs),
         }
+        if detail == "sockets":
+            data.update(console.worker_rows(self))
+        return data
+
+    # -- the admin console ---------------------------------------------------------------
+    def console_ask(self, command: str, args: dict, callback) -> None:
+        """Run a master command for the admin console; ``callback(reply)`` gets {ok, error, data}.
+
+        Never blocks: the master answers within its gather timeout; CONSOLE_TIMEOUT covers a master
+        that does not answer at all. A worker without a master answers for itself.
+        """
+        if self.master is None:
+            self.loop.call_later(0, callback, self._console_alone(command, args))
+            return
+        self._console_seq += 1
+        rid = self._console_seq
+        timer = self.loop.call_later(CONSOLE_TIMEOUT, self._console_timeout, rid)
+        self.console_waits[rid] = (callback, timer)
+        self.master.post("console", id=rid, command=command, args=args)
+
+    def _console_answered(self, msg: dict) -> None:
+        entry = self.console_waits.pop(msg.get("id"), None)
+        if entry is not None:
+            entry[1].cancel()
+            entry[0](msg)
+
+    def _console_timeout(self, rid: int) -> None:
+        entry = self.console_waits.pop(rid, None)
+        if entry is not None:
+            entry[0]({"ok": False, "error": f"the master did not answer within {CONSOLE_TIMEOUT:g}s"})
+
+    def _console_alone(self, command: str, args: dict) -> dict:
+        if command == "stats":
+            return {"ok": True, "data": {"workers": [self.snapshot(args.get("detail"))], "missing": []}}
+        if command in ("pause", "resume", "reconnect", "kill", "disable", "enable", "kill_client"):
+            return {"ok": True, "data": self.pool_command(command, args.get("database"), int(args.get("id") or 0))}
+        return {"ok": False, "error": f"{command} needs the pgmp master (this worker runs alone)"}
 
     # -- stopping ------------------------------------------------------------------------
     def drain(self, mode: str):
@@ -628,6 +736,8 @@ class Worker:
         An idle client between transactions is closed at once.
         """
         st = client.state
+        if st is ClientState.CONSOLE:
+            return False                              # the admin console has no transaction to finish
         if st is ClientState.ACTIVE:
             return not client.link.idle or client.link.t_query == 0.0   # (session mode: linked at login)
         if st is ClientState.IDLE:

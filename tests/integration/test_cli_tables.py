@@ -170,7 +170,7 @@ def test_stats_table_agrees_with_json(pgmp, busy):
 
 def test_stats_json_is_unchanged_in_shape(pgmp, busy):
     report = json_of(pgmp, busy, "stats")
-    assert set(report) == {"master", "workers", "missing"}
+    assert {"master", "workers", "missing"} <= set(report)          # keys are only ever added
     pool = next(p for w in report["workers"] for p in w["pools"])
     # the keys programs read before the tables came, plus the two the tables added
     assert {"database", "user", "mode", "xact_count", "query_count", "cl_active", "sv_idle"} <= set(pool)

@@ -22,6 +22,8 @@ EXAMPLES = {
     "pool_result": {"id": 3, "ok": True, "data": {"pools": ["appdb/alice"], "busy_servers": 0}},
     "command": {"command": "stop", "args": {"mode": "fast"}},
     "reply": {"ok": True, "error": None, "data": {"pid": 1, "workers": []}},
+    "console": {"id": 4, "command": "stats", "args": {"detail": "sockets"}},
+    "console_result": {"id": 4, "ok": True, "error": None, "data": {"workers": [], "missing": [123]}},
 }
 
 
