@@ -650,6 +650,10 @@ class _Converter:
         self.main = _Table("pgmp")
         self.tables: list[_Table] = []
         self.g = self.pgbouncer_values()
+        # (server connection limit, where it is set): pgmp splits each across its workers
+        self.limits: list[tuple[int, str]] = [
+            (self.g[name], f"[pgbouncer] {name}") for name in
+            ("default_pool_size", "max_db_connections", "max_user_connections") if self.g[name] > 0]
 
     # -- notes
     def note(self, where: str, subject: str, text: str, table: _Table | None = None, unsafe: bool = False):
@@ -688,7 +692,8 @@ class _Converter:
 
     def convert_main(self) -> None:
         t, g, entries = self.main, self.g, self.ini.sections["pgbouncer"]
-        defaults = []
+        defaults: list[tuple[str, object, str]] = [
+            ("workers", 1, "PgBouncer is one process; pgmp splits pool sizes across its workers")]
         if "listen_addr" not in entries:
             defaults.append(("listen_addr", "", "PgBouncer's default: the unix socket only"))
         if "max_client_conn" not in entries:
@@ -701,7 +706,7 @@ class _Converter:
             defaults.append(("auth_file", "/dev/null", "PgBouncer had none: no user can log in, as there; "
                                                        "point it at a userlist"))
         if defaults:
-            t.comment("PgBouncer's defaults where pgmp's differ:")
+            t.comment("As PgBouncer runs, where pgmp's defaults differ:")
             for name, value, why in defaults:
                 t.set(name, value, why)
         for e in entries.values():
@@ -731,15 +736,13 @@ class _Converter:
 
     def main_listen_addr(self, e: Entry, value: str) -> None:
         addrs: list[str] = []
-        for word in (w.strip(_SPACE) for w in value.split(",")):
-            if not word or word == "*":
-                addrs += [word] if word else []
-                continue
+        names = False
+        for word in filter(None, (w.strip(_SPACE) for w in value.split(","))):
             try:
-                addrs.append(str(ipaddress.ip_address(word)))
+                addrs.append(word if word == "*" else str(ipaddress.ip_address(word)))
                 continue
             except ValueError:
-                pass
+                names = True
             try:
                 found = self.resolve(word)
             except OSError as exc:
@@ -750,7 +753,8 @@ class _Converter:
                       "pgmp listens on these addresses (PgBouncer resolves the name at each start)")
             addrs += found
         addrs = list(dict.fromkeys(addrs))
-        self.main.set("listen_addr", addrs[0] if len(addrs) == 1 else addrs if addrs else "")
+        self.main.set("listen_addr", addrs[0] if len(addrs) == 1 else addrs if addrs else "",
+                      f"pgbouncer: listen_addr = {value}, resolved at import" if names else None)
 
     def main_unix_socket_dir(self, e: Entry, value: str) -> None:
         if value.startswith("@"):
@@ -1066,6 +1070,8 @@ class _Converter:
                           "written as 0")
                 n = 0
             key = "reserve_pool_size"
+        if key in ("pool_size", "max_db_connections") and n > 0:
+            self.limits.append((n, f"{subject.rsplit(' ', 1)[0]} {key}"))
         if key == "min_pool_size":
             size = _atoi(opts.get("pool_size", "-1"))
             size = size if size >= 0 else self.g["default_pool_size"]
@@ -1107,6 +1113,8 @@ class _Converter:
             t.set("pool_mode", _lookup(_POOL_MODES)(value))
         elif key == "max_user_connections":
             t.set("max_user_connections", _atoi(value))
+            if _atoi(value) > 0:
+                self.limits.append((_atoi(value), f"{subject.rsplit(' ', 1)[0]} {key}"))
         elif key in self._USER_INSTANCE_WIDE:
             setting, unset = self._USER_INSTANCE_WIDE[key]
             n = _atoi(value)
@@ -1128,6 +1136,14 @@ class _Converter:
                       "workers only: one pgmp replaces peered PgBouncers on one host, but a cancel that "
                       "reaches another host is lost", self.main, unsafe=True)
 
+    def note_workers(self) -> None:
+        n, where = min(self.limits, default=(0, ""))
+        more = (f"; the smallest here is {n} ({where}), so up to workers = {n} every pool keeps a server "
+                "in every worker") if n > 1 else (f"; {where} is 1, so more workers would leave that pool "
+                                                   "without servers in all but one") if n == 1 else ""
+        self.note(self.ini.path, "workers = 1", "as PgBouncer, one process. pgmp can use more CPUs: with "
+                  "workers = N each pool size and connection limit is split N ways" + more)
+
     # -- all of it
     def run(self) -> Converted:
         if self.errors:
@@ -1139,6 +1155,7 @@ class _Converter:
         self.convert_peers()
         if self.errors:
             raise InvalidIni(self.errors)
+        self.note_workers()
         return Converted(self.ini.path, self.ini.files, [self.main, *self.tables], self.notes)
 
 

@@ -165,6 +165,18 @@ def test_defaults_that_differ_are_written():
     assert cfg.auth_file == "/dev/null"                      # no auth_file: no user gets in, as in PgBouncer
 
 
+def test_workers_is_one_like_pgbouncer():
+    """pgmp splits pool sizes across workers: a pool of 1 would have no server in all workers but one."""
+    doc, result = imported("[databases]\nappdb = pool_size=3\n[users]\nbob = max_user_connections=2\n"
+                           "[pgbouncer]\nauth_file = u\n")
+    assert doc["pgmp"]["workers"] == 1
+    assert any("the smallest here is 2 ([users] bob max_user_connections), so up to workers = 2" in str(n)
+               for n in result.notes)
+    _, result = imported("[databases]\nappdb = pool_size=1\n[pgbouncer]\nauth_file = u\n")
+    assert any("[databases] appdb pool_size is 1, so more workers would leave that pool without servers"
+               in str(n) for n in result.notes)
+
+
 @pytest.mark.parametrize("auth_type", ["trust", "md5"])
 def test_no_auth_file_lets_no_one_in(auth_type):
     """PgBouncer without auth_file refuses every user, also with trust; pgmp's trust without one would not."""
