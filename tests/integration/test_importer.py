@@ -3,6 +3,10 @@ pgbouncer.ini for the test cluster whose import a real pgmp then serves clients 
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
+import struct
+import subprocess
 import tempfile
 import tomllib
 from pathlib import Path
@@ -11,8 +15,8 @@ import psycopg
 import pytest
 
 from pgmp import importer
-from tests.integration.rawpg import refused_login
-from tests.support import PASSWORDS, free_port, pgmp_cli
+from tests.integration.rawpg import RawPG, data_row, refused_login
+from tests.support import PASSWORDS, free_port, pgmp_cli, port_accepts, wait_for
 from tests.support.proxy import userlist
 from tests.support.waiting import RUN_DIR_ENV
 
@@ -141,3 +145,123 @@ def test_imported_pool_modes_apply(pg, pgmp, tmp_path):
         assert c.execute("SELECT current_setting('application_name')").fetchone() == ("kept",)
         assert c.execute("SELECT pg_backend_pid()").fetchone() == c.execute("SELECT pg_backend_pid()").fetchone()
     assert Path(out).exists()
+
+
+# ----------------------------------------------------------------- against PgBouncer itself
+
+PGBOUNCER = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if os.path.exists("/usr/sbin/pgbouncer") else None)
+
+
+def show(port: int, what: str) -> list[dict[str, str]]:
+    """SHOW <what> on PgBouncer's admin console, as dicts by column name (simple query protocol)."""
+    with RawPG.connect("127.0.0.1", port) as conn:
+        conn.login("admin", None, "pgbouncer")
+        names, rows = [], []
+        for m in conn.query(f"SHOW {what}"):
+            if m.type == b"T":
+                names = row_names(m.payload)
+            elif m.type == b"D":
+                rows.append(dict(zip(names, data_row(m.payload))))
+        return rows
+
+
+def row_names(payload: bytes) -> list[str]:
+    (n,), pos, names = struct.unpack_from("!h", payload), 2, []
+    for _ in range(n):
+        end = payload.index(b"\0", pos)
+        names.append(payload[pos:end].decode())
+        pos = end + 1 + 18                         # table oid, column, type oid, size, modifier, format
+    return names
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory the user pgbouncer -u switches to can read (pytest's tmp_path is root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="pgb-import-", dir=os.environ.get(RUN_DIR_ENV)))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_read_as_pgbouncer_reads_it(shared_dir):
+    """The importer's reading of a tricky ini agrees with what PgBouncer itself loads from it."""
+    if PGBOUNCER is None:
+        pytest.skip("the pgbouncer binary is not installed (Debian: apt-get install pgbouncer)")
+    as_root = os.geteuid() == 0
+    if as_root:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no user postgres for pgbouncer -u")
+    work = shared_dir
+    port = free_port()
+    (work / "users.txt").write_text('"admin" ""\n')
+    (work / "conf.d").mkdir()
+    (work / "conf.d" / "more.ini").write_text("included = host=127.0.0.1 port=5434\n")
+    ini = work / "pgbouncer.ini"
+    ini.write_text(f"""\
+;; comments at the start of a line only
+   # also indented
+[databases]
+quoted = host=127.0.0.1 dbname='a b' user=u password='it''s'
+tail = host=127.0.0.1 dbname='abc'x port=5433
+pool.x-y = host=127.0.0.1 pool_size=012 pool_mode=Transaction
+star*db = host=127.0.0.1 dbname=x\\y
+%include conf.d/more.ini
+[users]
+alice = pool_mode=transaction
+[pgbouncer]
+max_client_conn = 7
+default_pool_size = 3
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = trust
+auth_file = users.txt
+admin_users = admin
+max_client_conn = 0x40
+pool_mode = session
+""")
+    for path in work.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    cmd = [PGBOUNCER, *(["-u", "postgres"] if as_root else []), str(ini)]
+    # Run from `work`: PgBouncer takes the relative %include and auth_file from its working directory.
+    proc = subprocess.Popen(cmd, cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: port_accepts("127.0.0.1", port, timeout=0.2) or proc.poll() is not None, timeout=10,
+                 message="pgbouncer did not start")
+        assert proc.poll() is None, proc.stdout.read().decode()
+        databases = {row["name"]: row for row in show(port, "DATABASES")}
+        users = {row["name"]: row for row in show(port, "USERS")}
+        settings = {row["key"]: row["value"] for row in show(port, "CONFIG")}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    result = importer.convert(importer.parse_ini(str(ini), importer.read_text, str(work)),
+                              importer.read_text, importer.resolve_listen)
+    doc = tomllib.loads(result.toml)
+    g = doc["pgmp"]
+    assert int(settings["max_client_conn"]) == g["max_client_conn"] == 64
+    assert int(settings["default_pool_size"]) == 20 and "default_pool_size" not in g   # reset by the header
+    assert int(settings["listen_port"]) == g["listen_port"]
+    assert settings["auth_type"] == g["auth_type"] == "trust"
+    assert g["auth_file"] == str(work / "users.txt")
+    ours = doc["databases"]
+    assert set(databases) - {"pgbouncer"} == set(ours)
+    for name, row in databases.items():
+        if name == "pgbouncer":
+            continue
+        db = ours[name]
+        assert (row["host"], int(row["port"]), row["database"], row["force_user"] or "") == \
+            (db["host"], db.get("port", 5432), db.get("dbname", name), db.get("user", "")), name
+        assert int(row["pool_size"]) == db.get("pool_size", 20), name
+        assert (row["pool_mode"] or "") == db.get("pool_mode", ""), name
+    assert ours["quoted"]["password"] == "it's"
+    assert ours["star*db"]["dbname"] == "x\\y"
+    assert users["alice"]["pool_mode"] == doc["users"]["alice"]["pool_mode"] == "transaction"
