@@ -109,9 +109,12 @@ PgBouncer's default where pgmp's differs (marked below with "unset").
   tcp_socket_buffer, tcp_keepcnt, tcp_keepidle, tcp_keepintvl, tcp_user_timeout
                        note
   anything else        UNSAFE (unknown to this importer; PgBouncer refuses unknown keys)
+  (unset) workers      1: PgBouncer is one process; pgmp splits every pool size and connection
+                       limit across its workers (a note says how many the smallest allows)
 [databases]
-  dbname, user, password, auth_dbname, pool_size, max_db_connections, pool_mode,
-  connect_query, application_name      same
+  dbname, user, password, auth_dbname, pool_size, pool_mode, connect_query,
+  application_name     same (connect_query: pgmp counts its failure as a failed login)
+  max_db_connections   same; 0 is PgBouncer's "not set" here: nothing
   host                 same; unset -> unix_socket_dir; a host list UNSAFE (the first is kept);
                        "@name", or no host and no unix_socket_dir, UNSAFE (section left out)
   port                 same
@@ -123,10 +126,11 @@ PgBouncer's default where pgmp's differs (marked below with "unset").
   client_encoding, datestyle, timezone, max_db_client_connections (not 0)    UNSAFE
   the name "pgbouncer" UNSAFE (the admin console's name in PgBouncer and pgmp)
 [users]
-  pool_mode, max_user_connections      same
+  pool_mode, max_user_connections      same (max_user_connections 0: not set, nothing)
   pool_size, reserve_pool_size, query_timeout, idle_transaction_timeout,
   transaction_timeout, query_wait_timeout, client_idle_timeout
-                       same as the instance-wide value: nothing; different UNSAFE
+                       same as the instance-wide value: nothing; different UNSAFE (a pool size
+                       also when a database sets its own, which the user's wins over in PgBouncer)
   max_user_client_connections          UNSAFE when not 0
 [peers]                UNSAFE when it lists peers (pgmp forwards cancels among its own workers,
                        not to other processes or hosts)
@@ -594,8 +598,8 @@ def _printable(text: str) -> str:
 class _Table:
     """The lines of one TOML table as they are written."""
 
-    def __init__(self, header: str, lines: list[str] | None = None):
-        self.header = header
+    def __init__(self, header: str | None, lines: list[str] | None = None):
+        self.header = header                     # None: comments only, no table
         self.lines: list[str] = lines if lines is not None else []
 
     def set(self, key: str, value, comment: str | None = None) -> None:
@@ -606,7 +610,7 @@ class _Table:
         self.lines.append(f"# {_printable(text)}")
 
     def render(self) -> str:
-        return "\n".join([f"[{self.header}]", *self.lines]) + "\n"
+        return "\n".join([*([f"[{self.header}]"] if self.header else []), *self.lines]) + "\n"
 
 
 # ----------------------------------------------------------------- converting
@@ -972,18 +976,17 @@ class _Converter:
 
     def database(self, name: str, e: Entry, pairs: list[tuple[str, str]]) -> None:
         t = _Table(f"databases.{toml_key(name)}")
-        opts: dict[str, str] = {}
-        for key, value in pairs:
-            opts[key] = value
+        opts = dict(pairs)
         label = f"[databases] {name}"
+        left_out = _Table(None)                      # a section pgmp cannot serve: only its comment
         if name == "pgbouncer":
-            self.note(e.where, label, "the name of the admin console in PgBouncer and in pgmp; section "
-                      "left out", unsafe=True)
+            self.note(e.where, label, "the name of the admin console in PgBouncer and in pgmp: section "
+                      "left out", left_out, unsafe=True)
+            self.tables.append(left_out)
             return
-        host = self.database_host(e, label, opts)
+        host = self.database_host(e, label, opts, left_out)
         if host is None:
-            self.notes.append(Note(e.where, label, "section left out: pgmp would send its clients elsewhere",
-                                   True))
+            self.tables.append(left_out)
             return
         t.set("host", host[0], host[1])
         for key, value in opts.items():
@@ -995,18 +998,20 @@ class _Converter:
                 self.errors.append(f"{e.where}: {label}: {key}={value}: {exc}")
         self.tables.append(t)
 
-    def database_host(self, e: Entry, label: str, opts: dict) -> tuple[str, str | None] | None:
+    def database_host(self, e: Entry, label: str, opts: dict, left_out: _Table) -> tuple[str, str | None] | None:
         """(host, comment) for a database, or None (with a note) when pgmp cannot reach what PgBouncer did."""
         host = opts.get("host")
         if host is None:
             sock = self.g["unix_socket_dir"]
             if not sock or sock.startswith("@"):
                 self.note(e.where, label, "no host, and unix_socket_dir is not a directory pgmp can use: "
-                          "PgBouncer connects through its unix socket directory", unsafe=True)
+                          "PgBouncer connects through its unix socket directory; section left out",
+                          left_out, unsafe=True)
                 return None
             return resolve_path(self.ini.base, sock), "PgBouncer's default: the unix socket in unix_socket_dir"
         if host.startswith("@"):
-            self.note(e.where, f"{label} host={host}", "pgmp has no abstract-namespace unix sockets", unsafe=True)
+            self.note(e.where, f"{label} host={host}", "pgmp has no abstract-namespace unix sockets: section "
+                      "left out", left_out, unsafe=True)
             return None
         if "," in host:
             first = host.split(",")[0]
@@ -1062,8 +1067,8 @@ class _Converter:
                       "parameters, or this is one newer than the importer", t, unsafe=True)
 
     def database_size(self, t: _Table, e: Entry, subject: str, key: str, n: int, opts: dict) -> None:
-        if n < 0:
-            return                                   # PgBouncer's "not set"
+        if n < 0 or (key == "max_db_connections" and n == 0):
+            return                                   # PgBouncer's "not set": [pgbouncer]'s value applies
         if key in ("reserve_pool", "reserve_pool_size"):
             if n and self.g["reserve_pool_timeout"] == 0:
                 self.note(e.where, subject, "reserve_pool_timeout = 0 disables the reserve in PgBouncer: "
@@ -1112,13 +1117,16 @@ class _Converter:
         if key == "pool_mode":
             t.set("pool_mode", _lookup(_POOL_MODES)(value))
         elif key == "max_user_connections":
-            t.set("max_user_connections", _atoi(value))
-            if _atoi(value) > 0:
-                self.limits.append((_atoi(value), f"{subject.rsplit(' ', 1)[0]} {key}"))
+            n = _atoi(value)
+            if n > 0:                                # else PgBouncer's "not set": [pgbouncer]'s value applies
+                t.set("max_user_connections", n)
+                self.limits.append((n, f"{subject.rsplit(' ', 1)[0]} {key}"))
         elif key in self._USER_INSTANCE_WIDE:
             setting, unset = self._USER_INSTANCE_WIDE[key]
             n = _atoi(value)
-            if n <= unset or n == self.g[setting]:
+            # a user's pool size also wins over a database's own, which pgmp would apply instead
+            overridden = key.endswith("pool_size") and key in self.database_keys()
+            if n <= unset or (n == self.g[setting] and not overridden):
                 return
             self.note(e.where, subject, f"pgmp has no per-user {key}: this user would get "
                       f"{setting} = {_number(self.g[setting])}", t, unsafe=True)
@@ -1128,6 +1136,16 @@ class _Converter:
         else:
             self.note(e.where, subject, "unknown to this importer: PgBouncer refuses unknown user settings, "
                       "or this is one newer than the importer", t, unsafe=True)
+
+    def database_keys(self) -> set[str]:
+        """Every setting some [databases] entry sets (reserve_pool under its other name)."""
+        keys: set[str] = set()
+        for e in self.ini.sections["databases"].values():
+            try:
+                keys |= {k for k, _ in parse_connstr(e.value)[0]}
+            except ValueError:
+                pass                                 # convert_databases reports it
+        return keys | ({"reserve_pool_size"} if "reserve_pool" in keys else set())
 
     # -- [peers]
     def convert_peers(self) -> None:

@@ -586,6 +586,22 @@ def test_user(line, expected):
     assert doc["users"]["alice"] == expected
 
 
+def test_user_pool_size_wins_over_a_database_pool_size():
+    _, notes = refused("[databases]\nappdb = pool_size=5\n[users]\nalice = pool_size=20\n[pgbouncer]\nauth_file = u\n")
+    assert "no per-user pool_size" in notes
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("appdb = max_db_connections=0", {"host": "/tmp"}),          # PgBouncer: 0 is "not set" here
+    ("appdb = max_db_connections=-1", {"host": "/tmp"}),
+])
+def test_database_limit_not_set(line, expected):
+    doc, _ = imported(f"[databases]\n{line}\n[pgbouncer]\nauth_file = u\nmax_db_connections = 9\n")
+    assert doc["databases"]["appdb"] == expected
+    doc, _ = imported(f"[users]\nalice = max_user_connections=0\n[pgbouncer]\nauth_file = u\n")
+    assert doc["users"]["alice"] == {}
+
+
 @pytest.mark.parametrize("setting, message", [
     ("pool_size=5", "pgmp has no per-user pool_size: this user would get default_pool_size = 20"),
     ("reserve_pool_size=2", "no per-user reserve_pool_size"),
@@ -702,3 +718,9 @@ def test_cli_invalid_input_exits_2(tmp_path):
     result = cli("config", "import", tmp_path / "nope.ini")
     assert result.returncode == 2
     assert "cannot read" in result.stderr
+
+
+def test_left_out_database_says_so_where_it_was():
+    result, _ = refused("[databases]\nappdb = host=@pg\n[pgbouncer]\nauth_file = u\n")
+    assert len(result.unsafe) == 1
+    assert "# NOT CARRIED OVER: pgbouncer: [databases] appdb host=@pg — pgmp has no abstract-namespace" in result.toml
