@@ -361,7 +361,7 @@ def config_import(pgbouncer_ini: str = typer.Argument(..., help="The PgBouncer c
         raise typer.Exit(2)
     if not output:
         typer.echo(result.toml, nl=False)
-    for note in result.notes:
+    for note in result.in_file_order():
         typer.echo(f"pgmp: {note}", err=True)
     if result.unsafe:
         typer.echo(f"pgmp: {len(result.unsafe)} of the settings could not be carried over safely (NOT CARRIED "

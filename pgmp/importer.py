@@ -628,6 +628,15 @@ class Converted:
     def unsafe(self) -> list[Note]:
         return [n for n in self.notes if n.unsafe]
 
+    def in_file_order(self) -> list[Note]:
+        """The notes by file and line (the whole-file ones last), as the operator reads the ini."""
+        def key(note: Note):
+            path, _, line = note.where.rpartition(":")
+            if not line.isdigit():
+                return (len(self.files), 0)
+            return (self.files.index(path) if path in self.files else len(self.files), int(line))
+        return sorted(self.notes, key=key)
+
     @property
     def toml(self) -> str:
         """The file: a header, then [pgmp] (led by the blocker line when something is unsafe), then the rest."""

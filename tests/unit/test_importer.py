@@ -724,3 +724,10 @@ def test_left_out_database_says_so_where_it_was():
     result, _ = refused("[databases]\nappdb = host=@pg\n[pgbouncer]\nauth_file = u\n")
     assert len(result.unsafe) == 1
     assert "# NOT CARRIED OVER: pgbouncer: [databases] appdb host=@pg — pgmp has no abstract-namespace" in result.toml
+
+
+def test_notes_in_file_order():
+    files = {"/cfg/dbs.ini": "appdb = host=db timezone=UTC\n"}
+    result = convert("[databases]\n%include dbs.ini\n[pgbouncer]\nstats_period = 1\nauth_file = u\n", files=files)
+    assert [n.where for n in result.in_file_order()] == [
+        "/cfg/pgbouncer.ini:2", "/cfg/pgbouncer.ini:4", "/cfg/pgbouncer.ini:5", "/cfg/dbs.ini:1", "/cfg/pgbouncer.ini"]
