@@ -437,6 +437,41 @@ def config_check(config: str = ConfigOpt):
     typer.echo(f"{cfg.path}: OK ({len(cfg.databases)} databases)")
 
 
+@config_app.command("import")
+def config_import(pgbouncer_ini: str = typer.Argument(..., help="The PgBouncer configuration file to read."),
+                  output: str = typer.Option(None, "--output", "-o",
+                                             help="Write pgmp.toml here (default: standard output)."),
+                  force: bool = typer.Option(False, "--force", help="Overwrite --output if it exists."),
+                  relative_to: str = typer.Option(None, "--relative-to",
+                                                  help="Directory PgBouncer runs in, which its relative paths "
+                                                       "(%include, auth_file, ...) start from; default: the "
+                                                       "ini file's directory.")):
+    """Write the pgmp.toml equivalent to a pgbouncer.ini; exit 1 if something cannot be carried over safely."""
+    from pgmp import importer
+    try:
+        result = importer.import_ini(pgbouncer_ini, relative_to)
+        if output:
+            importer.write_output(output, result.toml, force, importer.output_mode(pgbouncer_ini))
+    except importer.InvalidIni as exc:
+        typer.echo(f"pgmp: cannot import {pgbouncer_ini}, nothing written:\n{exc}", err=True)
+        raise typer.Exit(2)
+    except FileExistsError:
+        typer.echo(f"pgmp: {output} exists, nothing written (--force overwrites it)", err=True)
+        raise typer.Exit(2)
+    except OSError as exc:
+        typer.echo(f"pgmp: cannot write {output}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(2)
+    if not output:
+        typer.echo(result.toml, nl=False)
+    for note in result.in_file_order():
+        typer.echo(f"pgmp: {note}", err=True)
+    if result.unsafe:
+        typer.echo(f"pgmp: {len(result.unsafe)} of the settings could not be carried over safely (NOT CARRIED "
+                   f"OVER above); pgmp refuses the output until each is resolved and {importer.BLOCKER} is "
+                   "deleted", err=True)
+        raise typer.Exit(1)
+
+
 @config_app.command("settings")
 def config_settings():
     """List every setting with its type, default and whether reload applies it."""

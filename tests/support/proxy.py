@@ -338,6 +338,16 @@ class PgmpFactory:
 
     __call__ = start
 
+    def start_file(self, path: Path, host: str, port: int, unix_socket_dir: str = "",
+                   ready_timeout: float = READY_TIMEOUT) -> PgmpProcess:
+        """Start a pgmp on a config file written elsewhere (it listens on host:port); return once it accepts."""
+        config = PgmpConfig(path=path, host=host, port=port, unix_socket_dir=unix_socket_dir,
+                            text=path.read_text())
+        proc = PgmpProcess(config, path.with_suffix(".log"))
+        self.started.append(proc)
+        proc.wait_ready(ready_timeout)
+        return proc
+
     def write_config(self, **kwargs) -> PgmpConfig:
         """Only write a config (for `pgmp config check` or a reload); same arguments as start()."""
         kwargs.setdefault("name", _unused_name(self.workdir))
