@@ -25,6 +25,9 @@ cancel             worker→master   pid, secret: a CancelRequest for a session
 pool_command       master→worker   id, action ("pause" | "resume" | "reconnect"),
                                    database (None = all)
 pool_result        worker→master   id, ok, data (pools, busy_servers)
+metrics_request    master→worker   id: a scrape of the metrics endpoint
+metrics            worker→master   id, data (pgmp.metrics.worker_figures); also
+                                   sent unasked (id 0) by a worker that exits
 command            CLI→master      command ("status" | "stats" | "reload" |
                                    "stop" | "restart" | "pause" | "resume" |
                                    "reconnect"), args
@@ -39,7 +42,8 @@ MAX_MESSAGE = 16 << 20
 _LEN = struct.Struct("!I")
 
 TYPES = frozenset({"ready", "heartbeat", "reload", "reload_result", "drain", "stop", "stats_request",
-                   "stats", "cancel", "pool_command", "pool_result", "command", "reply"})
+                   "stats", "cancel", "pool_command", "pool_result", "metrics_request", "metrics", "command",
+                   "reply"})
 
 
 class ControlError(Exception):

@@ -224,6 +224,8 @@ class Master:
         self._ids = itertools.count(1)
         self.retiring: list[int] = []          # generations being drained
         self.heartbeat_timeout = heartbeat_timeout()
+        self.metrics = None                    # pgmp.metrics.MetricsServer, once metrics_listen is set
+        self.successor: int | None = None      # the new master of a restart, once started
 
     # -- start ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -245,7 +247,8 @@ class Master:
         self._set_title()
 
     def _make_files(self) -> None:
-        """The pidfile path is checked, then the control socket and the listening sockets are made, then the pidfile.
+        """The pidfile path is checked, then the control socket and the listening sockets (the metrics
+        endpoint's first) are made, then the pidfile.
 
         The control socket comes first, so that a second pgmp on the same config stops there
         before its SO_REUSEPORT listeners could take (and drop) connections meant for the first;
@@ -259,6 +262,7 @@ class Master:
                 check_pidfile(cfg.pidfile)
             if not takeover:
                 self._bind_control_socket()
+            self._listen_metrics(cfg.metrics_listen)
             self.nworkers = cfg.workers or os.cpu_count() or 1
             self.listen[0] = bind_all(cfg, self.nworkers, takeover=takeover)
             if self.listen[0][1] is not None:
@@ -275,11 +279,22 @@ class Master:
         """A start that failed half-way: close what it bound and remove the socket files it made."""
         for gen in list(self.listen):
             self._close_listeners(gen)
+        if self.metrics is not None:
+            self.metrics.close()
         if self.control_sock is not None:
             _unlink_if_ours(self.control_file)
             self.control_sock.close()
             self.control_sock = None
         self.loop.close()
+
+    def _listen_metrics(self, address: str) -> None:
+        """Serve the metrics endpoint on ``address`` ("" = not at all); ListenError keeps the current one."""
+        if self.metrics is None:
+            if not address:
+                return
+            from pgmp.metrics import MetricsServer   # (prometheus_client is loaded only when needed)
+            self.metrics = MetricsServer(self)
+        self.metrics.listen(address)
 
     def _bind_control_socket(self):
         """The CLI's socket, mode 0600: only pgmp's own user may reload or stop it."""
@@ -400,6 +415,8 @@ class Master:
                     unix.close()
         for ep in list(self.loop.endpoints.values()):
             ep.sock.close()                  # siblings' control links, CLI socket, signal pipe
+        if self.metrics is not None:
+            self.metrics.close_sockets()     # (an HTTP connection waiting for a scrape is not in the loop)
         self.loop.close()
         from pgmp.worker import Worker
         try:
@@ -431,6 +448,8 @@ class Master:
             if wp is None:
                 continue
             wp.link.close_socket()
+            if self.metrics is not None:
+                self.metrics.worker_exited(wp)
             code = os.waitstatus_to_exitcode(status)
             how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
             lived = self.loop.clock() - wp.started
@@ -516,6 +535,10 @@ class Master:
             elif kind == "cancel":
                 self._forward_cancel(link, msg)
             elif kind in ("stats", "reload_result", "pool_result"):
+                self._collect(wp, msg)
+            elif kind == "metrics":
+                if self.metrics is not None:
+                    self.metrics.figures_arrived(wp, msg)
                 self._collect(wp, msg)
             return
         if kind == "command":
@@ -677,6 +700,15 @@ class Master:
                 link.post("reply", ok=False, error=msg)
             return
         live, restart = configmod.diff(self.config, new)
+        if new.metrics_listen != self.config.metrics_listen:
+            try:
+                self._listen_metrics(new.metrics_listen)
+            except ListenError as exc:
+                log.error("reload failed, keeping the running configuration: %s", exc)
+                notify("READY=1", f"STATUS=reload failed; {self.summary()}")
+                if link is not None:
+                    link.post("reply", ok=False, error=str(exc))
+                return
         fixed = [n for n in restart if n in ("pidfile", "control_socket")]
         if fixed:
             log.warning("reload: %s cannot change while pgmp runs; restart pgmp to apply", ", ".join(fixed))
@@ -692,6 +724,11 @@ class Master:
                 self._new_generation()
             except StartError as exc:
                 self.config = old
+                if new.metrics_listen != old.metrics_listen:
+                    try:
+                        self._listen_metrics(old.metrics_listen)
+                    except ListenError as err:
+                        log.error("%s", err)
                 log.error("reload failed, keeping the running configuration: %s", exc)
                 notify("READY=1", f"STATUS=reload failed; {self.summary()}")
                 if link is not None:
@@ -767,6 +804,8 @@ class Master:
         notify("STOPPING=1", f"STATUS=stopping ({mode})")
         for gen in list(self.listen):
             self._close_listeners(gen)
+        if self.metrics is not None and self.successor and psutil.pid_exists(self.successor):
+            self.metrics.close_listener()      # the new master answers on the same address
         for timer in self.respawn_timers.values():
             timer.cancel()
         if mode == "immediate":
@@ -806,11 +845,14 @@ class Master:
             log.error("restart: cannot start a new master: %s", exc)
             return {"ok": False, "error": f"cannot start a new master: {exc}"}
         log.info("restart: new master started (pid %d); this one drains once it is ready", proc.pid)
+        self.successor = proc.pid
         return {"ok": True, "data": {"old_pid": os.getpid(), "new_pid": proc.pid}}
 
     def cleanup(self):
         for gen in list(self.listen):
             self._close_listeners(gen)
+        if self.metrics is not None:
+            self.metrics.close()
         if self.control_sock is not None:
             _unlink_if_ours(self.control_file)
             self.control_sock.close()

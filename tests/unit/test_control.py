@@ -20,6 +20,9 @@ EXAMPLES = {
     "cancel": {"pid": (1 << 30) | (3 << 22) | 17, "secret": 0xDEADBEEF},
     "pool_command": {"id": 3, "action": "pause", "database": None},
     "pool_result": {"id": 3, "ok": True, "data": {"pools": ["appdb/alice"], "busy_servers": 0}},
+    "metrics_request": {"id": 14},
+    "metrics": {"id": 14, "data": {"slot": 0, "pid": 4242, "pools": [{"database": "appdb", "user": "u",
+                                                                      "histograms": {"xact_hist": [1, 0, 2]}}]}},
     "command": {"command": "stop", "args": {"mode": "fast"}},
     "reply": {"ok": True, "error": None, "data": {"pid": 1, "workers": []}},
 }
