@@ -321,7 +321,7 @@ def process_figures(pid: int) -> dict | None:
         p = psutil.Process(pid)
         with p.oneshot():
             t = p.cpu_times()
-            return {"rss": p.memory_info().rss, "cpu": t.user + t.system, "fds": p.num_fds()}
+            return {"rss": p.memory_info().rss, "cpu": round(t.user + t.system, 2), "fds": p.num_fds()}
     except psutil.Error:
         return None
 
