@@ -248,7 +248,7 @@ class Master:
 
     def _make_files(self) -> None:
         """The pidfile path is checked, then the control socket and the listening sockets (the metrics
-        endpoint's first) are made, then the pidfile.
+        endpoint's first; in a takeover, only once the workers are ready) are made, then the pidfile.
 
         The control socket comes first, so that a second pgmp on the same config stops there
         before its SO_REUSEPORT listeners could take (and drop) connections meant for the first;
@@ -262,7 +262,8 @@ class Master:
                 check_pidfile(cfg.pidfile)
             if not takeover:
                 self._bind_control_socket()
-            self._listen_metrics(cfg.metrics_listen)
+            if not takeover:                   # (in a takeover: once ready, see _announce_ready)
+                self._listen_metrics(cfg.metrics_listen)
             self.nworkers = cfg.workers or os.cpu_count() or 1
             self.listen[0] = bind_all(cfg, self.nworkers, takeover=takeover)
             if self.listen[0][1] is not None:
@@ -287,14 +288,16 @@ class Master:
             self.control_sock = None
         self.loop.close()
 
-    def _listen_metrics(self, address: str) -> None:
-        """Serve the metrics endpoint on ``address`` ("" = not at all); ListenError keeps the current one."""
+    def _listen_metrics(self, address: str, shared: bool = False) -> None:
+        """Serve the metrics endpoint on ``address`` ("" = not at all); ListenError keeps the current one.
+
+        ``shared``: the old master of a takeover still listens there."""
         if self.metrics is None:
             if not address:
                 return
             from pgmp.metrics import MetricsServer   # (prometheus_client is loaded only when needed)
             self.metrics = MetricsServer(self)
-        self.metrics.listen(address)
+        self.metrics.listen(address, shared)
 
     def _bind_control_socket(self):
         """The CLI's socket, mode 0600: only pgmp's own user may reload or stop it."""
@@ -571,6 +574,11 @@ class Master:
                  __version__, self.nworkers, where, scanner.IMPL, os.getpid())
         notify("READY=1", f"MAINPID={os.getpid()}", f"STATUS={self.summary()}")
         if self.takeover_pid:
+            try:
+                # only now: a scrape or health check must not reach a master whose workers are not ready
+                self._listen_metrics(cfg.metrics_listen, shared=True)
+            except ListenError as exc:
+                log.error("%s; pgmp runs without its metrics endpoint", exc)
             log.info("taking over from pgmp pid %d: asking it to drain", self.takeover_pid)
             try:
                 os.kill(self.takeover_pid, signal.SIGTERM)

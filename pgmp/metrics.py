@@ -26,6 +26,7 @@ import errno
 import logging
 import os
 import re
+import socket
 
 import psutil
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
@@ -315,6 +316,19 @@ class Scrape:
                                 "from the workers.", value=m["duration"])
 
 
+def _check_free(host: str, port: int) -> None:
+    """ListenError if a socket is already bound to (host, port): a bind without SO_REUSEPORT fails then."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def process_figures(pid: int) -> dict | None:
     """RSS, CPU seconds and open descriptors of a process (None if it is gone)."""
     try:
@@ -336,6 +350,8 @@ def health(master) -> tuple[bool, str]:
     HEALTH_HEARTBEAT_AGE (stopped, hung) makes pgmp unhealthy.
     """
     if master.stopping:
+        if master.successor and psutil.pid_exists(master.successor):
+            return True, f"ok: pid {master.successor} takes over"     # pgmp restart: the address stays served
         return False, f"stopping ({master.stopping})"
     if not master.announced:
         return False, "starting"
@@ -387,6 +403,7 @@ _REQUEST_LINE = re.compile(rb"([A-Z]{1,16}) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
+_NOT_REQUEST_LINE = re.compile(rb"[^A-Z]|[A-Z]*[^A-Z ]|.*[^\x20-\x7e\r]", re.S)   # (of a request line's start)
 
 
 def parse_head(data: bytes) -> Request | None:
@@ -401,6 +418,9 @@ def parse_head(data: bytes) -> Request | None:
     if (line_end < 0 and len(data) > MAX_HEAD) or line_end > MAX_HEAD:
         raise HttpError(414, f"request line longer than {MAX_HEAD} bytes")
     if end < 0:
+        first = data[start:line_end] if line_end >= 0 else data[start:]
+        if first != b"\r" and _NOT_REQUEST_LINE.match(first):
+            raise HttpError(400, "not an HTTP request")          # (a TLS ClientHello, say: no need to wait)
         if len(data) > MAX_HEAD:
             raise HttpError(431, f"request header fields longer than {MAX_HEAD} bytes")
         if data.count(b"\r\n", start) > MAX_HEADERS + 1:
@@ -561,14 +581,21 @@ class MetricsServer:
         self.gather_started = 0.0
 
     # -- the listening socket --------------------------------------------------------------
-    def listen(self, address: str) -> None:
-        """Listen on ``address`` (host:port) instead of the current one; ListenError leaves the old one."""
+    def listen(self, address: str, shared: bool = False) -> None:
+        """Listen on ``address`` (host:port) instead of the current one; ListenError leaves the old one.
+
+        The socket has SO_REUSEPORT, so that a new master (``shared``: pgmp restart) binds the
+        address while the old one still answers on it. Anything else already bound there (another
+        pgmp with the same metrics_listen, say) is an error, not a silent share.
+        """
         if address == self.address:
             return
         sock = None
         if address:
             host, port = split_host_port(address)
             try:
+                if not shared and port != self.port:
+                    _check_free(host, port)
                 sock = tcp_listener(host, port, backlog=64)
             except ListenError as exc:
                 raise ListenError(f"metrics_listen: {exc}") from None
@@ -578,8 +605,14 @@ class MetricsServer:
             self.listener = MetricsListener(self.loop, sock, self)
             log.info("metrics endpoint on http://%s/metrics", address)
 
+    @property
+    def port(self) -> int:
+        return split_host_port(self.address)[1] if self.address else 0
+
     def close_listener(self) -> None:
+        """Stop listening; connections already in the accept queue are taken and answered first."""
         if self.listener is not None:
+            self.listener.read()
             self.listener.close_socket()
             self.listener = None
         self.address = ""

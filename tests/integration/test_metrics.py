@@ -15,13 +15,14 @@ import socket
 import threading
 import time
 
+import psutil
 import psycopg
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import free_port, wait_for
-from tests.support.proxy import PgmpFactory
+from tests.support.proxy import PgmpFactory, PgmpStartError
 from tests.support.waiting import process_alive
 
 cli = PgmpFactory.cli
@@ -348,7 +349,7 @@ BAD_REQUESTS = [
     (b"GET /" + b"x" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
     (b"GET /metrics HTTP/1.1\r\nHost: x\r\nCookie: " + b"c" * 20000 + b"\r\n\r\n", 431),
     (b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(100)) + b"\r\n", 431),
-    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(200), 400),  # a TLS ClientHello
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(32)) * 8, 400),   # a TLS ClientHello
 ]
 
 
@@ -421,11 +422,65 @@ def test_metrics_listen_moves_on_reload_and_a_bad_address_keeps_the_old_one(pgmp
         get(proxy, "/health", port=second)
 
 
-def test_a_port_in_use_stops_pgmp_at_start(pgmp):
+@pytest.mark.parametrize("reuseport", [False, True], ids=["plain", "SO_REUSEPORT"])
+def test_a_port_in_use_stops_pgmp_at_start(pgmp, reuseport):
+    """Also a holder with SO_REUSEPORT (another pgmp with the same metrics_listen): never a silent share."""
     with socket.socket() as taken:
+        if reuseport:
+            taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = taken.getsockname()[1]
-        with pytest.raises(Exception) as info:
+        with pytest.raises(PgmpStartError) as info:
             pgmp.start(config={"metrics_listen": f"127.0.0.1:{busy}"}, ready_timeout=10)
         assert f"metrics_listen: cannot listen on 127.0.0.1:{busy}: Address already in use" in str(info.value)
+
+
+@pytest.fixture
+def strays():
+    """Pids of processes the harness did not start (a restart's new master and its workers): killed after."""
+    pids: list[int] = []
+    yield pids
+    every = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            every += [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    for pid in every:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not any(map(process_alive, every)), timeout=10)
+
+
+def test_restart_hands_the_metrics_address_over_without_a_failed_health_check(pgmp, strays):
+    proxy = start(pgmp, workers=2)
+    answers: list = []
+    done = threading.Event()
+
+    def poll():
+        while not done.is_set():
+            try:
+                status, _, body = get(proxy, "/health", timeout=5)
+                answers.append((status, body))
+            except OSError as exc:
+                answers.append((0, repr(exc)))
+            done.wait(0.02)                          # a load balancer's health checks, quickened
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        r = cli("restart", "-c", proxy.config_path, timeout=60)
+        assert r.returncode == 0, (r, proxy.log())
+        new_pid = int(proxy.wait_log(r"restart: new master started \(pid (\d+)\)").group(1))
+        strays.append(new_pid)
+        assert proxy.process.wait(30) == 0, "the old master did not drain and exit"
+        count = len(answers)
+        wait_for(lambda: len(answers) > count + 5, timeout=10)
+    finally:
+        done.set()
+        poller.join(10)
+    failed = [a for a in answers if a[0] != 200]
+    assert not failed and len(answers) > 20, (failed[:5], len(answers))
+    fams = scrape(proxy)
+    assert {int(s.labels["pid"]) for s in fams["pgmp_worker_up"].samples} <= set(
+        c.pid for c in psutil.Process(new_pid).children())
+    r = cli("stop", "-c", proxy.config_path, timeout=60)
+    assert r.returncode == 0, r

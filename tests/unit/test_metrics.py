@@ -257,10 +257,13 @@ def test_a_request_head_in_pieces_is_not_complete_until_its_empty_line():
     for cut in range(len(data)):
         assert parse_head(data[:cut]) is None, cut
     assert parse_head(b"\r\n" + data).path == "/health"      # (an empty line before it is ignored)
+    assert parse_head(b"\r") is None
 
 
 @pytest.mark.parametrize("data, status", [
     (b"hello\r\n\r\n", 400),
+    (b"\x16\x03\x01\x02\x00\x01", 400),                           # a TLS ClientHello: refused before a line ends
+    (b"GET /metrics\x00", 400),
     (b"GET /metrics\r\n\r\n", 400),                                  # HTTP/0.9
     (b"get /metrics HTTP/1.1\r\nHost: x\r\n\r\n", 400),             # methods are upper case
     (b"GET  /metrics HTTP/1.1\r\nHost: x\r\n\r\n", 400),            # two spaces
