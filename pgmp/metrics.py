@@ -38,6 +38,8 @@ from pgmp import __version__
 from pgmp.config import split_host_port
 from pgmp.listen import ListenError, tcp_listener
 from pgmp.loop import Endpoint
+from pgmp.server import ServerState
+from pgmp.session import ClientState
 from pgmp.stats import BUCKETS, COUNTERS, HISTOGRAMS
 
 log = logging.getLogger("pgmp")
@@ -53,7 +55,8 @@ HEALTH_HEARTBEAT_AGE = 3.0    # a worker silent this long (heartbeats come every
 CLIENT_STATES = ("active", "waiting", "idle", "login")
 SERVER_STATES = ("active", "idle", "used", "tested", "login", "being_canceled")
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-           414: "URI Too Long", 431: "Request Header Fields Too Large", 503: "Service Unavailable",
+           414: "URI Too Long", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+           503: "Service Unavailable",
            505: "HTTP Version Not Supported"}
 
 
@@ -68,12 +71,13 @@ def worker_figures(worker) -> dict:
             "pools": [pool_figures(p, now, worker.config) for p in worker.pools.values()]}
 
 
+_CLIENT_STATE = {ClientState.ACTIVE: "active", ClientState.WAITING: "waiting", ClientState.IDLE: "idle",
+                 ClientState.LOGIN_WAIT: "login"}
+
+
 def pool_figures(pool, now: float, config) -> dict:
-    """One pool's figures; server states as PgBouncer names them (see SERVER_STATES in pgmp(1))."""
-    from pgmp.server import ServerState
-    from pgmp.session import ClientState
-    client_state = {ClientState.ACTIVE: "active", ClientState.WAITING: "waiting", ClientState.IDLE: "idle",
-                    ClientState.LOGIN_WAIT: "login"}
+    """One pool's figures; server states as PgBouncer names them (see METRICS in pgmp(1))."""
+    client_state = _CLIENT_STATE
     clients = dict.fromkeys(CLIENT_STATES, 0)
     seen = set()
     for group in (pool.clients, pool.waiting, pool.login_waiters):
@@ -209,7 +213,8 @@ _HISTOGRAM_METRICS = (
     ("transaction_duration_seconds", "xact_hist", "xact_time_us",
      "Time from the first request of a transaction to the ReadyForQuery that ends it, per pool."),
     ("client_wait_seconds", "wait_hist", "wait_time_us",
-     "Time a client waited for a server connection of its pool (_sum: total wait time), per pool."),
+     "Time a client waited for a server connection of its pool, one observation per wait (_sum: total wait "
+     "time), per pool."),
 )
 
 
@@ -655,8 +660,15 @@ class MetricsServer:
         encoder, content_type = choose_encoder(req.headers.get("accept", ""))
 
         def done(scrape: Scrape):
-            if not conn.closed:
-                conn.answer(response(200, encoder(scrape), content_type, head_only=head_only))
+            if conn.closed:
+                return
+            try:
+                body = encoder(scrape)
+            except Exception:
+                log.exception("metrics endpoint: cannot write the answer")
+                conn.answer(response(500, b"internal error in pgmp (see its log)\n"))
+                return
+            conn.answer(response(200, body, content_type, head_only=head_only))
         self.gather(done)
 
     # -- gathering -------------------------------------------------------------------------
