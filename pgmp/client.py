@@ -702,6 +702,8 @@ class ClientConnection(Endpoint):
             log.warning("login failed: user=%s db=%s from %s: %s", self.user or "-", self.database or "-",
                         self.peer, exc.reason)
         data = messages.error_response(exc.sqlstate, exc.message, "FATAL", exc.detail, exc.hint)
+        if self.pool is not None:
+            self.pool.stats.count_error(exc.sqlstate, relayed=False)
         self.send(data)
         self.close(f"{exc.sqlstate} {exc.message}", linger=True)
 

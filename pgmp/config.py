@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import json
 import math
 import os
@@ -170,6 +171,11 @@ SCHEMA: tuple[Setting, ...] = (
     _S("control_socket", "path", "", "Unix socket that pgmp status, stats and reload talk to the master on.", reload=False,
        default_doc="\".pgmp.<listen_port>.ctl\" in the pidfile's directory, "
                    "or /tmp/.pgmp.<listen_port>.ctl without a pidfile"),
+    # --- monitoring ---
+    _S("metrics_listen", "hostport", "", 'Address of the master\'s HTTP endpoint for Prometheus (GET /metrics) and load '
+       'balancers (GET /health), as "host:port" with an IP address or localhost ("[::1]:9127" for IPv6); "" = off. '
+       "Anyone who can connect can read the pools' names and figures: keep it on a loopback or private address. "
+       "On reload the new address is bound before the old one is closed; if it cannot be bound, the reload fails."),
     # --- TLS to clients ---
     _S("client_tls_mode", "enum", "disable", "TLS for clients: disable, allow and prefer (accept it), require (refuse plaintext), verify-ca and verify-full (also require a certificate signed by client_tls_ca_file; verify-full: whose CN is the user name).", choices=("disable", "allow", "prefer", "require", "verify-ca", "verify-full")),
     _S("client_tls_cert_file", "path", "", "PEM certificate (chain) pgmp presents to clients; needed when client_tls_mode is not disable."),
@@ -380,14 +386,54 @@ def _parse_addrs(s: Setting, v: object) -> tuple[str, ...]:
     return tuple(dict.fromkeys(expanded))
 
 
+_HOST_PORT = re.compile(r"\[([0-9A-Fa-f:.]+)\]:([0-9]{1,5})|([^\s:\[\]]+):([0-9]{1,5})")
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """("127.0.0.1", 9127) from "127.0.0.1:9127", ("::1", 9127) from "[::1]:9127"; localhost is 127.0.0.1.
+
+    ValueError says what is wrong. Only IP addresses: nothing here waits for DNS.
+    """
+    m = _HOST_PORT.fullmatch(value)
+    if not m:
+        raise ValueError(f'expected "host:port" (an IPv6 address in brackets: "[::1]:9127"), got {_show(value)}')
+    host, port = (m[1], m[2]) if m[1] is not None else (m[3], m[4])
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address (or localhost)") from None
+    if m[1] is not None and ip.version != 6:
+        raise ValueError(f"[{host}]: brackets are for IPv6 addresses only")
+    if m[1] is None and ip.version == 6:
+        raise ValueError(f'write an IPv6 address in brackets: "[{host}]:{port}"')
+    if not 1 <= int(port) <= 65535:
+        raise ValueError(f"port {port} is not in 1..65535")
+    return host, int(port)
+
+
+def _parse_hostport(s: Setting, v: object) -> str:
+    """An address to listen on as "host:port", or "" for none."""
+    v = _parse_str(s, v)
+    if v:
+        try:
+            split_host_port(v)
+        except ValueError as exc:
+            raise _Invalid(str(exc)) from None
+    return v
+
+
 _PARSERS = {
     "str": _parse_str, "path": _parse_str, "host": _parse_host, "int": _parse_int,
     "bool": _parse_bool, "enum": _parse_enum, "duration": _parse_duration, "size": _parse_size,
     "mode": _parse_mode, "strlist": _parse_strlist, "addrs": _parse_addrs, "methods": _parse_methods,
+    "hostport": _parse_hostport,
 }
 _PYTYPES = {
     "str": str, "path": str, "host": str, "int": int, "bool": bool, "enum": str, "duration": float,
     "size": int, "mode": int, "strlist": tuple[str, ...], "addrs": tuple[str, ...], "methods": tuple[str, ...],
+    "hostport": str,
 }
 
 
@@ -718,6 +764,7 @@ _KIND_TEXT = {
     "str": "string", "path": "path (relative: to the config file's directory)", "host": "host or socket directory", "bool": "boolean",
     "mode": "octal file mode", "strlist": "list of strings", "addrs": "address or list of addresses",
     "methods": 'list of password, md5, scram-sha-256, none (or of "!method")',
+    "hostport": '"host:port" (IPv6: "[address]:port") or ""',
 }
 
 

@@ -29,6 +29,9 @@ pool_command       master→worker   id, action ("pause" | "resume" | "reconnect
                                    "kill_client"), database (None = all),
                                    client_id (kill_client: SHOW CLIENTS' id)
 pool_result        worker→master   id, ok, data (pools, busy_servers, killed)
+metrics_request    master→worker   id: a scrape of the metrics endpoint
+metrics            worker→master   id, data (pgmp.metrics.worker_figures); also
+                                   sent unasked (id 0) by a worker that exits
 command            CLI→master      command ("status" | "stats" | "reload" |
                                    "stop" | "restart" | "pause" | "resume" |
                                    "reconnect" | "kill" | "disable" | "enable" |
@@ -49,8 +52,8 @@ MAX_MESSAGE = 16 << 20
 _LEN = struct.Struct("!I")
 
 TYPES = frozenset({"ready", "heartbeat", "reload", "reload_result", "drain", "stop", "stats_request",
-                   "stats", "cancel", "pool_command", "pool_result", "command", "reply", "console",
-                   "console_result"})
+                   "stats", "cancel", "pool_command", "pool_result", "metrics_request", "metrics", "command",
+                   "reply", "console", "console_result"})
 
 
 class ControlError(Exception):

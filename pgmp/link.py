@@ -30,6 +30,7 @@ from pgmp.prepared import Pipeline, ServerStatements
 from pgmp.protocol import frontend
 from pgmp.protocol.sql import session_effects as _session_effects
 from pgmp.session import settings_query
+from pgmp.stats import BUCKETS_US, bucket_of, error_sqlstate
 
 log = logging.getLogger("pgmp")
 
@@ -240,10 +241,14 @@ class Link:
             st.query_count += count
             if self.outstanding == 0:
                 self.t_ready = now = self.clock()
-                st.query_time_us += int((now - self.t_query) * 1e6)
+                us = int((now - self.t_query) * 1e6)
+                st.query_time_us += us
+                st.query_hist[bucket_of(BUCKETS_US, us)] += 1
                 if status == _IDLE:
+                    us = int((now - self.t_xact) * 1e6)
                     st.xact_count += 1
-                    st.xact_time_us += int((now - self.t_xact) * 1e6)
+                    st.xact_time_us += us
+                    st.xact_hist[bucket_of(BUCKETS_US, us)] += 1
 
     def server_copy_in(self) -> None:
         """CopyInResponse: requests sent after the statement that started the COPY are swallowed.
@@ -288,6 +293,8 @@ class Link:
         body = bytes(frame[5:])
         if b"\0VFATAL\0" in b"\0" + body or b"\0VPANIC\0" in b"\0" + body:
             self.ended = True
+        if self.stats is not None:
+            self.stats.count_error(error_sqlstate(body), relayed=True)
         self.server_error()
 
     def server_error(self) -> None:

@@ -230,6 +230,8 @@ class Master:
         self.paused_all = False
         self.paused_dbs: set[str] = set()
         self.disabled_dbs: set[str] = set()
+        self.metrics = None                    # pgmp.metrics.MetricsServer, once metrics_listen is set
+        self.successor: int | None = None      # the new master of a restart, once started
 
     # -- start ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -256,7 +258,8 @@ class Master:
         self._set_title()
 
     def _make_files(self) -> None:
-        """The pidfile path is checked, then the control socket and the listening sockets are made, then the pidfile.
+        """The pidfile path is checked, then the control socket and the listening sockets (the metrics
+        endpoint's first; in a takeover, only once the workers are ready) are made, then the pidfile.
 
         The control socket comes first, so that a second pgmp on the same config stops there
         before its SO_REUSEPORT listeners could take (and drop) connections meant for the first;
@@ -270,6 +273,8 @@ class Master:
                 check_pidfile(cfg.pidfile)
             if not takeover:
                 self._bind_control_socket()
+            if not takeover:                   # (in a takeover: once ready, see _announce_ready)
+                self._listen_metrics(cfg.metrics_listen)
             self.nworkers = cfg.workers or os.cpu_count() or 1
             self.listen[0] = bind_all(cfg, self.nworkers, takeover=takeover)
             if self.listen[0][1] is not None:
@@ -286,11 +291,24 @@ class Master:
         """A start that failed half-way: close what it bound and remove the socket files it made."""
         for gen in list(self.listen):
             self._close_listeners(gen)
+        if self.metrics is not None:
+            self.metrics.close()
         if self.control_sock is not None:
             _unlink_if_ours(self.control_file)
             self.control_sock.close()
             self.control_sock = None
         self.loop.close()
+
+    def _listen_metrics(self, address: str, shared: bool = False) -> None:
+        """Serve the metrics endpoint on ``address`` ("" = not at all); ListenError keeps the current one.
+
+        ``shared``: the old master of a takeover still listens there."""
+        if self.metrics is None:
+            if not address:
+                return
+            from pgmp.metrics import MetricsServer   # (prometheus_client is loaded only when needed)
+            self.metrics = MetricsServer(self)
+        self.metrics.listen(address, shared)
 
     def _bind_control_socket(self):
         """The CLI's socket, mode 0600: only pgmp's own user may reload or stop it."""
@@ -411,6 +429,8 @@ class Master:
                     unix.close()
         for ep in list(self.loop.endpoints.values()):
             ep.sock.close()                  # siblings' control links, CLI socket, signal pipe
+        if self.metrics is not None:
+            self.metrics.close_sockets()     # (an HTTP connection waiting for a scrape is not in the loop)
         self.loop.close()
         from pgmp.worker import Worker
         try:
@@ -445,6 +465,8 @@ class Master:
             if wp is None:
                 continue
             wp.link.close_socket()
+            if self.metrics is not None:
+                self.metrics.worker_exited(wp)
             code = os.waitstatus_to_exitcode(status)
             how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
             lived = self.loop.clock() - wp.started
@@ -533,6 +555,10 @@ class Master:
                 self._collect(wp, msg)
             elif kind == "console":
                 self.command(_ConsoleReply(link, msg.get("id")), msg.get("command", ""), msg.get("args") or {})
+            elif kind == "metrics":
+                if self.metrics is not None:
+                    self.metrics.figures_arrived(wp, msg)
+                self._collect(wp, msg)
             return
         if kind == "command":
             self.command(link, msg.get("command", ""), msg.get("args") or {})
@@ -564,6 +590,11 @@ class Master:
                  __version__, self.nworkers, where, scanner.IMPL, os.getpid())
         notify("READY=1", f"MAINPID={os.getpid()}", f"STATUS={self.summary()}")
         if self.takeover_pid:
+            try:
+                # only now: a scrape or health check must not reach a master whose workers are not ready
+                self._listen_metrics(cfg.metrics_listen, shared=True)
+            except ListenError as exc:
+                log.error("%s; pgmp runs without its metrics endpoint", exc)
             log.info("taking over from pgmp pid %d: asking it to drain", self.takeover_pid)
             try:
                 os.kill(self.takeover_pid, signal.SIGTERM)
@@ -735,6 +766,15 @@ class Master:
             return
         self.config_text, self.overrides = text, overrides or {}
         live, restart = configmod.diff(self.config, new)
+        if new.metrics_listen != self.config.metrics_listen:
+            try:
+                self._listen_metrics(new.metrics_listen)
+            except ListenError as exc:
+                log.error("reload failed, keeping the running configuration: %s", exc)
+                notify("READY=1", f"STATUS=reload failed; {self.summary()}")
+                if link is not None:
+                    link.post("reply", ok=False, error=str(exc))
+                return
         fixed = [n for n in restart if n in ("pidfile", "control_socket")]
         if fixed:
             log.warning("reload: %s cannot change while pgmp runs; restart pgmp to apply", ", ".join(fixed))
@@ -750,6 +790,11 @@ class Master:
                 self._new_generation()
             except StartError as exc:
                 self.config = old
+                if new.metrics_listen != old.metrics_listen:
+                    try:
+                        self._listen_metrics(old.metrics_listen)
+                    except ListenError as err:
+                        log.error("%s", err)
                 log.error("reload failed, keeping the running configuration: %s", exc)
                 notify("READY=1", f"STATUS=reload failed; {self.summary()}")
                 if link is not None:
@@ -826,6 +871,8 @@ class Master:
         notify("STOPPING=1", f"STATUS=stopping ({mode})")
         for gen in list(self.listen):
             self._close_listeners(gen)
+        if self.metrics is not None and self.successor and psutil.pid_exists(self.successor):
+            self.metrics.close_listener()      # the new master answers on the same address
         for timer in self.respawn_timers.values():
             timer.cancel()
         if mode == "immediate":
@@ -865,11 +912,14 @@ class Master:
             log.error("restart: cannot start a new master: %s", exc)
             return {"ok": False, "error": f"cannot start a new master: {exc}"}
         log.info("restart: new master started (pid %d); this one drains once it is ready", proc.pid)
+        self.successor = proc.pid
         return {"ok": True, "data": {"old_pid": os.getpid(), "new_pid": proc.pid}}
 
     def cleanup(self):
         for gen in list(self.listen):
             self._close_listeners(gen)
+        if self.metrics is not None:
+            self.metrics.close()
         if self.control_sock is not None:
             _unlink_if_ours(self.control_file)
             self.control_sock.close()

@@ -15,7 +15,7 @@ from pgmp.errors import PgmpError
 from pgmp.link import CLOSE, RESET
 from pgmp.protocol import messages
 from pgmp.server import ServerState
-from pgmp.stats import PoolStats
+from pgmp.stats import PoolStats, observe
 
 log = logging.getLogger("pgmp")
 
@@ -186,8 +186,10 @@ class Pool:
         srv.last_used = now = self.worker.loop.clock()
         self.stats.assign_count += 1
         if client.wait_started:
-            self.stats.wait_time_us += int((now - client.wait_started) * 1e6)
+            us = int((now - client.wait_started) * 1e6)
+            self.stats.wait_time_us += us
             self.stats.wait_count += 1
+            observe(self.stats.wait_hist, us)
             client.wait_started = 0.0
         client.attach(srv)
 

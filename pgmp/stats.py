@@ -1,4 +1,5 @@
 """Per-pool counters kept by each worker, and the views ``pgmp stats``, ``status`` and ``top`` print from them."""
+import bisect
 import json
 import time
 
@@ -21,17 +22,66 @@ GAUGES = ("cl_active", "cl_waiting", "cl_idle", "cl_login", "sv_active", "sv_idl
           "sv_used")
 MAXIMA = ("maxwait_us",)        # the longest wait now: over several workers the largest, not the sum
 
+# Upper bounds (seconds) of the latency histogram buckets, the same for query, transaction and
+# wait times: a pooler's round trips are sub-millisecond to seconds, its waits up to
+# query_wait_timeout. Fixed, so that every worker's buckets add up in the master.
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BUCKETS_US = tuple(round(b * 1e6) for b in BUCKETS)
+# Histograms of each pool: (name, the counter that is their sum, in microseconds).
+HISTOGRAMS = (("query_hist", "query_time_us"), ("xact_hist", "xact_time_us"), ("wait_hist", "wait_time_us"))
+bucket_of = bisect.bisect_left     # bucket_of(BUCKETS_US, us): the first bucket whose bound is >= us
+
+
+def observe(hist: list, us: int) -> None:
+    """Count one observation of ``us`` microseconds (the hot paths inline this)."""
+    hist[bucket_of(BUCKETS_US, us)] += 1
+
+
+def sqlstate_class(code) -> str:
+    """The class (first two characters) of an SQLSTATE, or "??" for one that is not five [0-9A-Z]."""
+    if isinstance(code, (bytes, bytearray)):
+        code = bytes(code).decode("ascii", "replace")
+    if len(code) == 5 and all("0" <= c <= "9" or "A" <= c <= "Z" for c in code):
+        return code[:2]
+    return "??"
+
+
+def error_sqlstate(body: bytes) -> bytes:
+    """The SQLSTATE field of an ErrorResponse body (possibly cut short), or b"" when it has none."""
+    for field in body.split(b"\0"):
+        if field[:1] == b"C":
+            return field[1:]
+    return b""
+
 
 class PoolStats:
-    """Monotonic counters of one pool in one worker (times in microseconds)."""
-    __slots__ = COUNTERS
+    """Monotonic counters of one pool in one worker (times in microseconds).
+
+    Besides the counters: a bucket count list per latency histogram (len(BUCKETS) + 1, the
+    last for +Inf; each sums to the matching counter's number of observations), and the
+    ErrorResponses clients got, by SQLSTATE class, relayed from servers or made by pgmp.
+    """
+    __slots__ = COUNTERS + tuple(h for h, _ in HISTOGRAMS) + ("server_errors", "pgmp_errors")
 
     def __init__(self):
         for name in COUNTERS:
             setattr(self, name, 0)
+        for name, _ in HISTOGRAMS:
+            setattr(self, name, [0] * (len(BUCKETS) + 1))
+        self.server_errors: dict[str, int] = {}
+        self.pgmp_errors: dict[str, int] = {}
 
     def as_dict(self) -> dict:
         return {name: getattr(self, name) for name in COUNTERS}
+
+    def count_error(self, sqlstate, relayed: bool) -> None:
+        """An ErrorResponse reached a client: ``relayed`` from its server, or made by pgmp."""
+        table = self.server_errors if relayed else self.pgmp_errors
+        cls = sqlstate_class(sqlstate)
+        table[cls] = table.get(cls, 0) + 1
+
+    def histograms(self) -> dict:
+        return {name: list(getattr(self, name)) for name, _ in HISTOGRAMS}
 
 
 def merge(rows: list[dict]) -> dict:

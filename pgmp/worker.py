@@ -310,10 +310,13 @@ class Worker:
         if pool is None or pool.db != db:
             mode = configmod.pool_mode_for(db, self.config.users.get(user))
             share = lambda n: worker_share(n, self.nworkers, self.slot)   # noqa: E731
-            if pool is not None:                      # the database section changed on reload
-                pool.close_all("database settings changed")
+            old = pool
+            if old is not None:                       # the database section changed on reload
+                old.close_all("database settings changed")
             pool = self.pools[key] = Pool(self, db, user, share(db.pool_size), mode,
                                           min_size=share(db.min_pool_size), reserve=share(db.reserve_pool_size))
+            if old is not None:
+                pool.stats = old.stats                # counters never go back (the old clients count on)
             pool.paused = self.paused_all or db.name in self.paused_dbs
         return pool
 
@@ -557,6 +560,9 @@ class Worker:
         self.loop.call_later(0, self._heartbeat)
         self.loop.call_later(1.0, self._janitor)
         self.loop.run()
+        if self.master is not None and self.config.metrics_listen and not self.master.closed:
+            from pgmp.metrics import worker_figures
+            self.master.post("metrics", id=0, data=worker_figures(self))   # the last figures, for the totals
         for pool in self.pools.values():
             pool.close_all("pgmp worker exiting")
         for srv in [s for p in self.pools.values() for s in p.servers]:
@@ -614,6 +620,9 @@ class Worker:
             os._exit(0)
         elif kind == "stats_request":
             self.master.post("stats", id=msg.get("id"), data=self.snapshot(msg.get("detail")))
+        elif kind == "metrics_request":
+            from pgmp.metrics import worker_figures
+            self.master.post("metrics", id=msg.get("id"), data=worker_figures(self))
         elif kind == "cancel":
             self.cancel_request(int(msg.get("pid", 0)), int(msg.get("secret", 0)), forwarded=True)
         elif kind == "pool_command":

@@ -78,7 +78,7 @@ def test_default_auth_type_needs_auth_file():
 
 
 RUNTIME_TYPES = {"str": str, "path": str, "host": str, "enum": str, "int": int, "size": int, "mode": int,
-                 "bool": bool, "duration": float, "strlist": tuple, "addrs": tuple, "methods": tuple}
+                 "bool": bool, "duration": float, "strlist": tuple, "addrs": tuple, "methods": tuple, "hostport": str}
 
 
 def test_every_pgmp_setting_is_an_attribute_of_the_declared_type():
