@@ -102,7 +102,8 @@ class FakeClient:
         return without_proof + b",p=" + base64.b64encode(bytes(a ^ b for a, b in zip(client_key, signature)))
 
 
-def _reference_accepts(auth, secret_kind: str, request: bytes, payload: bytes, history: list) -> bool:
+def _reference_accepts(auth, secret_kind: str, request: bytes, payload: bytes, history: list,
+                       server_first: bytes | None) -> bool:
     """Whether the last message proves the password, judged without pgmp's code."""
     if auth.exchange == "password":
         answer = payload[:-1]
@@ -112,8 +113,7 @@ def _reference_accepts(auth, secret_kind: str, request: bytes, payload: bytes, h
         return payload == b"md5" + hashlib.md5(inner + request[9:13]).hexdigest().encode() + b"\0"
     # SCRAM: the final message against the client-first and server-first of this exchange
     first_msg = next((m for m in reversed(history) if b"r=" in m and b"n=" in m), None)
-    server_first = auth._server_first
-    if first_msg is None:
+    if first_msg is None or server_first is None:
         return False
     bare = first_msg[first_msg.index(b"n="):] if b"n=" in first_msg else b""
     parts = payload.split(b",")
@@ -148,6 +148,8 @@ def one_input(data: bytes) -> None:
         return
     fake = FakeClient(b, auth, request)
     history = []
+    server_first = None                         # pgmp's SCRAM server-first message, once sent
+    doomed = secret_kind in ("empty", "none") or (auth.exchange == "scram-sha-256" and secret_kind == "md5")
     for _ in range(8):
         if not b.left:
             return
@@ -170,8 +172,8 @@ def one_input(data: bytes) -> None:
             return
         check(len(payload) <= limit, f"a {len(payload)}-byte payload passed max_payload {limit}")
         if auth.done:
-            check(auth._doomed is None, f"login succeeded though it was doomed: {auth._doomed}")
-            check(_reference_accepts(auth, secret_kind, fake.request, payload, history),
+            check(not doomed, f"login succeeded with secret {secret_kind} ({auth.exchange})")
+            check(_reference_accepts(auth, secret_kind, fake.request, payload, history, server_first),
                   f"pgmp accepted a {auth.exchange} message that does not prove the password: {payload!r}")
             if auth.exchange == "scram-sha-256" and secret_kind == "scram":
                 check(auth.client_key == _CK, "client_key is not the user's ClientKey")
@@ -180,3 +182,5 @@ def one_input(data: bytes) -> None:
                       "the password kept is not the one sent")
             return
         fake.request = reply
+        if reply[5:9] == b"\0\0\0\x0b" and len(reply) > 9:
+            server_first = reply[9:]

@@ -76,6 +76,8 @@ class FakeServer:
         self.server_first = None
         self.client_final = None        # without the proof
         self.final_sent = False
+        self.scram_began = False        # pgmp sent a SASLInitialResponse
+        self.final_accepted = False     # pgmp took a server-final message
         self.asked = False              # md5 asked for
         self.after = 0                  # messages sent after the SCRAM exchange
         self.md5_salt = b"salt"
@@ -121,6 +123,8 @@ class FakeServer:
         elif code == messages.AUTH_SASL:
             mech, data = messages.parse_sasl_initial(body)
             check(mech == "SCRAM-SHA-256" and data.startswith(b"n,,"), f"bad SASLInitialResponse {body!r}")
+            check(not self.scram_began, "pgmp started SCRAM twice")
+            self.scram_began = True
             self.client_first_bare = data[3:]
         elif code == messages.AUTH_SASL_CONTINUE:
             self.server_first = payload[4:]
@@ -163,18 +167,20 @@ def _too_costly(kind: int, payload: bytes) -> bool:
     return kind == ord("R") and payload[:4] == b"\0\0\0\x0b" and _BIG_ITERATIONS.search(payload[4:]) is not None
 
 
-def _feed(login, auth, fake: FakeServer, kind: int, payload: bytes) -> bool:
+def _feed(login, fake: FakeServer, kind: int, payload: bytes) -> bool:
     """Feed one frame; False once pgmp has refused the server (the connection would close)."""
-    state_before = auth._scram_state
     try:
         reply = login.feed(kind, payload)
     except (PgmpError, ValueError):
         return False
-    if kind == ord("R") and payload[:4] == b"\0\0\0\0":
-        check(state_before in (None, "verified"),
-              f"AuthenticationOk accepted while SCRAM was {state_before}: the server proved nothing")
-    if kind == ord("R") and payload[:4] == b"\0\0\0\x0c" and auth._scram_state == "verified" \
-            and state_before == "final-sent":
+    code = payload[:4] if kind == ord("R") else None
+    if code == b"\0\0\0\0":
+        check(not fake.scram_began or fake.final_accepted,
+              "AuthenticationOk accepted after SCRAM began but before a server signature was verified")
+    elif code == b"\0\0\0\x0c":
+        check(fake.client_final is not None and not fake.final_accepted,
+              "a SCRAM server-final message was accepted outside the exchange")
+        fake.final_accepted = True
         fake.check_verified(payload[4:])
     fake.sent(reply, (kind, payload))
     return not login.done
@@ -191,7 +197,7 @@ def one_input(data: bytes) -> None:
         for kind, payload in frames(b.rest()):
             if _too_costly(kind, payload):
                 return
-            if not _feed(login, auth, fake, kind, payload):
+            if not _feed(login, fake, kind, payload):
                 return
         return
     for step in range(32):
@@ -213,5 +219,5 @@ def one_input(data: bytes) -> None:
             kind, payload = ord("R"), (b"\0\0\0\x03" if b.byte() % 2 else b"\0\0\0\x05" + b.take(4))
         if _too_costly(kind, payload):
             return
-        if not _feed(login, auth, fake, kind, payload):
+        if not _feed(login, fake, kind, payload):
             return
