@@ -58,8 +58,10 @@ _NUMBER = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z") 
 _SBODY = re.compile(r"([^']*(?:''[^']*)*)'")
 _EBODY = re.compile(r"([^'\\]*(?:(?:\\.|'')[^'\\]*)*)'", re.S)
 _QBODY = re.compile(r'([^"]*(?:""[^"]*)*)"')
-# 'a'<newline>'b' is one string constant 'ab' (SQL standard; scan.l's quotecontinue).
-_CONTINUE = re.compile(r"(?:[ \t\f]|--[^\n\r]*)*[\n\r](?:[ \t\n\r\f\v]+|--[^\n\r]*[\n\r])*'")
+# 'a'<newline>'b' is one string constant 'ab' (SQL standard; scan.l's quotecontinue). Written so that
+# each character can match one way only: nested repeats such as (?:[ \n]+|--.*)* backtrack
+# exponentially when no quote follows (a client's Query stalled the worker loop).
+_CONTINUE = re.compile(r"[ \t\f]*(?:--[^\n\r]*)?[\n\r](?:[ \t\n\r\f\v]|--[^\n\r]*[\n\r])*'")
 _COMMENT = re.compile(r"/\*|\*/")
 _ESCAPE = re.compile(rb"\\(?:x([0-9A-Fa-f]{1,2})|([0-7]{1,3})|u([0-9A-Fa-f]{4})|U([0-9A-Fa-f]{8})|(.))|''", re.S)
 _CONTROL = {b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r", b"t": b"\t"}
