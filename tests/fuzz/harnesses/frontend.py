@@ -33,9 +33,11 @@ def one_input(data: bytes) -> None:
                   f"check_message of type {kind} differs between bytes and {type(other).__name__}")
         if kind not in _HEAD_KINDS:
             continue
-        # every head, as pgmp sees one when the frame is split across reads (long ones sampled)
-        step = 1 if len(payload) <= 64 else len(payload) // 64 + 1
-        for cut in range(0, len(payload), step):
+        # heads as pgmp sees them when the frame is split across reads: every one of the first
+        # 48 bytes (names, counts), then 16 spread over the rest
+        n = len(payload)
+        cuts = list(range(min(n, 48))) + list(range(48, n, max(1, (n - 48) // 16)))
+        for cut in cuts:
             head = payload[:cut]
             verdict = _verdict(check_head, kind, head)
             check(verdict == _verdict(check_head, kind, memoryview(head)),
