@@ -191,14 +191,18 @@ def _unescape(body: str) -> str:
 
 
 def _truncate(ident: str) -> str:
-    """The lexer cuts identifiers to NAMEDATALEN-1 bytes, at a character boundary."""
-    raw = ident.encode("utf-8", "surrogateescape")
-    if len(raw) < NAMEDATALEN:
+    """The lexer cuts identifiers to NAMEDATALEN-1 bytes, at a character boundary.
+
+    A byte that is not UTF-8 (surrogate-escaped) is a character of its own, as in a
+    SQL_ASCII database: looking for UTF-8 lead bytes in the raw bytes would cut those to nothing."""
+    if len(ident.encode("utf-8", "surrogateescape")) < NAMEDATALEN:
         return ident
-    cut = NAMEDATALEN - 1
-    while cut and raw[cut] & 0xC0 == 0x80:
-        cut -= 1
-    return raw[:cut].decode("utf-8", "surrogateescape")
+    size = 0
+    for i, ch in enumerate(ident):
+        size += 1 if ch < "\x80" or "\udc80" <= ch <= "\udcff" else len(ch.encode("utf-8", "surrogatepass"))
+        if size > NAMEDATALEN - 1:
+            return ident[:i]
+    return ident
 
 
 def _statements(tokens: list[tuple[str, str]]):

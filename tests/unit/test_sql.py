@@ -428,3 +428,10 @@ def test_string_continuation_takes_linear_time(tail):
     except subprocess.TimeoutExpired:
         pytest.fail(f"session_effects({text[:20]!r}...) ran for more than 10 s")
     assert done.returncode == 0, done.stderr
+
+
+def test_long_name_that_is_not_utf8_is_cut_bytewise():
+    """Bytes that are not UTF-8 (a SQL_ASCII database) are one character each: a long name is cut
+    to 63 of them, never to nothing (found by the sql fuzz harness: tests/fuzz/crashes/sql-ed92ddac573eccb7)."""
+    assert session_effects(b"SET " + b"\x91" * 70 + b" = on") == (S("\udc91" * 63, "on"),)
+    assert session_effects("SET x".encode() + "é".encode() * 40 + b" = on") == (S("x" + "é" * 31, "on"),)

@@ -13,7 +13,7 @@ failed), ValueError from messages.parse_parameter_status (a malformed ParameterS
 Invariants: what the Link sends to a server instead of a client frame (and the settings
 query at attach) is whole, valid frontend frames; a rewritten Bind head keeps the frame's
 length consistent; what it sends to the client instead of a server frame is whole frames;
-outstanding never goes below 0; a server's statements stay within the limit; a RELEASE
+outstanding never goes below 0; a server that gains a statement is within the limit; a RELEASE
 verdict comes only when leave() would REUSE the server; REFUSE_BLOCK only in statement
 mode; leave() answers REUSE only for an unpinned client.
 """
@@ -78,12 +78,13 @@ class Client:
         if kind == 88:
             return False                         # Terminate
         _server_bound(link, self.servers)
+        before = len(link.server.statements.names)
         r = link.client_frame(kind, payload if self.pooled and kind in b"PBCDEQ" else None)
         if r is not None:
             check(self.pooled, "session mode replaced a client frame")
             if r:
                 _whole_frames(r, _frontend, "what replaces a client frame")
-        self._statement_limit()
+        self._statement_limit(before)
         return True
 
     def client_head(self, kind: int, payload: bytes) -> bool:
@@ -95,6 +96,7 @@ class Client:
             return True                          # pgmp waits for more, or assembles it
         length = 5 + len(payload) + 1000         # the frame goes on past what was read
         _server_bound(link, self.servers)
+        before = len(link.server.statements.names)
         r = link.client_head(kind, head, length)
         if r is not None:
             out, replaced = r
@@ -108,7 +110,7 @@ class Client:
             (declared,) = struct.unpack_from("!I", out, b_at + 1)
             check(declared + 1 == len(out) - b_at + (length - replaced),
                   "a rewritten Bind head does not keep the frame's length")
-        self._statement_limit()
+        self._statement_limit(before)
         return True
 
     def server_frame(self, kind: int, payload: bytes) -> bool:
@@ -138,7 +140,6 @@ class Client:
         if r:
             _whole_frames(r, _backend, "what replaces a server frame")
         check(link.outstanding >= 0, "outstanding went below 0")
-        self._statement_limit()
         if kind == 90:
             verdict = link.after_ready(False)
             check(verdict in (KEEP, RELEASE, REFUSE_BLOCK), f"after_ready answered {verdict}")
@@ -159,11 +160,14 @@ class Client:
         self.link.parameter_status(name, value)
         return True
 
-    def _statement_limit(self) -> None:
-        srv = self.link.server
-        if srv is not None and self.limit > 0:
-            check(len(srv.statements.names) <= self.limit,
-                  f"{len(srv.statements.names)} statements on a server, limit {self.limit}")
+    def _statement_limit(self, before: int) -> None:
+        """A server that gained a statement has had the oldest beyond the limit closed.
+
+        (It may hold more otherwise: an error makes the server skip an eviction's Close.)"""
+        names = self.link.server.statements.names
+        if self.limit and len(names) > before:
+            check(len(names) <= self.limit, f"{len(names)} statements on a server after preparing one, "
+                                            f"limit {self.limit}")
 
     def leave(self) -> None:
         verdict, why = self.link.leave(False, False)
