@@ -33,8 +33,10 @@ def frame(kind: bytes, payload: bytes = b"") -> bytes:
 
 
 def cstr(s: str | bytes) -> bytes:
+    """NUL-terminated bytes. Text pgmp read off the wire with surrogateescape (statement text
+    that is not UTF-8: a LATIN1 client, a SQL_ASCII database) goes back as the bytes it came as."""
     if isinstance(s, str):
-        s = s.encode()
+        s = s.encode("utf-8", "surrogateescape")
     return s + b"\0"
 
 

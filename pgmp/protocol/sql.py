@@ -58,8 +58,10 @@ _NUMBER = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z") 
 _SBODY = re.compile(r"([^']*(?:''[^']*)*)'")
 _EBODY = re.compile(r"([^'\\]*(?:(?:\\.|'')[^'\\]*)*)'", re.S)
 _QBODY = re.compile(r'([^"]*(?:""[^"]*)*)"')
-# 'a'<newline>'b' is one string constant 'ab' (SQL standard; scan.l's quotecontinue).
-_CONTINUE = re.compile(r"(?:[ \t\f]|--[^\n\r]*)*[\n\r](?:[ \t\n\r\f\v]+|--[^\n\r]*[\n\r])*'")
+# 'a'<newline>'b' is one string constant 'ab' (SQL standard; scan.l's quotecontinue). Written so that
+# each character can match one way only: nested repeats such as (?:[ \n]+|--.*)* backtrack
+# exponentially when no quote follows (a client's Query stalled the worker loop).
+_CONTINUE = re.compile(r"[ \t\f]*(?:--[^\n\r]*)?[\n\r](?:[ \t\n\r\f\v]|--[^\n\r]*[\n\r])*'")
 _COMMENT = re.compile(r"/\*|\*/")
 _ESCAPE = re.compile(rb"\\(?:x([0-9A-Fa-f]{1,2})|([0-7]{1,3})|u([0-9A-Fa-f]{4})|U([0-9A-Fa-f]{8})|(.))|''", re.S)
 _CONTROL = {b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r", b"t": b"\t"}
@@ -189,14 +191,18 @@ def _unescape(body: str) -> str:
 
 
 def _truncate(ident: str) -> str:
-    """The lexer cuts identifiers to NAMEDATALEN-1 bytes, at a character boundary."""
-    raw = ident.encode("utf-8", "surrogateescape")
-    if len(raw) < NAMEDATALEN:
+    """The lexer cuts identifiers to NAMEDATALEN-1 bytes, at a character boundary.
+
+    A byte that is not UTF-8 (surrogate-escaped) is a character of its own, as in a
+    SQL_ASCII database: looking for UTF-8 lead bytes in the raw bytes would cut those to nothing."""
+    if len(ident.encode("utf-8", "surrogateescape")) < NAMEDATALEN:
         return ident
-    cut = NAMEDATALEN - 1
-    while cut and raw[cut] & 0xC0 == 0x80:
-        cut -= 1
-    return raw[:cut].decode("utf-8", "surrogateescape")
+    size = 0
+    for i, ch in enumerate(ident):
+        size += 1 if ch < "\x80" or "\udc80" <= ch <= "\udcff" else len(ch.encode("utf-8", "surrogatepass"))
+        if size > NAMEDATALEN - 1:
+            return ident[:i]
+    return ident
 
 
 def _statements(tokens: list[tuple[str, str]]):

@@ -278,3 +278,13 @@ def test_every_other_transition_raises(old, new):
 def test_transition_table_covers_every_state():
     assert set(TRANSITIONS) == set(ClientState)
     assert TRANSITIONS[ClientState.CLOSED] == frozenset()
+
+
+def test_settings_query_sends_a_value_as_the_bytes_the_client_sent():
+    """A SET whose text is not UTF-8 (a LATIN1 client, a SQL_ASCII database) is read with
+    surrogateescape; replaying it on the next server sends the client's own bytes back, not a
+    UnicodeEncodeError (found by the link fuzz harness: tests/fuzz/crashes/link-37409b1eab428e9d)."""
+    from pgmp.protocol.sql import session_effects
+    (effect,) = session_effects(b"SET application_name = 'caf\xe9'\0")
+    q = settings_query({effect.name: effect.value}, {}, {})
+    assert b"'caf\xe9'" in q

@@ -416,3 +416,26 @@ _SQLISH = st.lists(st.sampled_from([
 def test_never_raises(text):
     result = session_effects(text)
     assert isinstance(result, tuple) and all(isinstance(e, Effect) for e in result)
+
+
+@pytest.mark.parametrize("tail", ["\r" * 64 + "h", "\n" * 64 + "x", " --" + "-" * 64 + "x", "\n" + "--\n" * 64],
+                         ids=["CRs", "LFs", "dashes", "comment-lines"])
+def test_string_continuation_takes_linear_time(tail):
+    """What may follow a string constant is matched without backtracking (a client's Query must not
+    stall the worker loop): found by the sql fuzz harness, SET x = E'a' then 33 CRs took over 10 s."""
+    import subprocess
+    import sys
+    text = ("SET x = E'a'" + tail).encode()
+    code = f"from pgmp.protocol.sql import session_effects; session_effects({text!r})"
+    try:
+        done = subprocess.run([sys.executable, "-c", code], timeout=10, capture_output=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"session_effects({text[:20]!r}...) ran for more than 10 s")
+    assert done.returncode == 0, done.stderr
+
+
+def test_long_name_that_is_not_utf8_is_cut_bytewise():
+    """Bytes that are not UTF-8 (a SQL_ASCII database) are one character each: a long name is cut
+    to 63 of them, never to nothing (found by the sql fuzz harness: tests/fuzz/crashes/sql-ed92ddac573eccb7)."""
+    assert session_effects(b"SET " + b"\x91" * 70 + b" = on") == (S("\udc91" * 63, "on"),)
+    assert session_effects("SET x".encode() + "é".encode() * 40 + b" = on") == (S("x" + "é" * 31, "on"),)

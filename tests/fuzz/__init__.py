@@ -1,0 +1,1 @@
+"""Coverage-guided fuzzing of pgmp's parsers: harnesses, their runner, seed corpora and kept crash inputs."""
