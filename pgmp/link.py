@@ -25,7 +25,7 @@ import functools
 import logging
 
 from pgmp import errors
-from pgmp.errors import PgmpError
+from pgmp.errors import PgmpError, ServerProtocolError
 from pgmp.prepared import Pipeline, ServerStatements
 from pgmp.protocol import frontend
 from pgmp.protocol.sql import session_effects as _session_effects
@@ -276,6 +276,8 @@ class Link:
         Returns what Pipeline.server_frame returns: None to forward it, b"" to drop it,
         or the bytes to send in its place. After a ReadyForQuery, after_ready() says
         what becomes of the server."""
+        if kind == 90 and len(frame) != 6:
+            raise ServerProtocolError(f"server sent a ReadyForQuery of length {len(frame) - 1} (expected 5)")
         if kind == 69:                                   # ErrorResponse
             self.server_error_frame(frame)
         r = self.pipeline.server_frame(kind, frame, self.server.statements)

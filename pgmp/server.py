@@ -132,6 +132,11 @@ class ServerError(PgmpError):
         self.fields = fields
 
 
+def bad_ready(ln: int) -> ServerProtocolError:
+    """A ReadyForQuery is 5 bytes long with its status; anything else is a broken server."""
+    return ServerProtocolError(f"server sent a ReadyForQuery of length {ln - 1} (expected 5)")
+
+
 class ServerLogin:
     """pgmp logging in to a server: StartupMessage, authentication, parameters, key, ReadyForQuery.
 
@@ -362,6 +367,9 @@ class ServerConnection(Endpoint):
         except PgmpError as exc:
             self.abort(exc)
             return
+        except ValueError as exc:           # a decoder refused a malformed frame (messages.py)
+            self.abort(ServerProtocolError(f"server sent a malformed message: {exc}"))
+            return
         if out:
             client = self.client
             if client is not None:
@@ -386,6 +394,8 @@ class ServerConnection(Endpoint):
                 raise too_long(kind, ln - 1, RELAY_LIMITS[kind])
             client = self.client
             if kind == 90:                                   # ReadyForQuery
+                if ln != 6:
+                    raise bad_ready(ln)
                 client.link.server_ready(1, view[off + 5])
                 return FORWARD
             if kind == 71:                                   # CopyInResponse

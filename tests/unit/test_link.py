@@ -348,3 +348,14 @@ def test_reset_query_forgets_only_what_it_clears():
     assert srv.applied == {"role": "r"} and srv.statements.has(b"pgmp_1")
     srv.after_reset("DISCARD ALL")
     assert srv.applied == {} and not srv.statements.has(b"pgmp_1")
+
+
+def test_a_ready_for_query_without_its_status_is_a_broken_server():
+    """Found by the link fuzz harness: ``Z 00 00 00 04`` raised IndexError in server_frame."""
+    from pgmp.errors import ServerProtocolError
+    link, _ = pooled()
+    assert link.client_frame(Q, b"select 1\0") is None
+    for payload in (b"", b"IT"):
+        with pytest.raises(ServerProtocolError, match="ReadyForQuery of length"):
+            link.server_frame(ord("Z"), frame(b"Z", payload))
+    assert not link.idle                    # nothing was counted: the server is closed, not reused

@@ -28,7 +28,7 @@ from pgmp.protocol import messages
 from pgmp.protocol._pyscan import Scanner, make_flags
 from pgmp.session import TRACKED
 from pgmp.stats import PoolStats
-from tests.fuzz.harnesses._common import Bytes, check, frames, guard
+from tests.fuzz.harnesses._common import Bytes, check, frames
 
 MAX_LEN = 8192
 FRONTEND_TYPES = b"BCcdDEfFHPQSX"
@@ -118,12 +118,12 @@ class Client:
         if link.server is None:
             return True                          # released: the pool owns the server now
         whole = messages.frame(bytes([kind]), payload)
-        if kind == 90 and not payload and guard("short-ready-for-query"):
-            return False
         if not self.pooled:
             if kind not in SERVER_NORMAL:
                 return True
             if kind == 90:
+                if len(payload) != 1:
+                    return True                  # server.py refuses it before the Link sees it
                 link.server_ready(1, whole[5])
             elif kind == 71:
                 link.server_copy_in()
