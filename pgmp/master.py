@@ -24,6 +24,7 @@ from pgmp.listen import ListenError, bind_all, tcp_listener
 from pgmp.loop import Endpoint, Loop
 from pgmp.logs import reopen_log_files, set_log_level
 from pgmp.notify import notify
+from pgmp.pool import note_pause
 from pgmp.runfiles import (RunFileError, SocketInUse, bind_unix, check_pidfile, clear_socket_path, read_pidfile,
                            write_pidfile)
 
@@ -289,6 +290,11 @@ class Master:
 
     def _abandon(self) -> None:
         """A start that failed half-way: close what it bound and remove the socket files it made."""
+        self._close_sockets()
+        self.control_sock = None
+
+    def _close_sockets(self) -> None:
+        """Listeners, the metrics endpoint and the control socket (its file removed if it is ours)."""
         for gen in list(self.listen):
             self._close_listeners(gen)
         if self.metrics is not None:
@@ -296,7 +302,6 @@ class Master:
         if self.control_sock is not None:
             _unlink_if_ours(self.control_file)
             self.control_sock.close()
-            self.control_sock = None
         self.loop.close()
 
     def _listen_metrics(self, address: str, shared: bool = False) -> None:
@@ -648,17 +653,8 @@ class Master:
 
     def _pool_state(self, action: str, database: str | None) -> None:
         """Keep PAUSE / RESUME / KILL / DISABLE / ENABLE for the workers that start later."""
-        if action in ("pause", "kill"):
-            if database is None:
-                self.paused_all = True
-            else:
-                self.paused_dbs.add(database)
-        elif action == "resume":
-            if database is None:
-                self.paused_all = False
-                self.paused_dbs.clear()
-            else:
-                self.paused_dbs.discard(database)
+        if action in ("pause", "kill", "resume"):
+            note_pause(self, "pause" if action == "kill" else action, database)
         elif action == "disable":
             self.disabled_dbs.add(database)
         elif action == "enable":
@@ -916,13 +912,7 @@ class Master:
         return {"ok": True, "data": {"old_pid": os.getpid(), "new_pid": proc.pid}}
 
     def cleanup(self):
-        for gen in list(self.listen):
-            self._close_listeners(gen)
-        if self.metrics is not None:
-            self.metrics.close()
-        if self.control_sock is not None:
-            _unlink_if_ours(self.control_file)
-            self.control_sock.close()
+        self._close_sockets()
         if self.pidfile and read_pidfile(self.pidfile) == os.getpid():
             try:
                 os.unlink(self.pidfile)

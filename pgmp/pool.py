@@ -20,6 +20,22 @@ from pgmp.stats import PoolStats, observe
 log = logging.getLogger("pgmp")
 
 
+def note_pause(holder, action: str, database: str | None) -> None:
+    """Record PAUSE (database None = all) or RESUME in ``holder.paused_all`` / ``holder.paused_dbs``
+    (a worker's own state, and the master's copy for the workers that start later)."""
+    if action == "pause":
+        if database is None:
+            holder.paused_all = True
+        else:
+            holder.paused_dbs.add(database)
+    elif action == "resume":
+        if database is None:
+            holder.paused_all = False
+            holder.paused_dbs.clear()
+        else:
+            holder.paused_dbs.discard(database)
+
+
 def worker_share(total: int, workers: int, slot: int) -> int:
     """This worker's part of an instance-wide limit: N workers never exceed ``total`` together."""
     if total <= 0:

@@ -24,7 +24,7 @@ from pgmp.hba import load_hba
 from pgmp.client import ClientConnection
 from pgmp.logs import reopen_log_files
 from pgmp.loop import EVENT_WRITE, Endpoint, Loop
-from pgmp.pool import Pool, worker_share
+from pgmp.pool import Pool, note_pause, worker_share
 from pgmp.prepared import StatementCache
 from pgmp.protocol import messages
 from pgmp.server import ServerConnection, ServerLogin
@@ -404,17 +404,7 @@ class Worker:
                 pool.resume()
             elif action == "reconnect":
                 pool.reconnect()
-        if action == "pause":
-            if database is None:
-                self.paused_all = True
-            else:
-                self.paused_dbs.add(database)
-        elif action == "resume":
-            if database is None:
-                self.paused_all = False
-                self.paused_dbs.clear()
-            else:
-                self.paused_dbs.discard(database)
+        note_pause(self, action, database)
         return {"pools": len(pools), "busy_servers": busy}
 
     def _kill(self, pools) -> None:
