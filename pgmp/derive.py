@@ -33,7 +33,6 @@ class Deriver:
         self.threads = threads
         self.pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.finished: collections.deque = collections.deque()    # (done, future), appended by threads
-        self.pending = 0                                            # submitted, callback not run yet
         self._wake_r: _Wakeup | None = None
         self._wake_w: socket.socket | None = None
 
@@ -45,7 +44,6 @@ class Deriver:
             self._wake_r = _Wakeup(self.loop, rsock, self)
             self._wake_w = wsock
             self.pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="pgmp-derive")
-        self.pending += 1
         future = self.pool.submit(fn, *args)
         future.add_done_callback(lambda f: self._finished(done, f))
 
@@ -59,7 +57,6 @@ class Deriver:
     def run_finished(self) -> None:
         while self.finished:
             done, future = self.finished.popleft()
-            self.pending -= 1
             if future.cancelled():
                 continue
             error = future.exception()

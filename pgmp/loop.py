@@ -671,5 +671,4 @@ class _Linger(Endpoint):
             return
         self.loop.lingering -= 1
         self.timer.cancel()
-        self.tls = None
         super().close_socket()

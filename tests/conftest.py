@@ -13,6 +13,7 @@ import pytest
 
 from tests.support.cluster import Cluster
 from tests.support.proxy import PgmpFactory
+from tests.support.waiting import kill_trees, process_alive, wait_for
 from tests.support.shared import RUN_DIR_ENV, create_run_dir, current_run_dir, remove_run_dir, shared_cluster
 
 _RUN_DIR = pytest.StashKey[Path]()
@@ -59,3 +60,13 @@ def pgmp(pg: Cluster, tmp_path: Path):
     factory = PgmpFactory(tmp_path, pg)
     yield factory
     factory.stop_all()
+
+
+@pytest.fixture
+def strays():
+    """Pids of pgmp processes started outside the harness (a restart's new master, a daemon): they and
+    their descendants are killed by pid after the test."""
+    pids: list[int] = []
+    yield pids
+    every = kill_trees(pids)
+    wait_for(lambda: not any(map(process_alive, every)), timeout=10, message=f"strays {every} survived SIGKILL")

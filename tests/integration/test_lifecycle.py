@@ -27,7 +27,7 @@ from psycopg import errors as pgerrors
 from psycopg.pq import TransactionStatus
 
 from tests.integration import rawpg
-from tests.support import PASSWORDS, conninfo, wait_for
+from tests.support import PASSWORDS, conninfo, holds, wait_for
 
 # ---- the module's roles and databases --------------------------------------------------------
 
@@ -203,10 +203,9 @@ def test_min_pool_size_keeps_servers_open_past_server_idle_timeout(pg, pgmp, lc)
         # idle for server_idle_timeout: closed down to min_pool_size, not below
         wait_for(lambda: server_count(pg, lc) == 2, timeout=8,
                  message=lambda: f"not back to min_pool_size\n{proxy.log()[-2000:]}")
-        deadline = time.monotonic() + 3          # three more janitor rounds
-        while time.monotonic() < deadline:
+        def two():
             assert server_count(pg, lc) == 2
-            time.sleep(0.2)
+        holds(two, 3, interval=0.2)              # three more janitor rounds
         assert conns[0].execute("select 1").fetchone() == (1,)
     finally:
         for conn in conns:
@@ -558,10 +557,9 @@ def test_min_pool_size_does_not_evict_other_pools_at_max_db_connections(pg, pgmp
         wait_for(lambda: backends(pg, f"datname = '{lc.name}'") == 2, timeout=5)
         before = pids()
         mark = len(pg.log())
-        deadline = time.monotonic() + 3.5                    # three janitor rounds
-        while time.monotonic() < deadline:
+        def at_most_two():
             assert backends(pg, f"datname = '{lc.name}'") <= 2
-            time.sleep(0.2)
+        holds(at_most_two, 3.5, interval=0.2)                # three janitor rounds
         logins = len(re.findall(rf"connection authorized: user=lc2?_\w+ database={lc.name}", pg.log()[mark:]))
         assert logins == 0 and pids() == before, \
             f"{logins} new server logins without any client demand (servers {before} -> {pids()})\n" \

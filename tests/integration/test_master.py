@@ -114,21 +114,6 @@ def is_shutdown_or_closed(exc: BaseException) -> bool:
 
 
 @pytest.fixture
-def strays():
-    """Pids of pgmp processes started outside the harness (restart, daemon): stopped by pid after the test."""
-    pids: list[int] = []
-    yield pids
-    every = []
-    for pid in pids:
-        every += [p for p in tree(pid) if p not in every]
-    for pid in every:
-        with contextlib.suppress(ProcessLookupError):
-            if process_alive(pid):
-                os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: all_gone(every), timeout=10, message=f"strays {every} survived SIGKILL")
-
-
-@pytest.fixture
 def table(pg):
     """A fresh table in appdb that scram_user may write; dropped afterwards."""
     name = f"master_t_{os.getpid()}_{time.monotonic_ns()}"

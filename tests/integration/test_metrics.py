@@ -438,21 +438,6 @@ def test_a_port_in_use_stops_pgmp_at_start(pgmp, reuseport):
         assert f"metrics_listen: cannot listen on 127.0.0.1:{busy}: Address already in use" in str(info.value)
 
 
-@pytest.fixture
-def strays():
-    """Pids of processes the harness did not start (a restart's new master and its workers): killed after."""
-    pids: list[int] = []
-    yield pids
-    every = []
-    for pid in pids:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            every += [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
-    for pid in every:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not any(map(process_alive, every)), timeout=10)
-
-
 def test_restart_hands_the_metrics_address_over_without_a_failed_health_check(pgmp, strays):
     proxy = start(pgmp, workers=2)
     answers: list = []

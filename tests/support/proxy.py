@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import re
 import subprocess
@@ -19,6 +18,8 @@ from signal import SIGKILL, SIGTERM
 
 import psutil
 
+from pgmp.importer import toml_key, toml_value  # noqa: F401 (re-exported for tests)
+
 from .cluster import PASSWORDS, Cluster, conninfo
 from .waiting import RUN_DIR_ENV, free_port, port_accepts, process_alive, run, wait_for
 
@@ -28,24 +29,7 @@ BIND_ATTEMPTS = 3
 
 
 # --- config files -----------------------------------------------------------
-
-def toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
-
+# TOML is written with pgmp's own writer (the one `pgmp config import` uses).
 
 def toml_table(name: str, values: Mapping) -> str:
     lines = [f"[{name}]"]

@@ -6,6 +6,7 @@ import os
 import random
 import socket
 import subprocess
+import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -45,6 +46,36 @@ def wait_for(
             text = message() if callable(message) else message
             raise TimeoutError(f"timed out after {timeout:g}s: {text or predicate!r}")
         time.sleep(interval)
+
+
+def holds(check: Callable[[], object], seconds: float, interval: float = 0.1) -> None:
+    """Call ``check`` (which asserts) again and again for ``seconds``: a condition that must stay
+    true over a window, not one waited for. The window is the point, so it has no early exit."""
+    deadline = time.monotonic() + seconds
+    while True:
+        check()
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(interval)
+
+
+def kill_trees(pids) -> list[int]:
+    """SIGKILL each pid and its descendants (those alive now); the pids signalled."""
+    every: list[int] = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            family = [pid] + [c.pid for c in proc.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        every += [p for p in family if p not in every]
+    for pid in every:
+        try:
+            if process_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return every
 
 
 def process_alive(pid: int) -> bool:

@@ -594,7 +594,7 @@ def test_user_pool_size_wins_over_a_database_pool_size():
 def test_database_limit_not_set(line, expected):
     doc, _ = imported(f"[databases]\n{line}\n[pgbouncer]\nauth_file = u\nmax_db_connections = 9\n")
     assert doc["databases"]["appdb"] == expected
-    doc, _ = imported(f"[users]\nalice = max_user_connections=0\n[pgbouncer]\nauth_file = u\n")
+    doc, _ = imported("[users]\nalice = max_user_connections=0\n[pgbouncer]\nauth_file = u\n")
     assert doc["users"]["alice"] == {}
 
 
