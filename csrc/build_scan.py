@@ -1,4 +1,4 @@
-"""cffi build script for pgmp._scan; the cdef is pgmp_scan.h itself, minus preprocessor lines.
+"""cffi build script for pgmp._scan (scanner and relay); the cdef is the headers themselves, minus preprocessor lines.
 
 Used by setup.py (cffi_modules); `python csrc/build_scan.py` from the
 repository root builds pgmp/_scan*.so in place.
@@ -18,10 +18,11 @@ def header_cdef(path: str) -> str:
 
 ffibuilder = FFI()
 ffibuilder.cdef(header_cdef(os.path.join(CSRC, "pgmp_scan.h")))
+ffibuilder.cdef(header_cdef(os.path.join(CSRC, "pgmp_relay.h")))
 ffibuilder.set_source(
     "pgmp._scan",
-    '#include "pgmp_scan.h"',
-    sources=[os.path.join(CSRC, "pgmp_scan.c")],
+    '#include "pgmp_scan.h"\n#include "pgmp_relay.h"',
+    sources=[os.path.join(CSRC, "pgmp_scan.c"), os.path.join(CSRC, "pgmp_relay.c")],
     include_dirs=[CSRC],
     extra_compile_args=["-O2"],
 )

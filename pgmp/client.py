@@ -25,7 +25,8 @@ FRONTEND_TYPES = b"BCcdDEfFHPQSX"
 SMALL_TYPES = b"CDEHSXcf"
 # Session mode: requests, the ends of COPY, and Parse/Bind/Execute (a client that leaves before
 # their Sync leaves the server mid-batch).
-READY_FLAGS = make_flags(report=b"QSFcfXPBE", small=SMALL_TYPES, valid=FRONTEND_TYPES)
+# The C relay passes requests and Parse/Bind/Execute itself and counts them for the Link.
+READY_FLAGS = make_flags(report=b"QSFcfXPBE", small=SMALL_TYPES, valid=FRONTEND_TYPES, count=b"QSFPBE")
 # Transaction and statement mode also follow the extended protocol message by message.
 POOLED_FLAGS = make_flags(report=b"QSFcfXPBCDE", small=SMALL_TYPES, valid=FRONTEND_TYPES)
 # Close and Describe are small; a named Parse is assembled (its text is the statement's key);
@@ -107,7 +108,35 @@ class ClientConnection(Endpoint):
 
     def set_state(self, new: ClientState) -> None:
         check_transition(self.state, new)
+        if self.relay_peer is not None:
+            self.unrelay()
         self.state = new
+
+    # -- the C relay (pgmp.crelay) ---------------------------------------------------
+    def relay_check(self):
+        """Arm this client and its server in the C relay while their traffic is plain session-mode
+        relaying, with nothing held back on either side; disarm otherwise."""
+        srv = self.server
+        if self.loop.crelay is None or self.link.pooled:
+            return
+        if (srv is not None and self.state is ClientState.ACTIVE and not self.settings_pending
+                and self.tls is None and srv.tls is None and self.leftover is None and not self.skip
+                and srv.leftover is None and not srv.skip and not self.terminating and self.console is None
+                and not self.link.copy_in and srv.relay_ready() and not self.closed and not srv.closed):
+            self.relay_arm(srv, self.scanner, srv.scanner, 0)
+        elif self.relay_peer is not None:
+            self.unrelay()
+
+    def relay_counted(self, count, kind, sync):
+        link = self.link
+        for _ in range(count):
+            link.client_frame(kind)
+        if sync:
+            link.unsynced = sync == 1
+
+    def relay_orphaned(self):
+        self.fail(PgmpError(errors.CONNECTION_FAILURE, "server connection lost",
+                            detail="pgmp relayed bytes after the session's server had changed"))
 
     # -- input -------------------------------------------------------------------
     def on_data(self, view, n):
@@ -622,6 +651,7 @@ class ClientConnection(Endpoint):
         if self.timer:
             self.timer.cancel()
             self.timer = None
+        self.unrelay()
         self.server = srv
         self.set_state(ClientState.ACTIVE)
         srv.use_normal_scanner(self.link.pooled)
@@ -674,6 +704,7 @@ class ClientConnection(Endpoint):
     def detach(self):
         """Transaction boundary in transaction or statement mode: the server goes back to the pool."""
         srv = self.server
+        self.unrelay()
         self.server = None
         self.link.detach()
         self.set_state(ClientState.IDLE)
@@ -682,6 +713,7 @@ class ClientConnection(Endpoint):
             self.fail(PgmpError(errors.ADMIN_SHUTDOWN, "terminating connection due to administrator command"))
 
     def server_lost(self, srv, exc: PgmpError):
+        self.unrelay()
         if self.server is srv:
             self.server = None
             self.link.detach()

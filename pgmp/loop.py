@@ -52,7 +52,7 @@ class Timer:
 class Loop:
     """A selectors loop with timers; ``run`` returns when ``stop()`` is called."""
 
-    def __init__(self, buffer_size: int = 65536, clock=None):
+    def __init__(self, buffer_size: int = 65536, clock=None, relay: bool | None = None):
         import time
         self.clock = clock or time.monotonic
         self.poller = select.epoll()
@@ -68,6 +68,14 @@ class Loop:
         self.stopped = False
         self.max_unsent = 4 * buffer_size
         self.lingering = 0                    # closed sockets kept a moment so their last bytes arrive
+        # the C relay (pgmp.crelay) reads, walks and forwards armed pairs' traffic in one call per batch
+        self.crelay = None
+        if relay is None:
+            from pgmp import crelay
+            relay = crelay.available()
+        if relay:
+            from pgmp.crelay import CRelay
+            self.crelay = CRelay(self.scratch, buffer_size)
 
     # -- timers --------------------------------------------------------------
     def call_later(self, delay: float, fn, *args) -> Timer:
@@ -132,6 +140,9 @@ class Loop:
             return                          # a timer stopped the loop: do not wait out a poll
         if timeout is None or timeout > max_timeout:
             timeout = max_timeout
+        if self.crelay is not None:
+            self._run_relayed(timeout)
+            return
         endpoints = self.endpoints
         for fd, ev in self.poller.poll(timeout):
             ep = endpoints.get(fd)
@@ -147,6 +158,42 @@ class Loop:
                     ep.fail(exc)
                 except Exception:
                     log.exception("error while closing %s", ep)
+
+    def _run_relayed(self, timeout: float):
+        """One batch through the C relay: apply what it relayed, handle the rest as run_once does."""
+        recs = self.crelay.poll(self.poller.fileno(), timeout)
+        endpoints = self.endpoints
+        for i in range(0, len(recs), 10):
+            ep = endpoints.get(recs[i])
+            try:
+                if recs[i + 2]:
+                    if ep is None or not ep.relayed(recs[i + 3], recs[i + 4], recs[i + 5], recs[i + 6],
+                                                    recs[i + 7], recs[i + 8], recs[i + 9]):
+                        self._relay_lost(recs[i], recs[i + 9])
+                    continue
+                if ep is None:
+                    continue
+                ev = recs[i + 1]
+                if ev & _EVENT_FAIL:
+                    ev |= EVENT_READ | EVENT_WRITE
+                ep.handle_event(ev)
+                if not ep.closed:
+                    ep.relay_check()
+            except Exception as exc:        # one connection's bug must not stop the worker
+                log.exception("internal error on %s", ep)
+                try:
+                    ep.fail(exc)
+                except Exception:
+                    log.exception("error while closing %s", ep)
+
+    def _relay_lost(self, fd: int, peer_fd: int):
+        """C relayed bytes of ``fd`` to ``peer_fd`` after Python had changed the pair (an earlier
+        record of the batch closed or re-linked it): the peer has bytes pgmp did not follow."""
+        peer = self.endpoints.get(peer_fd)
+        log.warning("relayed bytes of socket %d reached %s after their pair changed; closing it",
+                    fd, peer or f"socket {peer_fd}")
+        if peer is not None and not peer.closed:
+            peer.relay_orphaned()
 
     def stop(self):
         self.running = False
@@ -199,7 +246,7 @@ class TlsLayer:
 class Endpoint:
     """One non-blocking socket in the loop: reading, sending with an unsent queue, backpressure."""
     __slots__ = ("loop", "sock", "fd", "outq", "unsent", "reading", "mask", "closed",
-                 "leftover", "need", "skip", "paused_peer", "rx", "tls", "__weakref__")
+                 "leftover", "need", "skip", "paused_peer", "rx", "tls", "relay_peer", "__weakref__")
 
     def __init__(self, loop: Loop, sock: socket.socket, events: int = EVENT_READ):
         self.loop = loop
@@ -215,6 +262,7 @@ class Endpoint:
         self.paused_peer = None                # the endpoint that stopped reading because of us
         self.rx = 0                            # bytes received, for the stats
         self.tls: TlsLayer | None = None       # set by start_tls: then every byte goes through it
+        self.relay_peer: "Endpoint | None" = None   # armed in the C relay with this peer (pgmp.crelay)
         self.mask = events
         sock.setblocking(False)
         loop.register(self, events)
@@ -417,6 +465,8 @@ class Endpoint:
         mask = (EVENT_READ if self.reading else 0) | (EVENT_WRITE if self.outq else 0)
         if mask != self.mask:
             loop = self.loop
+            if loop.crelay is not None and (mask ^ self.mask) & EVENT_WRITE:
+                loop.crelay.blocked(self.fd, bool(mask & EVENT_WRITE))   # C must not send past our queue
             if self.mask == 0:
                 loop.register(self, mask)
             elif mask == 0:
@@ -579,9 +629,12 @@ class Endpoint:
         if self.closed:
             return
         self.closed = True
+        self.unrelay()
         if self.mask:
             self.loop.unregister(self)
             self.mask = 0
+        if self.loop.crelay is not None:
+            self.loop.crelay.blocked(self.fd, False)     # the fd number will be reused
         if self.tls is not None and not self.outq:
             self._tls_close_notify()
         if linger and not self.outq and self.loop.lingering < MAX_LINGERING:
@@ -613,6 +666,72 @@ class Endpoint:
             except OSError:
                 pass
         self.close_socket(linger=True)
+
+    # -- the C relay ---------------------------------------------------------
+    def relay_arm(self, peer: "Endpoint", sc, peer_sc, side: int) -> None:
+        """Arm this endpoint and ``peer`` for each other in the C relay (``side``: ours, 0 client)."""
+        crelay = self.loop.crelay
+        if self.relay_peer is peer and peer.relay_peer is self:
+            return
+        self.unrelay()
+        peer.unrelay()
+        if crelay.arm(self.fd, peer.fd, sc, side) and crelay.arm(peer.fd, self.fd, peer_sc, 1 - side):
+            self.relay_peer = peer
+            peer.relay_peer = self
+        else:
+            crelay.disarm(self.fd)
+            crelay.disarm(peer.fd)
+
+    def unrelay(self) -> None:
+        """Disarm this endpoint and its peer: Python handles their events again."""
+        peer = self.relay_peer
+        if peer is not None:
+            crelay = self.loop.crelay
+            self.relay_peer = None
+            crelay.disarm(self.fd)
+            if peer.relay_peer is self:
+                peer.relay_peer = None
+                crelay.disarm(peer.fd)
+
+    def relayed(self, n: int, sent: int, good: int, count: int, kind: int, sync: int, peer_fd: int) -> bool:
+        """A record of the C relay (see pgmp.crelay); False if the pair changed since it was armed."""
+        peer = self.relay_peer
+        if peer is None or peer.fd != peer_fd or self.closed:
+            return False
+        self.rx += n
+        if count or sync:
+            self.relay_counted(count, kind, sync)
+        loop = self.loop
+        if sent < good and not peer.closed:
+            peer.queue(loop.view[sent:good])
+            if peer.congested:
+                peer.hold_until_drained(self)
+        if good < n and not self.closed:
+            if good:
+                loop.scratch[0:n - good] = loop.scratch[good:n]
+            self.on_data(loop.view, n - good)
+            if not self.closed:
+                self.relay_check()
+        return True
+
+    def queue(self, data) -> None:
+        """Bytes the C relay could not send: to the unsent queue, before anything sent later."""
+        if self.closed:
+            return
+        self.outq.append(bytes(data))
+        self.unsent += len(data)
+        self._want_write()
+
+    def relay_counted(self, count: int, kind: int, sync: int) -> None:
+        """The C relay passed ``count`` counted frames (requests or ReadyForQuery): tell the Link."""
+        raise NotImplementedError
+
+    def relay_check(self) -> None:
+        """After Python handled an event: arm or disarm this endpoint's pair in the C relay."""
+
+    def relay_orphaned(self) -> None:
+        """The C relay sent this endpoint bytes pgmp did not follow: it cannot be trusted."""
+        self.on_eof("relayed bytes pgmp did not follow")
 
     # -- hooks ---------------------------------------------------------------
     def on_partial(self, kind: int, view, pos: int, n: int, length: int):

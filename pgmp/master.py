@@ -204,7 +204,7 @@ class Master:
     def __init__(self, config, takeover_pid: int | None = None):
         self.config = config
         self.takeover_pid = takeover_pid
-        self.loop = Loop(65536)
+        self.loop = Loop(65536, relay=False)
         self.generation = 0
         self.nworkers = 0
         self.listen: dict[int, tuple[list[list[socket.socket]], socket.socket | None]] = {}

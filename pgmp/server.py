@@ -101,7 +101,8 @@ def record_parameter(params: dict[str, str], payload: bytes) -> tuple[str, str]:
 
 
 # Normal relay: ReadyForQuery, CopyInResponse and ParameterStatus need a look.
-NORMAL_FLAGS = make_flags(report=b"ZGSE")
+# The C relay passes ReadyForQuery itself and counts it for the Link.
+NORMAL_FLAGS = make_flags(report=b"ZGSE", count=b"Z")
 # Login and internal queries: every frame is pgmp's own.
 ALL_FLAGS = make_flags(report=_ALL)
 # Transaction/statement mode: every frame that ends a response, for the client's Pipeline.
@@ -534,6 +535,7 @@ class ServerConnection(Endpoint):
         self.swallow += 1
         self.swallow_done = done
         self.swallow_rows = rows
+        self.unrelay()
         self.scanner, self.flags = _internal_scanner, ALL_FLAGS
         self.send(query)
 
@@ -548,12 +550,38 @@ class ServerConnection(Endpoint):
             done(self, err)
 
     def use_normal_scanner(self, pooled: bool | None = None):
+        self.unrelay()
         if pooled is None:
             pooled = self.client is not None and self.client.link.pooled
         if pooled:
             self.scanner, self.flags = _pooled_scanner, POOLED_FLAGS
         else:
             self.scanner, self.flags = _normal_scanner, NORMAL_FLAGS
+
+    # -- the C relay (pgmp.crelay) ----------------------------------------------
+    def relay_ready(self) -> bool:
+        """This server's side of a pair the C relay may carry: plain session-mode relaying."""
+        return self.scanner is _normal_scanner and not self.release_after and self.swallow == 0 \
+            and self.state is ServerState.ACTIVE
+
+    def relay_check(self):
+        client = self.client
+        if client is not None:
+            client.relay_check()
+        elif self.relay_peer is not None:
+            self.unrelay()
+
+    def relay_counted(self, count, kind, sync):
+        """ReadyForQuery frames the C relay passed to the client: as on_data's fast path."""
+        client = self.client
+        link = client.link
+        link.server_ready(count, kind)
+        if client.close_at_boundary and link.idle:
+            client.fail(PgmpError(errors.ADMIN_SHUTDOWN, "terminating connection due to administrator command"))
+
+    def relay_orphaned(self):
+        self.abort(ServerProtocolError("server connection closed: pgmp relayed bytes to it after its client "
+                                       "had changed"))
 
     # -- ending ----------------------------------------------------------------
     def on_eof(self, reason: str):

@@ -12,6 +12,7 @@ import struct
 F_REPORT = 1  # list complete frames of this type
 F_SMALL = 2   # declared length may not exceed SMALL_MAX
 F_VALID = 4   # the type byte is allowed at all
+F_COUNT = 8   # reported, but the C relay (pgmp.crelay) may forward it itself and count it; scanners ignore it
 
 ERR_NONE = 0
 ERR_SHORT = 1  # declared length < 4
@@ -25,8 +26,9 @@ _HEADER = struct.Struct("!BI")
 _READY_FOR_QUERY = ord("Z")
 
 
-def make_flags(report: bytes = b"", small: bytes = b"", valid: bytes | None = None) -> bytes:
-    """The 256-byte flags table; valid=None allows every type byte."""
+def make_flags(report: bytes = b"", small: bytes = b"", valid: bytes | None = None, count: bytes = b"") -> bytes:
+    """The 256-byte flags table; valid=None allows every type byte; ``count``: reported types the C
+    relay may pass and count (see pgmp.crelay)."""
     table = bytearray([F_VALID if valid is None else 0]) * 256
     for type_byte in valid or b"":
         table[type_byte] |= F_VALID
@@ -34,6 +36,10 @@ def make_flags(report: bytes = b"", small: bytes = b"", valid: bytes | None = No
         table[type_byte] |= F_REPORT
     for type_byte in small:
         table[type_byte] |= F_SMALL
+    for type_byte in count:
+        if not table[type_byte] & F_REPORT:
+            raise ValueError(f"type {chr(type_byte)!r} is counted but not reported")
+        table[type_byte] |= F_COUNT
     return bytes(table)
 
 

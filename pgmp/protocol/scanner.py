@@ -11,12 +11,12 @@ the contract documented in _pyscan and one test suite.
         type_byte, offset, length = sc.frame(i)
     # then sc.consumed, sc.error, sc.full, sc.partial_type, sc.last_rfq, ...
 
-This module owns every call into pgmp._scan.
+This module owns every call into pgmp._scan's scanner; pgmp.crelay those into its relay.
 """
 import os
 
 from pgmp.protocol._pyscan import (  # noqa: F401  (re-exported interface)
-    ERR_LONG, ERR_NONE, ERR_SHORT, ERR_TYPE, F_REPORT, F_SMALL, F_VALID,
+    ERR_LONG, ERR_NONE, ERR_SHORT, ERR_TYPE, F_COUNT, F_REPORT, F_SMALL, F_VALID,
     SMALL_MAX, check_settings, make_flags)
 from pgmp.protocol._pyscan import Scanner as PythonScanner
 

@@ -1,0 +1,271 @@
+/* pgmp_relay.c: move frames that need no decision from one socket to its peer without Python.
+ *
+ * Python arms a socket with its peer and the flags table of its current scanner. An armed
+ * socket's read is done here: recv, a walk over the frames (the same header checks as
+ * pgmp_scan), send of the leading frames Python need not see, and a record that says what was
+ * read, sent and counted. The walk stops at the first frame Python must see (a reported type
+ * without PGMP_F_COUNT), at a partial frame and at a bad header: those bytes, and any the peer
+ * did not take, are Python's, described by the record, in the caller's buffer.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+
+#include "pgmp_relay.h"
+#include "pgmp_scan.h"
+
+typedef struct {
+    int32_t peer;            /* -1: not armed */
+    int32_t side;
+    const uint8_t *flags;
+    uint32_t max_len;
+    int32_t blocked;         /* Python has unsent bytes for this socket */
+    uint32_t touched;        /* the poll round that last relayed from or to it */
+} slot;
+
+struct pgmp_relay {
+    slot *slots;
+    size_t cap;
+    uint32_t round;          /* poll rounds, for slot.touched */
+};
+
+static void clear_slot(slot *s)
+{
+    s->peer = -1;
+    s->side = 0;
+    s->flags = NULL;
+    s->max_len = 0;
+    s->blocked = 0;
+    s->touched = 0;
+}
+
+pgmp_relay *pgmp_relay_new(void)
+{
+    return calloc(1, sizeof(pgmp_relay));
+}
+
+void pgmp_relay_free(pgmp_relay *r)
+{
+    if (r != NULL) {
+        free(r->slots);
+        free(r);
+    }
+}
+
+static slot *get_slot(pgmp_relay *r, int fd)
+{
+    if (fd < 0 || (size_t)fd >= r->cap)
+        return NULL;
+    return &r->slots[fd];
+}
+
+static int grow(pgmp_relay *r, int fd)
+{
+    size_t want, i;
+    slot *s;
+
+    if ((size_t)fd < r->cap)
+        return 0;
+    want = r->cap ? r->cap : 256;
+    while (want <= (size_t)fd)
+        want *= 2;
+    s = realloc(r->slots, want * sizeof(slot));
+    if (s == NULL)
+        return -1;
+    for (i = r->cap; i < want; i++)
+        clear_slot(&s[i]);
+    r->slots = s;
+    r->cap = want;
+    return 0;
+}
+
+int pgmp_relay_arm(pgmp_relay *r, int fd, int peer, const uint8_t *flags, uint32_t max_len, int side)
+{
+    slot *s;
+
+    if (fd < 0 || peer < 0 || flags == NULL)
+        return -1;
+    if (grow(r, fd > peer ? fd : peer) != 0)
+        return -1;
+    s = &r->slots[fd];
+    s->peer = peer;
+    s->side = side;
+    s->flags = flags;
+    s->max_len = max_len > PGMP_LEN_MAX ? PGMP_LEN_MAX : max_len;
+    return 0;
+}
+
+void pgmp_relay_disarm(pgmp_relay *r, int fd)
+{
+    slot *s = get_slot(r, fd);
+
+    if (s != NULL) {
+        int blocked = s->blocked;
+        clear_slot(s);
+        s->blocked = blocked;    /* a property of the socket as a destination, not of the arming */
+    }
+}
+
+void pgmp_relay_blocked(pgmp_relay *r, int fd, int blocked)
+{
+    if (grow(r, fd) == 0)
+        r->slots[fd].blocked = blocked != 0;
+}
+
+int pgmp_relay_is_armed(pgmp_relay *r, int fd)
+{
+    slot *s = get_slot(r, fd);
+
+    return s != NULL && s->peer >= 0;
+}
+
+static uint32_t be32(const uint8_t *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | (uint32_t)p[3];
+}
+
+void pgmp_relay_walk(const uint8_t *buf, size_t len, const uint8_t *flags, uint32_t max_len, int side,
+                     int32_t *rec)
+{
+    size_t pos = 0;
+    int32_t count = 0, kind = -1, sync = 0;
+
+    if (max_len > PGMP_LEN_MAX)
+        max_len = PGMP_LEN_MAX;
+    while (len - pos >= 5) {
+        uint8_t type = buf[pos];
+        uint8_t flag = flags[type];
+        uint32_t declared = be32(buf + pos + 1);
+
+        /* a header the scanner would refuse: Python's relay reports it */
+        if (!(flag & PGMP_F_VALID) || declared < 4 || declared > max_len ||
+            ((flag & PGMP_F_SMALL) && declared > PGMP_SMALL_MAX))
+            break;
+        if (declared - 4 > len - pos - 5)
+            break;                                   /* partial: Python streams or keeps it */
+        if (flag & PGMP_F_REPORT) {
+            if (!(flag & PGMP_F_COUNT))
+                break;
+            if (side == 0) {
+                if (type == 'Q' || type == 'F' || type == 'S') {
+                    if (count > 0 && type != kind)
+                        break;                       /* one kind of request per record */
+                    kind = type;
+                    count++;
+                    if (type == 'S')
+                        sync = 2;
+                } else if (type == 'P' || type == 'B' || type == 'E') {
+                    sync = 1;
+                } else {
+                    break;
+                }
+            } else {
+                if (type != 'Z' || declared != 5)
+                    break;
+                count++;
+                kind = buf[pos + 5];
+            }
+        }
+        pos += (size_t)declared + 1;
+    }
+    rec[PGMP_R_N] = (int32_t)len;
+    rec[PGMP_R_SENT] = (int32_t)len;
+    rec[PGMP_R_GOOD] = (int32_t)pos;
+    rec[PGMP_R_COUNT] = count;
+    rec[PGMP_R_KIND] = kind;
+    rec[PGMP_R_SYNC] = sync;
+}
+
+static size_t send_all(int fd, const uint8_t *buf, size_t len)
+{
+    size_t sent = 0;
+
+    while (sent < len) {
+        ssize_t k = send(fd, buf + sent, len - sent, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (k > 0) {
+            sent += (size_t)k;
+            continue;
+        }
+        if (k < 0 && errno == EINTR)
+            continue;
+        break;                 /* EAGAIN, or an error Python meets when it sends the rest */
+    }
+    return sent;
+}
+
+static int step(pgmp_relay *r, slot *s, int fd, uint32_t events, uint8_t *buf, size_t cap, int32_t *rec)
+{
+    slot *peer;
+    ssize_t n;
+    size_t good;
+
+    rec[PGMP_R_FD] = fd;
+    rec[PGMP_R_EVENTS] = (int32_t)events;
+    rec[PGMP_R_CODE] = PGMP_EV_PYTHON;
+    rec[PGMP_R_N] = rec[PGMP_R_SENT] = rec[PGMP_R_GOOD] = 0;
+    rec[PGMP_R_COUNT] = rec[PGMP_R_SYNC] = 0;
+    rec[PGMP_R_KIND] = -1;
+    rec[PGMP_R_PEER] = -1;
+    if (s == NULL || s->peer < 0 || events != EPOLLIN)
+        return 0;
+    peer = get_slot(r, s->peer);
+    /* both ends armed for each other, the peer's queue empty, the pair not relayed this round */
+    if (peer == NULL || peer->peer != fd || peer->blocked || s->touched == r->round ||
+        peer->touched == r->round)
+        return 0;
+    if (cap > 0x7fffffff)
+        cap = 0x7fffffff;
+    do {
+        n = recv(fd, buf, cap, 0);
+    } while (n < 0 && errno == EINTR);
+    if (n <= 0)
+        return 0;              /* EOF, an error or nothing after all: Python reads and sees which */
+    s->touched = peer->touched = r->round;
+    pgmp_relay_walk(buf, (size_t)n, s->flags, s->max_len, s->side, rec);
+    rec[PGMP_R_PEER] = s->peer;
+    good = (size_t)rec[PGMP_R_GOOD];
+    rec[PGMP_R_SENT] = (int32_t)(good ? send_all(s->peer, buf, good) : 0);
+    rec[PGMP_R_CODE] = PGMP_EV_RELAYED;
+    return 1;
+}
+
+int pgmp_relay_step(pgmp_relay *r, int fd, uint32_t events, uint8_t *buf, size_t cap, int32_t *rec)
+{
+    if (++r->round == 0)
+        r->round = 1;
+    return step(r, get_slot(r, fd), fd, events, buf, cap, rec);
+}
+
+int pgmp_relay_poll(pgmp_relay *r, int epfd, int timeout_ms, uint8_t *buf, size_t cap,
+                    int32_t *recs, int max_events)
+{
+    struct epoll_event evs[256];
+    int n, i, buf_taken = 0;
+
+    if (max_events > 256)
+        max_events = 256;
+    if (max_events < 1)
+        return -EINVAL;
+    n = epoll_wait(epfd, evs, max_events, timeout_ms);
+    if (n < 0)
+        return -errno;
+    if (++r->round == 0)
+        r->round = 1;        /* 0 is "never" */
+    for (i = 0; i < n; i++) {
+        int32_t *rec = recs + (size_t)i * PGMP_R_SIZE;
+        int fd = evs[i].data.fd;
+
+        if (buf_taken) {
+            /* the buffer holds bytes Python has yet to see: Python reads this one itself */
+            step(r, NULL, fd, evs[i].events, buf, cap, rec);
+            continue;
+        }
+        step(r, get_slot(r, fd), fd, evs[i].events, buf, cap, rec);
+        if (rec[PGMP_R_CODE] == PGMP_EV_RELAYED &&
+            (rec[PGMP_R_SENT] < rec[PGMP_R_GOOD] || rec[PGMP_R_GOOD] < rec[PGMP_R_N]))
+            buf_taken = 1;
+    }
+    return n;
+}

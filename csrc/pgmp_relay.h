@@ -1,0 +1,69 @@
+/* pgmp_relay.h: the C relay's interface (epoll batch, recv, frame walk, send); build_scan.py reads it as cdef. */
+#ifndef PGMP_RELAY_H
+#define PGMP_RELAY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* An extra bit of the scanner's flags table: a reported type the C relay may forward itself and
+ * count ('Q', 'F', 'S' as requests, 'P'/'B'/'E' as unsynced, 'Z' as ReadyForQuery). */
+enum { PGMP_F_COUNT = 8 };
+
+/* What one record says happened to one epoll event (record field PGMP_R_CODE). */
+enum {
+    PGMP_EV_PYTHON = 0,  /* not touched: Python handles the event as usual (nothing was read) */
+    PGMP_EV_RELAYED = 1  /* read and relayed; see the record's ranges and counts */
+};
+
+/* Fields of one record, an array of PGMP_R_SIZE int32 values per event. */
+enum {
+    PGMP_R_FD = 0,       /* the socket */
+    PGMP_R_EVENTS = 1,   /* the epoll mask */
+    PGMP_R_CODE = 2,     /* PGMP_EV_* */
+    PGMP_R_N = 3,        /* bytes received into buf[0:n]; 0: EOF or error, Python reads again to see which */
+    PGMP_R_SENT = 4,     /* buf[0:sent] went to the peer */
+    PGMP_R_GOOD = 5,     /* buf[sent:good] did not: queue it for the peer; buf[good:n] is Python's to process */
+    PGMP_R_COUNT = 6,    /* requests (client side) or ReadyForQuery frames (server side) in buf[0:good] */
+    PGMP_R_KIND = 7,     /* client: the requests' type byte; server: the last ReadyForQuery's status */
+    PGMP_R_SYNC = 8,     /* client: 1 Parse/Bind/Execute after the last Sync, 2 a Sync after them, 0 neither */
+    PGMP_R_PEER = 9,     /* the socket the bytes went to */
+    PGMP_R_SIZE = 10
+};
+
+typedef struct pgmp_relay pgmp_relay;
+
+pgmp_relay *pgmp_relay_new(void);
+void pgmp_relay_free(pgmp_relay *r);
+
+/* Arm fd: its input goes to peer after a walk with flags[256] (which must outlive the arming) and
+ * max_len; side 0 = a client (counts requests), 1 = a server (counts ReadyForQuery).
+ * Returns 0, or -1 when out of memory. */
+int pgmp_relay_arm(pgmp_relay *r, int fd, int peer, const uint8_t *flags, uint32_t max_len, int side);
+/* Disarm fd: Python handles its events again. */
+void pgmp_relay_disarm(pgmp_relay *r, int fd);
+/* Python holds unsent bytes for fd (1) or no longer (0): the relay must not send to it meanwhile. */
+void pgmp_relay_blocked(pgmp_relay *r, int fd, int blocked);
+int pgmp_relay_is_armed(pgmp_relay *r, int fd);
+
+/*
+ * One epoll_wait on epfd (timeout in ms), then for each event on an armed socket whose peer is
+ * not blocked: recv into buf[0:cap], walk the frames, send the leading frames that need no
+ * decision to the peer, and describe it in a record. Once one record leaves bytes for Python
+ * (good < n), buf is Python's: the later events of the batch get PGMP_EV_PYTHON records, and so
+ * does a second event of a pair already relayed in this batch, so that Python has taken in the
+ * first one's record before the pair's state moves on.
+ * Returns the number of records written to recs (max_events at most), or -errno.
+ */
+int pgmp_relay_poll(pgmp_relay *r, int epfd, int timeout_ms, uint8_t *buf, size_t cap,
+                    int32_t *recs, int max_events);
+
+/* The same relay step for one socket, without epoll: fills one record (for tests and for
+ * Python's own use); returns 1, or 0 when fd is not armed or its peer is blocked. */
+int pgmp_relay_step(pgmp_relay *r, int fd, uint32_t events, uint8_t *buf, size_t cap, int32_t *rec);
+
+/* The frame walk alone over buf[0:len] (no IO), as the relay does it: fills rec's GOOD, COUNT,
+ * KIND and SYNC (SENT and N are set to len). For the tests that hold it against the Python relay. */
+void pgmp_relay_walk(const uint8_t *buf, size_t len, const uint8_t *flags, uint32_t max_len, int side,
+                     int32_t *rec);
+
+#endif

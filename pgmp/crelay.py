@@ -1,0 +1,90 @@
+"""The C relay (csrc/pgmp_relay.c): one call per epoll batch reads, walks and forwards plain traffic.
+
+The loop (pgmp.loop) uses it in place of ``epoll.poll`` when the C helper is
+built and PGMP_IMPL is not "python". A pair of plaintext endpoints in plain
+session traffic is *armed*: both sockets, each with the other as its peer and
+the flags table of its current scanner. An event on an armed socket is then
+handled in C: recv into the loop's scratch buffer, a walk over the frames, send
+of the leading frames Python need not see (types without F_REPORT, and the
+F_COUNT ones: requests and ReadyForQuery, which are counted), and a record:
+
+    fd, events, code, n, sent, good, count, kind, sync, peer
+
+``code`` 0: C did nothing, Python handles the event as before. 1: C read
+``n`` bytes into the scratch buffer and sent ``[0:sent]`` to ``peer``;
+``[sent:good]`` is for the peer's unsent queue, ``[good:n]`` for the
+endpoint's ``on_data`` (a frame Python must see, a partial frame or a bad
+header), ``count``/``kind``/``sync`` summarise the counted frames in
+``[0:good]`` for the Link. Python applies records in order, so the Link sees
+every frame in the order it crossed pgmp, and a pair is relayed at most once
+per batch, so that its first record is taken in before its state moves on.
+
+Disarming is eager: every change that could make C's choice of peer or
+scanner wrong (close, attach, detach, a state change, an internal query, a
+scanner change) disarms the pair first; arming is lazy, after Python handled
+an event of the pair (Endpoint.relay_check). The Python relay stays the
+reference: PGMP_IMPL=python runs without this module.
+"""
+import errno
+import math
+
+from pgmp.protocol import scanner as _scanner
+
+REC = 10          # int32 fields per record (PGMP_R_SIZE)
+MAX_EVENTS = 256
+
+
+class CRelay:
+    """The C relay's table of armed sockets, and the batch poll."""
+    __slots__ = ("_lib", "_ffi", "_r", "_buf", "_size", "_recs", "_unpack", "_poll", "_arm", "_disarm")
+
+    def __init__(self, scratch: bytearray, size: int):
+        from pgmp._scan import ffi, lib
+        self._ffi, self._lib = ffi, lib
+        r = lib.pgmp_relay_new()
+        if r == ffi.NULL:
+            raise MemoryError("pgmp_relay_new")
+        self._r = ffi.gc(r, lib.pgmp_relay_free)
+        self._buf = ffi.from_buffer(scratch)       # the loop's scratch buffer, never resized
+        self._size = size
+        self._recs = ffi.new("int32_t[]", MAX_EVENTS * REC)
+        self._unpack = ffi.unpack
+        self._poll = lib.pgmp_relay_poll
+        self._arm = lib.pgmp_relay_arm
+        self._disarm = lib.pgmp_relay_disarm
+
+    def poll(self, epfd: int, timeout: float) -> list[int]:
+        """One epoll_wait (``timeout`` in seconds) and the relay of what it can: the records, flat."""
+        ms = math.ceil(timeout * 1000) if timeout > 0 else 0
+        k = self._poll(self._r, epfd, ms, self._buf, self._size, self._recs, MAX_EVENTS)
+        if k < 0:
+            if -k == errno.EINTR:
+                return []
+            raise OSError(-k, "epoll_wait failed")
+        return self._unpack(self._recs, k * REC) if k else []
+
+    def arm(self, fd: int, peer: int, sc, side: int) -> bool:
+        """Relay ``fd``'s input to ``peer`` with scanner ``sc``'s flags (side 0 client, 1 server)."""
+        return self._arm(self._r, fd, peer, sc._flags, sc._max, side) == 0
+
+    def disarm(self, fd: int) -> None:
+        self._disarm(self._r, fd)
+
+    def blocked(self, fd: int, blocked: bool) -> None:
+        self._lib.pgmp_relay_blocked(self._r, fd, 1 if blocked else 0)
+
+    def armed(self, fd: int) -> bool:
+        return bool(self._lib.pgmp_relay_is_armed(self._r, fd))
+
+
+def walk(buf: bytes, flags: bytes, max_len: int, side: int) -> tuple[int, int, int, int]:
+    """The C relay's frame walk over ``buf`` alone: (good, count, kind, sync), for tests."""
+    from pgmp._scan import ffi, lib
+    rec = ffi.new("int32_t[]", REC)
+    lib.pgmp_relay_walk(ffi.from_buffer(buf), len(buf), ffi.from_buffer(flags), max_len, side, rec)
+    return rec[5], rec[6], rec[7], rec[8]
+
+
+def available() -> bool:
+    """The C relay is used: the C helper is built and picked (PGMP_IMPL is not "python")."""
+    return _scanner.IMPL == "c"

@@ -1,0 +1,325 @@
+"""The C relay (csrc/pgmp_relay.c, pgmp.crelay) against the Python relay it replaces.
+
+The main property: for any stream of frames, split at any offsets, with the
+destination reading slowly (backpressure), a pair relayed by C delivers the
+same bytes as the Python relay and leaves the Link in the same state. The rest
+checks the rules the loop relies on: both ends must be armed for each other, a
+blocked destination and a pair already relayed in the batch go to Python.
+"""
+import select
+import socket
+import struct
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pgmp.client import READY_FLAGS
+from pgmp.link import Link
+from pgmp.loop import Endpoint, Loop
+from pgmp.protocol import scanner
+from pgmp.relay import FORWARD, relay
+from pgmp.server import NORMAL_FLAGS
+
+try:
+    from pgmp import crelay
+    CScanner = scanner.load("c")
+except ImportError:                                  # pragma: no cover - the C helper is part of the build
+    crelay = None
+
+pytestmark = pytest.mark.skipif(crelay is None, reason="the C helper (pgmp._scan) is not built")
+PyScanner = scanner.load("python")
+
+
+def frame(kind: bytes, payload: bytes = b"") -> bytes:
+    return kind + struct.pack("!I", len(payload) + 4) + payload
+
+
+class Side(Endpoint):
+    """One end of a relayed pair, with the glue ClientConnection/ServerConnection have for the Link."""
+    __slots__ = ("scanner", "flags", "whole", "link", "side", "peer", "replacement", "relayed_in_c", "ended")
+
+    def __init__(self, loop, sock, flags, link, side, scanner_cls):
+        super().__init__(loop, sock)
+        self.scanner = scanner_cls(flags, 1 << 30)
+        self.flags = flags
+        self.whole = bytes(1 if i == 90 else 0 for i in range(256))    # a split ReadyForQuery is assembled
+        self.link = link
+        self.side = side
+        self.peer = None
+        self.replacement = b""
+        self.relayed_in_c = 0
+        self.ended = None
+
+    def on_data(self, view, n):
+        out = []
+        relay(self, view, n, out)
+        self.peer.send_views(out)
+        if self.peer.congested:
+            self.peer.hold_until_drained(self)
+
+    def on_frame(self, kind, view, off, ln):
+        if self.side == 0:
+            self.link.client_frame(kind)
+        elif kind == 90:
+            self.link.server_ready(1, view[off + 5])
+        return FORWARD
+
+    def framing_error(self, code, view, off):
+        raise AssertionError(f"framing error {code} at {off}")
+
+    def relayed(self, n, sent, good, count, kind, sync, peer_fd):
+        self.relayed_in_c += sent
+        return super().relayed(n, sent, good, count, kind, sync, peer_fd)
+
+    def relay_counted(self, count, kind, sync):
+        if self.side == 0:
+            for _ in range(count):
+                self.link.client_frame(kind)
+            if sync:
+                self.link.unsynced = sync == 1
+        else:
+            self.link.server_ready(count, kind)
+
+    def relay_check(self):
+        if self.loop.crelay is None:
+            return
+        p = self.peer
+        if self.leftover is None and not self.skip and p.leftover is None and not p.skip:
+            self.relay_arm(p, self.scanner, p.scanner, self.side)
+        else:
+            self.unrelay()
+
+    def on_eof(self, reason):
+        self.ended = reason
+        self.close_socket()
+
+
+def link_state(link: Link):
+    return (link.outstanding, link.status, link.unsynced, [b[0] for b in link.batches])
+
+
+def run_pair(use_c: bool, side: int, chunks: list[bytes], read_size: int, bufsize: int = 4096):
+    """Feed ``chunks`` into the ``side`` end of a relayed pair; what came out the far end, and the Link."""
+    loop = Loop(buffer_size=bufsize, relay=use_c)
+    cls = CScanner if use_c else PyScanner
+    a_out, a_in = socket.socketpair()          # the test writes a_out; endpoint A reads a_in
+    b_in, b_out = socket.socketpair()          # endpoint B writes b_in; the test reads b_out
+    for s in (a_out, b_out):
+        s.setblocking(False)
+    b_in.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    b_out.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    link = Link(clock=time.monotonic)
+    a = Side(loop, a_in, READY_FLAGS if side == 0 else NORMAL_FLAGS, link, side, cls)
+    b = Side(loop, b_in, NORMAL_FLAGS if side == 0 else READY_FLAGS, link, 1 - side, cls)
+    a.peer, b.peer = b, a
+    a.relay_check()
+    total = sum(len(c) for c in chunks)
+    pending = list(chunks)
+    got = bytearray()
+    deadline = time.monotonic() + 20
+    try:
+        while len(got) < total:
+            assert time.monotonic() < deadline, f"relayed {len(got)} of {total} bytes"
+            if pending:
+                try:
+                    k = a_out.send(pending[0])
+                    if k < len(pending[0]):
+                        pending[0] = pending[0][k:]
+                    else:
+                        pending.pop(0)
+                except BlockingIOError:
+                    pass
+            loop.run_once(0.002)
+            try:
+                got += b_out.recv(read_size)
+            except BlockingIOError:
+                pass
+        assert a.ended is None and b.ended is None
+        return bytes(got), link_state(link), a.relayed_in_c
+    finally:
+        for ep in (a, b):
+            ep.close_socket()
+        for s in (a_out, b_out):
+            s.close()
+        loop.close()
+
+
+CLIENT_KINDS = b"QQQPBESSDHCdF"
+SERVER_KINDS = b"TDDCZZZEINn1t2"
+
+
+@st.composite
+def streams(draw, side):
+    kinds = CLIENT_KINDS if side == 0 else SERVER_KINDS
+    frames = []
+    for _ in range(draw(st.integers(1, 30))):
+        kind = draw(st.sampled_from(kinds))
+        if kind == ord("Z"):
+            frames.append(frame(b"Z", draw(st.sampled_from([b"I", b"T", b"E"]))))
+            continue
+        # small types (PostgreSQL's 10000-byte cap, which both relays enforce) stay small
+        big = kind not in b"CDEHSXcf" and draw(st.integers(0, 9)) == 0
+        size = draw(st.integers(5000, 20000)) if big else draw(st.integers(0, 200))
+        frames.append(frame(bytes([kind]), b"v" * size))
+    data = b"".join(frames)
+    cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(data) - 1)), max_size=8))))
+    chunks, prev = [], 0
+    for c in cuts + [len(data)]:
+        if c > prev:
+            chunks.append(data[prev:c])
+            prev = c
+    return data, chunks
+
+
+@pytest.mark.parametrize("side", [0, 1], ids=["client", "server"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_c_relay_agrees_with_the_python_relay(side, data):
+    stream, chunks = data.draw(streams(side))
+    read_size = data.draw(st.sampled_from([1 << 16, 4096, 700]))
+    py_bytes, py_link, _ = run_pair(False, side, chunks, read_size)
+    c_bytes, c_link, _ = run_pair(True, side, chunks, read_size)
+    assert py_bytes == stream
+    assert c_bytes == stream
+    assert c_link == py_link
+
+
+def test_plain_traffic_is_relayed_in_c_and_counted():
+    """A run of requests goes through C; the Link counts each of them as the Python relay would."""
+    reqs = [frame(b"Q", b"select 1\0")] * 50
+    stream = b"".join(reqs)
+    py_bytes, py_link, _ = run_pair(False, 0, reqs, 1 << 16)
+    c_bytes, c_link, in_c = run_pair(True, 0, reqs, 1 << 16)
+    assert c_bytes == py_bytes == stream
+    assert c_link == py_link and c_link[0] == 50
+    assert in_c > len(stream) // 2                      # most of it never reached Python's relay
+
+
+@pytest.mark.parametrize("tail", [b"", b"PBE", b"PBES", b"SPB", b"F", b"FQ"])
+def test_a_batch_in_one_read_leaves_the_link_as_python_does(tail):
+    """Requests, then the ends of extended-protocol batches with and without their Sync, in one read."""
+    bodies = {b"P": b"\0select 1\0\0\0", b"B": b"\0\0\0\0\0\0\0\0", b"E": b"\0\0\0\0\0", b"S": b"",
+              b"F": b"\0\0\0\1\0\0\0\0\0\0", b"Q": b"select 1\0"}
+    stream = frame(b"Q", b"select 1\0") * 3 + b"".join(frame(bytes([k]), bodies[bytes([k])]) for k in tail)
+    py = run_pair(False, 0, [stream], 1 << 16)
+    c = run_pair(True, 0, [stream], 1 << 16)
+    assert c[0] == py[0] == stream
+    assert c[1] == py[1]
+    assert c[2] > 0
+
+
+def test_every_split_offset_of_a_mixed_batch():
+    stream = (frame(b"P", b"\0select $1\0\0\0") + frame(b"B", b"\0\0\0\0\0\0\0\0") + frame(b"E", b"\0\0\0\0\0")
+              + frame(b"S") + frame(b"Q", b"select 2\0") + frame(b"D", b"P\0") + frame(b"H"))
+    for cut in range(1, len(stream)):
+        chunks = [stream[:cut], stream[cut:]]
+        py = run_pair(False, 0, chunks, 1 << 16)
+        c = run_pair(True, 0, chunks, 1 << 16)
+        assert c[0] == py[0] == stream, cut
+        assert c[1] == py[1], cut
+
+
+def test_a_large_stream_under_backpressure():
+    rows = [frame(b"D", bytes([i % 251]) * 3000) for i in range(400)] + [frame(b"C", b"SELECT 400\0"),
+                                                                         frame(b"Z", b"I")]
+    stream = b"".join(rows)
+    chunks = [stream[i:i + 10000] for i in range(0, len(stream), 10000)]
+    py = run_pair(False, 1, chunks, 1500)
+    c = run_pair(True, 1, chunks, 1500)
+    assert c[0] == py[0] == stream
+    assert c[1] == py[1] and c[1][1] == ord("I")
+
+
+# -- the table and the poll rules ------------------------------------------------------------------
+
+def relay_setup():
+    buf = bytearray(8192)
+    r = crelay.CRelay(buf, 4096)
+    ep = select.epoll()
+    a_out, a_in = socket.socketpair()
+    b_in, b_out = socket.socketpair()
+    for s in (a_in, b_in):
+        s.setblocking(False)
+        ep.register(s.fileno(), select.EPOLLIN)
+    return buf, r, ep, (a_out, a_in, b_in, b_out)
+
+
+def records(flat):
+    return [flat[i:i + crelay.REC] for i in range(0, len(flat), crelay.REC)]
+
+
+def test_only_a_pair_armed_both_ways_is_relayed():
+    buf, r, ep, (a_out, a_in, b_in, b_out) = relay_setup()
+    sc_client, sc_server = CScanner(READY_FLAGS), CScanner(NORMAL_FLAGS)
+    q = frame(b"Q", b"select 1\0")
+    r.arm(a_in.fileno(), b_in.fileno(), sc_client, 0)      # one way only
+    a_out.send(q)
+    (rec,) = records(r.poll(ep.fileno(), 1))
+    assert rec[2] == 0 and a_in.recv(100) == q             # left to Python, unread
+    r.arm(b_in.fileno(), a_in.fileno(), sc_server, 1)
+    a_out.send(q)
+    (rec,) = records(r.poll(ep.fileno(), 1))
+    assert rec[2] == 1 and rec[3:9] == [len(q), len(q), len(q), 1, ord("Q"), 0] and rec[9] == b_in.fileno()
+    assert b_out.recv(100) == q
+    r.blocked(b_in.fileno(), True)                          # Python has bytes queued for b: C keeps out
+    a_out.send(q)
+    (rec,) = records(r.poll(ep.fileno(), 1))
+    assert rec[2] == 0 and a_in.recv(100) == q
+    r.blocked(b_in.fileno(), False)
+    r.disarm(b_in.fileno())
+    assert not r.armed(b_in.fileno()) and r.armed(a_in.fileno())
+    a_out.send(q)
+    (rec,) = records(r.poll(ep.fileno(), 1))
+    assert rec[2] == 0
+    for s in (a_out, a_in, b_in, b_out):
+        s.close()
+    ep.close()
+
+
+def test_a_pair_is_relayed_once_per_batch_and_stops_at_a_frame_python_must_see():
+    buf, r, ep, (a_out, a_in, b_in, b_out) = relay_setup()
+    sc_client, sc_server = CScanner(READY_FLAGS), CScanner(NORMAL_FLAGS)
+    r.arm(a_in.fileno(), b_in.fileno(), sc_client, 0)
+    r.arm(b_in.fileno(), a_in.fileno(), sc_server, 1)
+    q = frame(b"Q", b"select 1\0")
+    z = frame(b"Z", b"I")
+    a_out.send(q)
+    b_out.send(z)                                           # both ends readable in one batch
+    recs = records(r.poll(ep.fileno(), 1))
+    assert sorted(rec[2] for rec in recs) == [0, 1]         # the second is Python's, unread
+    first = next(rec for rec in recs if rec[2] == 1)
+    other = a_in if first[0] == b_in.fileno() else b_in
+    assert other.recv(100) in (q, z)
+    err = frame(b"E", b"SERROR\0\0")
+    b_out.send(z + err + z)                                 # an ErrorResponse is for Python
+    (rec,) = records(r.poll(ep.fileno(), 1))
+    assert rec[2] == 1 and rec[4] == rec[5] == len(z) and rec[3] == len(z + err + z)
+    assert rec[6:9] == [1, ord("I"), 0]
+    assert bytes(buf[rec[5]:rec[3]]) == err + z             # left in the buffer for on_data
+    assert a_out.recv(100) == z
+    for s in (a_out, a_in, b_in, b_out):
+        s.close()
+    ep.close()
+
+
+@pytest.mark.parametrize("stream, expect", [
+    (frame(b"Q", b"a\0") + frame(b"S"), (len(frame(b"Q", b"a\0")), 1, ord("Q"), 0)),   # one kind per record
+    (frame(b"P", b"\0x\0\0\0") + frame(b"S") + frame(b"B", b"\0\0\0\0\0\0\0\0"),
+     (None, 1, ord("S"), 1)),                                                          # Bind after the Sync
+    (frame(b"X"), (0, 0, -1, 0)),                                                       # Terminate: Python's
+    (frame(b"Q", b"a\0")[:6], (0, 0, -1, 0)),                                           # partial
+    (b"Q\0\0\0\x02", (0, 0, -1, 0)),                                                    # bad length
+])
+def test_walk(stream, expect):
+    good, count, kind, sync = crelay.walk(stream, READY_FLAGS, 1 << 30, 0)
+    want_good = len(stream) if expect[0] is None else expect[0]
+    assert (good, count, kind, sync) == (want_good, *expect[1:])
+
+
+def test_walk_server_side_counts_only_well_formed_ready_for_query():
+    z = frame(b"Z", b"T")
+    assert crelay.walk(z + z + frame(b"D", b"x"), NORMAL_FLAGS, 1 << 30, 1) == (2 * len(z) + 6, 2, ord("T"), 0)
+    bad = frame(b"Z", b"TT")
+    assert crelay.walk(z + bad, NORMAL_FLAGS, 1 << 30, 1) == (len(z), 1, ord("T"), 0)
