@@ -591,7 +591,7 @@ class Master:
         if cfg.unix_socket_dir:
             where += f", {cfg.unix_socket_path}"
         from pgmp.protocol import scanner
-        log.info("pgmp %s ready: %d workers listening on %s (scanner: %s, pid %d)",
+        log.info("pgmp %s ready: %d workers listening on %s (scanner and relay: %s, pid %d)",
                  __version__, self.nworkers, where, scanner.IMPL, os.getpid())
         notify("READY=1", f"MAINPID={os.getpid()}", f"STATUS={self.summary()}")
         if self.takeover_pid:
