@@ -52,7 +52,11 @@ equal share (the remainder goes to the lowest worker slots), so N workers never 
 more server connections together than configured. With fewer connections than
 workers, some workers get none for that pool, and their clients of that pool get
 error 53300 at once (the message names the pool and says why). Give each pool at
-least as many connections as workers.
+least as many connections as workers. The limits are those of one pgmp: with several
+pgmp nodes behind a load balancer each node has its own, and
+.BR pgmp\-ha (7)
+shows how to size them so that all nodes together stay within PostgreSQL's
+max_connections.
 .SH AUTH FILE
 .B auth_file
 uses PgBouncer's format: one line per user,
@@ -164,7 +168,8 @@ host = "/var/run/postgresql"
 port = 5432
 .fi
 .SH SEE ALSO
-.BR pgmp (1)
+.BR pgmp (1),
+.BR pgmp\-ha (7)
 """
 
 

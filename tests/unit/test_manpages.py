@@ -13,10 +13,13 @@ import pgmp.cli
 import pgmp.manpage
 import pgmp.master
 from pgmp.config import SCHEMA
+from tests.support.haproxy import documented_config, find_haproxy
 
 ROOT = Path(__file__).resolve().parents[2]
 MAN1 = ROOT / "man" / "pgmp.1"
 MAN5 = ROOT / "man" / "pgmp.toml.5"
+MAN7 = ROOT / "man" / "pgmp-ha.7"
+README = ROOT / "README.md"
 UNIT = ROOT / "scripts" / "pgmp.service"
 
 
@@ -59,7 +62,7 @@ def test_pgmp_toml_5_settings_sections_in_schema_order():
 
 # ---------------------------------------------------------------- groff
 
-@pytest.mark.parametrize("page", [MAN1, MAN5], ids=lambda p: p.name)
+@pytest.mark.parametrize("page", [MAN1, MAN5, MAN7], ids=lambda p: p.name)
 def test_page_renders_without_warnings(page):
     if shutil.which("groff") is None:
         pytest.skip("groff is not installed")
@@ -163,6 +166,30 @@ def test_pgmp_1_exit_statuses():
 def test_pages_carry_the_version():
     assert f'"pgmp {pgmp.__version__}"' in MAN1.read_text().splitlines()[0]
     assert f'"pgmp {pgmp.__version__}"' in pgmp.manpage.render()
+    assert f'"pgmp {pgmp.__version__}"' in MAN7.read_text().splitlines()[0]
+
+
+# ---------------------------------------------------------------- pgmp-ha(7)
+
+def test_pages_refer_to_pgmp_ha_7():
+    for page in (MAN1, MAN5):
+        assert ".BR pgmp\\-ha (7)" in section(page, "SEE ALSO"), page.name
+
+
+def test_haproxy_example_is_the_same_in_readme_and_accepted_by_haproxy(tmp_path):
+    """The example an operator copies (README or pgmp-ha(7)) is one text, and haproxy -c accepts it.
+    (tests/integration/test_load_balancer.py runs it in front of two pgmp nodes.)"""
+    example = documented_config()
+    readme = re.search(r"^```haproxy\n(.*?)^```$", README.read_text(), re.S | re.M)
+    assert readme, "README.md has no ```haproxy block"
+    assert readme.group(1) == example, "README.md's haproxy.cfg differs from pgmp-ha(7)'s"
+    binary = find_haproxy()
+    if binary is None:
+        pytest.skip("haproxy is not installed (run scripts/setup-env)")
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(example)
+    result = subprocess.run([binary, "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # ---------------------------------------------------------------- systemd unit
