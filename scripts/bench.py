@@ -97,6 +97,10 @@ MAX_CLIENT_CONN = 1000
 PG_MIN_MAX_CONNECTIONS = 300
 CPU_SAMPLE_INTERVAL = 0.1   # seconds between samples of the proxy's CPU time during a run
 MAX_PREPARED_STATEMENTS = 200   # PgBouncer >= 1.21 (its default from 1.22)
+# pgbench's -T clock runs while its clients log in, one after the other per thread (SCRAM each,
+# and in session mode a server login behind each): a run with many clients gets this much
+# longer per client above 16, so that -T seconds of it are left with every client running
+LOGIN_ALLOWANCE_PER_CLIENT = 0.02
 # Ports come from below the kernel's ephemeral range (32768-60999), so the many
 # outgoing connections of the -C scenario cannot take one, and never from the
 # well-known ports a system postgres or the Debian pgbouncer service may hold.
@@ -144,6 +148,11 @@ SCENARIOS: tuple[Scenario, ...] = (
 SCENARIO_BY_NAME = {s.name: s for s in SCENARIOS}
 SCENARIO_ALIASES = {"select-c500": "select-simple-c500"}     # its name before the -M variants came
 
+
+
+def run_seconds(sc: Scenario, duration: int) -> int:
+    """pgbench -T of a scenario: the asked duration plus the login allowance of its clients."""
+    return duration + math.ceil(max(0, sc.clients - 16) * LOGIN_ALLOWANCE_PER_CLIENT)
 
 
 def pool_size_for(mode: str, scenarios: list[Scenario]) -> int:
@@ -515,7 +524,7 @@ def pin_process_tree(proxy: Proxy, plan: PinPlan) -> list[str]:
     lines = []
     wanted = plan.worker_cpus(getattr(proxy, "workers", 1))
     for p in tree_processes(proxy.pid):
-        role = process_role(p, proxy.pid)
+        role = process_role(p, proxy.pid) if proxy.kind == "pgmp" else "process"
         m = re.match(r"worker (\d+)", role)
         try:
             if m:
@@ -1029,7 +1038,8 @@ class Runner:
     def run(self, sc: Scenario, target: Target, mode: str) -> dict:
         self.seq += 1
         res: dict = {"scenario": sc.name, "pool_mode": mode, "target": target.name, "workers": target.workers,
-                     "clients": sc.clients, "pgbench_args": list(sc.args), "duration_s": self.args.duration,
+                     "clients": sc.clients, "pgbench_args": list(sc.args),
+                     "duration_s": run_seconds(sc, self.args.duration),
                      "tps": None, "latency_avg_ms": None, "log_avg_ms": None, "p50_ms": None, "p99_ms": None,
                      "p99_9_ms": None, "failed": None, "processed": None, "aborted_clients": 0, "errors": [],
                      "notes": []}
@@ -1055,7 +1065,7 @@ class Runner:
         prefix = self.logs / f"run{self.seq:03d}-{mode}-{sc.name}-{target.name}"
         pin = self.pin.taskset(self.pin.load) if self.pin else []
         cmd = [*pin, self.pgbench, "-h", HOST, "-p", str(target.port), "-U", USER, "-n",
-               "-T", str(self.args.duration), "-l", "--log-prefix", str(prefix), *sc.args, DBNAME]
+               "-T", str(res["duration_s"]), "-l", "--log-prefix", str(prefix), *sc.args, DBNAME]
         env = dict(os.environ, PGPASSWORD=self.password, PGSSLMODE="require" if self.args.tls else "disable",
                    PGGSSENCMODE="disable",
                    PGAPPNAME="pgbench")
@@ -1069,7 +1079,7 @@ class Runner:
         sys0 = psutil.cpu_times()
         t0 = time.monotonic()
         # generous: -T bounds the run, but a stuck proxy must not hang the benchmark
-        timeout = self.args.duration * 2 + 60 + sc.clients * 0.1
+        timeout = res["duration_s"] * 2 + 60 + sc.clients * 0.1
         with CpuSampler(proxy_pid) as sampler:
             self.current = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                             env=env, cwd=self.logs, start_new_session=True)
@@ -1329,8 +1339,8 @@ class Report:
     def details(self) -> list[str]:
         out = [(f"[{self.mode} mode] every run: whole-run CPU s per 1000 tx (proxy tree incl. logins, all "
                 "PostgreSQL backends, pgbench) and notes")]
-        heads = ["scenario", "target", "tx", "tps", "failed", "proxy", "proxy steady", "postgres", "pgbench",
-                 "other load", "notes"]
+        heads = ["scenario", "target", "-T s", "login s", "tx", "tps", "failed", "proxy", "proxy steady",
+                 "postgres", "pgbench", "other load", "notes"]
         rows = []
         for sc in self.scenarios:
             for t in self.targets:
@@ -1340,11 +1350,13 @@ class Report:
                 per = r.get("cpu_s_per_1000_tx", {})
                 shown = r if not r.get("errors") else {}   # a failed run's figures are not comparable
                 steady = (r.get("steady") or {}).get("proxy_cpu_s_per_1000_tx")
-                rows.append([sc.name, t, fmt(r.get("processed"), "d"), fmt(shown.get("tps"), ".1f"),
+                login = r.get("conn_time_ms")
+                rows.append([sc.name, t, fmt(r.get("duration_s"), "d"), fmt(login / 1000 if login else None, ".2f"),
+                             fmt(r.get("processed"), "d"), fmt(shown.get("tps"), ".1f"),
                              fmt(r.get("failed"), "d"), fmt(per.get("proxy"), ".4f"), fmt(steady, ".4f"),
                              fmt(per.get("postgres"), ".4f"), fmt(per.get("pgbench"), ".4f"),
                              fmt(r.get("background_load"), ".2f"), status_text(r)])
-        return out + table(heads, rows, align="ll" + "r" * 8 + "l")
+        return out + table(heads, rows, align="ll" + "r" * 10 + "l")
 
     def render(self) -> str:
         parts = [self.headline(), self.tps_table(), self.latency_table(), self.details()]
@@ -1547,9 +1559,10 @@ def parse_args(argv):
     p.add_argument("--workers", default="1",
                    help="pgmp's workers setting, or a list (1,2): one pgmp per value in the same run, targets "
                         "pgmp-w1, pgmp-w2 (default 1)")
-    p.add_argument("--pool-mode", default="session",
+    p.add_argument("--pool-mode", default=None,
                    help="pool_mode of BOTH PgBouncer and pgmp, or a list (session,transaction) run one after "
-                        "the other in the same run (default session)")
+                        "the other in the same run (default session; with --idle transaction, since pgmp's "
+                        "session mode gives each client its server at login)")
     p.add_argument("--pgbouncer", default=None,
                    help="the PgBouncer binary, any version (default: pgbouncer from PATH, or /usr/sbin/pgbouncer)")
     p.add_argument("--pin", action="store_true",
@@ -1584,6 +1597,8 @@ def parse_args(argv):
     if not args.worker_list or any(w < 1 for w in args.worker_list):
         p.error("--workers: each value must be at least 1")
     args.worker_list = list(dict.fromkeys(args.worker_list))
+    if args.pool_mode is None:
+        args.pool_mode = "transaction" if args.idle else "session"
     args.mode_list = list(dict.fromkeys(csv_list(args.pool_mode)))
     for m in args.mode_list:
         if m not in POOL_MODES:
@@ -1695,6 +1710,8 @@ class Bench:
         if sc.clients <= POOL_SIZE:
             return
         if mode == "session" and target.proxy is not None:
+            log(f"restarting {target.proxy.label}: its {sc.clients} idle server connections would take the next "
+                "target's PostgreSQL connection slots")
             try:
                 target.proxy.restart()
             except RuntimeError as exc:
