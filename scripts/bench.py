@@ -76,6 +76,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -595,10 +596,22 @@ class ScramClient:
             raise LoginFailed(f"SCRAM: wrong server signature ({text[:60]})")
 
 
-async def login(port: int, password: str, app: str = "bench-idle", timeout: float = 60.0):
-    """Connect and log in (startup, SCRAM or cleartext/md5 password) up to ReadyForQuery; (reader, writer)."""
+def client_tls_context(tls: TlsFiles | None) -> ssl.SSLContext | None:
+    """What pgbench's sslmode=require does, plus checking the certificate against our CA."""
+    return ssl.create_default_context(cafile=str(tls.ca)) if tls is not None else None
+
+
+async def login(port: int, password: str, app: str = "bench-idle", timeout: float = 60.0,
+                tls: ssl.SSLContext | None = None):
+    """Connect and log in (SSLRequest and TLS when tls, startup, SCRAM or cleartext/md5 password) up to
+    ReadyForQuery; (reader, writer)."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), timeout)
     try:
+        if tls is not None:
+            writer.write(struct.pack("!ii", 8, 80877103))              # SSLRequest
+            if await asyncio.wait_for(reader.readexactly(1), timeout) != b"S":
+                raise LoginFailed("the server refused TLS")
+            await asyncio.wait_for(writer.start_tls(tls, server_hostname=HOST), timeout)
         writer.write(_startup(USER, DBNAME, app))
         scram: ScramClient | None = None
         while True:
@@ -641,10 +654,10 @@ async def close_client(writer: asyncio.StreamWriter) -> None:
         pass
 
 
-def login_works(port: int, password: str) -> bool:
+def login_works(port: int, password: str, tls: ssl.SSLContext | None = None) -> bool:
     """One full login round trip: the proxy answers its clients (not only its kernel's accept queue)."""
     async def once():
-        _, w = await login(port, password, app="bench-ready", timeout=5.0)
+        _, w = await login(port, password, app="bench-ready", timeout=5.0, tls=tls)
         await close_client(w)
     try:
         asyncio.run(once())
@@ -773,7 +786,7 @@ class Proxy:
         raise NotImplementedError
 
     def ready(self) -> bool:
-        return port_accepts(self.port) and login_works(self.port, self.password)
+        return port_accepts(self.port) and login_works(self.port, self.password, client_tls_context(self.tls))
 
     def start(self) -> None:
         self.starts += 1
@@ -1180,7 +1193,7 @@ class Runner:
         """The proxy's CPU per 1000 transactions over the steady window (logins and logouts left out)."""
         res["steady"] = None
         window = txlog.steady_window()
-        if not sampler.procs or window is None:
+        if not sampler.procs or window is None or res["errors"]:
             return
         start, end = window
         if end - start < 0.3 * self.args.duration:
@@ -1384,7 +1397,8 @@ def settled_memory(pid: int, timeout: float = 10.0) -> list[dict]:
 
 async def hold_idle_clients(proxy: Proxy, n: int, password: str) -> dict:
     """Log n clients in and keep them idle; the proxy tree's memory before and with them."""
-    _, w = await login(proxy.port, password)          # warm up: the pool's first server connection
+    tls = client_tls_context(proxy.tls)
+    _, w = await login(proxy.port, password, tls=tls)          # warm up: the pool's first server connection
     await close_client(w)
     before = settled_memory(proxy.pid)
     pairs: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
@@ -1394,7 +1408,7 @@ async def hold_idle_clients(proxy: Proxy, n: int, password: str) -> dict:
     async def one():
         async with gate:
             try:
-                pairs.append(await login(proxy.port, password))
+                pairs.append(await login(proxy.port, password, tls=tls))
             except (OSError, LoginFailed, TimeoutError, asyncio.IncompleteReadError) as exc:
                 key = f"{type(exc).__name__}: {exc}"[:120]
                 errors[key] = errors.get(key, 0) + 1
