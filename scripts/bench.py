@@ -101,7 +101,7 @@ MAX_PREPARED_STATEMENTS = 200   # PgBouncer >= 1.21 (its default from 1.22)
 # pgbench's -T clock runs while its clients log in, one after the other per thread (SCRAM each,
 # and in session mode a server login behind each): a run with many clients gets this much
 # longer per client above 16, so that -T seconds of it are left with every client running
-LOGIN_ALLOWANCE_PER_CLIENT = 0.02
+LOGIN_ALLOWANCE_PER_CLIENT = 0.04   # 500 clients: 20 s (logins took 5-13 s on the loaded 2-core VM)
 # Ports come from below the kernel's ephemeral range (32768-60999), so the many
 # outgoing connections of the -C scenario cannot take one, and never from the
 # well-known ports a system postgres or the Debian pgbouncer service may hold.
