@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import bisect
 import dataclasses
 import datetime as dt
 import glob
@@ -931,7 +932,10 @@ dbname = "{DBNAME}"
         return sorted(set(self.settings.pin.worker_cpus(self.workers))) if self.settings.pin else []
 
     def worker_pids(self) -> list[int]:
-        return [p.pid for p in tree_processes(self.pid) if process_role(p, self.pid).startswith("worker")]
+        """The workers, known by their process title; without setproctitle, the master's children."""
+        procs = tree_processes(self.pid)[1:]
+        titled = [p.pid for p in procs if process_role(p, self.pid).startswith("worker")]
+        return titled or [p.pid for p in procs]
 
     def ready(self) -> bool:
         # the master binds the listeners before its workers run: wait for all of them, then a login
@@ -979,7 +983,6 @@ class TxLog:
         return (start, end) if end > start else None
 
     def completed_between(self, start: float, end: float) -> int:
-        import bisect
         return bisect.bisect_right(self.ends, end) - bisect.bisect_right(self.ends, start)
 
 
@@ -1823,7 +1826,7 @@ class Bench:
             lines.append("pinning: none (every process may run on any CPU; --pin to separate them)")
         return "\n".join(lines)
 
-    def memory_text(self) -> str:
+    def memory_lines(self) -> str:
         out = []
         for mode, per in self.memory.items():
             for name, rows in per.items():
@@ -1884,7 +1887,7 @@ def main(argv=None) -> int:
                                        for m in args.mode_list)
         info["loadavg_before"], info["loadavg_after"] = load0, loadavg()
         header = bench.header(info, started, load0)
-        mem = bench.memory_text()
+        mem = bench.memory_lines()
         print()
         print(header)
         print()
