@@ -20,7 +20,6 @@ answers; they decide nothing about the protocol themselves. It owns:
 :class:`ServerSession` is what pgmp knows of one server connection's session:
 the settings applied on it, its reported parameters, its prepared statements.
 """
-import collections
 import functools
 import logging
 
@@ -112,14 +111,15 @@ class Link:
         self.copy_in = False
         self.unsynced = False                    # Parse/Bind/Execute sent since the last Sync
         # per request in flight, oldest first: [kind, session effects or None (unread), error seen]
-        self.batches: collections.deque = collections.deque()
+        # (a list: rarely more than a few entries, and an idle client's deque would cost 760 bytes)
+        self.batches: list = []
         self.stats = stats
         self.clock = clock
         self.t_query = 0.0
         self.t_xact = 0.0
         self.t_ready = 0.0                       # when the server last finished all outstanding requests
         self.startup = dict(settings or {})      # what the client asked for at login (RESET goes back to it)
-        self.settings = dict(self.startup)       # what the client's session holds now
+        self.settings = self.startup             # what the client's session holds now (a copy once it changes)
         self.tracked = tracked                   # reported parameters whose ParameterStatus updates settings
         self.overlay: list = []                  # SETs of the open transaction, applied if it commits
         self.open_effects: list | None = [] if self.pooled else None   # the extended-protocol batch's, until its Sync
@@ -231,7 +231,7 @@ class Link:
         batches = self.batches
         before = self.status
         for _ in range(min(count, len(batches))):
-            batch = batches.popleft()
+            batch = batches.pop(0)
             if self.pooled:
                 self._end_batch(batch, before, status)
         self.status = status
@@ -321,6 +321,8 @@ class Link:
         if srv is not None:
             srv.reported[lc] = value
             if lc in self.tracked:
+                if self.settings is self.startup:
+                    self.settings = dict(self.startup)
                 self.settings[lc] = value
                 srv.applied[lc] = value
 
@@ -385,6 +387,8 @@ class Link:
         if not overlay:
             return
         settings = self.settings
+        if settings is self.startup:
+            settings = self.settings = dict(settings)
         srv = self.server if self.server is not None else ServerSession(0)
         applied = srv.applied
         for e in overlay:
