@@ -416,20 +416,21 @@ def test_databases_inherit_from_pgmp():
     cfg = cfg_with('default_pool_size = 7\nreserve_pool_size = 2\nmax_db_connections = 50', SECTIONS)
     appdb = cfg.databases["appdb"]
     assert appdb == config.DatabaseConfig(
-        name="appdb", host="db1.internal", port=5433, dbname="appdb", user="app", password="s3cret",
+        name="appdb", host=("db1.internal",), port=5433, dbname="appdb", user="app", password="s3cret",
         pool_size=7, min_pool_size=0, reserve_pool_size=2, pool_mode="transaction",
         max_db_connections=50, connect_query="SET search_path TO app", auth_dbname="", application_name="",
-        server_require_auth=())
+        server_require_auth=(), target_session_attrs="any", load_balance_hosts="disable", max_replica_lag=0.0)
     reports = cfg.databases["reports"]
     assert (reports.dbname, reports.pool_size, reports.pool_mode, reports.host) == (
-        "warehouse", 5, "session", "/var/run/postgresql")
+        "warehouse", 5, "session", ("/var/run/postgresql",))
     assert cfg.databases["*"].dbname == ""
     assert "s3cret" not in repr(appdb) and "s3cret" not in repr(cfg)
 
 
 def test_database_defaults():
     db = cfg_with("", "[databases.appdb]\n").databases["appdb"]
-    assert (db.host, db.port, db.dbname, db.user, db.password) == ("127.0.0.1", 5432, "appdb", "", "")
+    assert (db.host, db.port, db.dbname, db.user, db.password) == (("127.0.0.1",), 5432, "appdb", "", "")
+    assert db.hosts == (config.HostSpec("127.0.0.1", 5432),)
     assert dataclasses.is_dataclass(db)
     with pytest.raises(dataclasses.FrozenInstanceError):
         db.port = 1
@@ -449,7 +450,7 @@ def test_database_for():
     cfg = cfg_with("", SECTIONS)
     assert database_for(cfg, "appdb") is cfg.databases["appdb"]
     other = database_for(cfg, "sales")
-    assert (other.name, other.dbname, other.host) == ("sales", "sales", "10.0.0.9")
+    assert (other.name, other.dbname, other.host) == ("sales", "sales", ("10.0.0.9",))
     assert database_for(cfg_with("", "[databases.appdb]\n"), "sales") is None
     fixed = cfg_with("", '[databases."*"]\ndbname = "shared"\n')
     assert database_for(fixed, "sales").dbname == "shared"
