@@ -14,7 +14,10 @@ ServerAuthenticator, the code the workers use), and runs
 The replay lag is now() - pg_last_xact_replay_timestamp(), and 0 while the
 standby has replayed everything it received (pg_last_wal_receive_lsn() =
 pg_last_wal_replay_lsn()): an idle primary sends nothing, and its standby is
-not behind. Which user and password (see health_check_user in
+not behind. The first write after the primary was idle makes that
+difference jump to the idle time for the few milliseconds before it is
+replayed; so the lag reported is the smaller of the last two checks', and a
+standby leaves the read pool only when two checks in a row find it behind. Which user and password (see health_check_user in
 pgmp.toml(5)): health_check_user / health_check_password if set, else, per
 host, the user of the first database section that lists the host and sets
 one, with that section's password or the user's auth_file secret. A host no
@@ -321,6 +324,7 @@ class HealthChecker:
         self.asked: set[tuple[str, int]] = set()          # checks a worker asked for: broadcast after them
         self.complaints: dict[tuple[str, int], str] = {}  # the last problem logged per host (not repeated)
         self.refused: set[tuple[str, int]] = set()        # hosts that refused the credential: connect only
+        self.measured: dict[tuple[str, int], float | None] = {}   # each standby's lag at its last check
         self.resolver = Resolver(self.loop, self.config.dns_max_ttl, self.config.dns_nxdomain_ttl, "process")
         self.tls = None
         self.timer = None
@@ -419,6 +423,7 @@ class HealthChecker:
     def probe_done(self, target: Target, result: ProbeResult) -> None:
         key = target.spec.key
         self.running.pop(key, None)
+        log.debug("health check of %s: %s", target.spec, result)
         st = self.hosts.get(key)
         if st is None or self.closed:
             return
@@ -430,7 +435,8 @@ class HealthChecker:
         if result.up:
             if result.in_recovery is not None:
                 st.set_role(result.in_recovery, result.read_only, now)
-            st.lag = result.lag
+            last, self.measured[key] = self.measured.get(key), result.lag
+            st.lag = None if result.lag is None else result.lag if last is None else min(last, result.lag)
             if result.error is not None:
                 self.refused.add(key)
                 self._complain(key, f"health check of {target.spec} cannot log in as {target.user} "
@@ -442,7 +448,7 @@ class HealthChecker:
         else:
             why = result.error.message if result.error is not None else "failed"
             st.ban(now, self.config.host_ban_time, why)
-            st.lag = None
+            st.lag = self.measured[key] = None
         after = (st.up, st.in_recovery, st.read_only, st.banned_until, st.lagging(target.max_lag))
         if after != before:
             self._log_change(target, st, before)

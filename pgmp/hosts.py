@@ -201,9 +201,8 @@ class HostTable:
         self.get(spec).connect_failures = 0
 
     # -- the choice ----------------------------------------------------------------------
-    def choose(self, hosts: tuple[HostSpec, ...], target: str, balance: str, max_lag: float, now: float,
-               turn: int = 0) -> HostSpec | None:
-        """The host for a new server connection, or None when no host can serve ``target`` now."""
+    def candidates(self, hosts: tuple[HostSpec, ...], target: str, max_lag: float, now: float) -> list[HostSpec]:
+        """The hosts a new server connection of ``target`` may go to now, in list order (see choose)."""
         several = len(hosts) > 1
         second_chance: list[HostSpec] = []
         for t in passes(target):
@@ -218,12 +217,15 @@ class HostTable:
                         second_chance.append(spec)
                     continue
                 (known if ok else unknown).append(spec)
-            pick = known or unknown
-            if pick:
-                return self._order(pick, balance, turn)
-        if second_chance:
-            return self._order(second_chance, balance, turn)
-        return None
+            if known or unknown:
+                return known or unknown
+        return second_chance
+
+    def choose(self, hosts: tuple[HostSpec, ...], target: str, balance: str, max_lag: float, now: float,
+               turn: int = 0) -> HostSpec | None:
+        """The host for a new server connection, or None when no host can serve ``target`` now."""
+        pick = self.candidates(hosts, target, max_lag, now)
+        return self._order(pick, balance, turn) if pick else None
 
     def _order(self, candidates: list[HostSpec], balance: str, turn: int) -> HostSpec:
         if balance == "random":

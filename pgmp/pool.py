@@ -296,14 +296,16 @@ class Pool:
                 worker.host_read_only(spec)
                 return f"it answered 25006 (read-only transaction) for {self.name}: its role is checked again"
         worker.hosts.learned(spec, srv.params, now)         # in_hot_standby changes at a promotion
-        hosts = self.db.hosts
         st = worker.hosts.get(spec)
         if fits_pool(self.target, st, self.db.max_replica_lag) is False:
             return f"host {spec} no longer fits target_session_attrs={self.target} ({self._describe(st)})"
-        if len(hosts) > 1 and (st.banned(now) or st.up is False):
-            other = worker.hosts.choose(hosts, self.target, "disable", self.db.max_replica_lag, now)
-            if other is not None and other != spec:
+        candidates = worker.hosts.candidates(self.db.hosts, self.target, self.db.max_replica_lag, now)
+        if candidates and spec not in candidates:
+            # banned, down, or of a tier behind another (prefer-standby: a standby is usable again)
+            if len(self.db.hosts) > 1 and (st.banned(now) or st.up is False):
                 return f"host {spec} is {'banned' if st.banned(now) else 'down'}: {st.error or 'failed'}"
+            return f"host {spec} is a {st.role} and {', '.join(map(str, candidates))} serves " \
+                   f"target_session_attrs={self.target} better"
         return ""
 
     def _describe(self, st) -> str:
