@@ -189,10 +189,12 @@ def start_cluster(base_dir: Path) -> Cluster:
     return cluster
 
 
-def start_standby(primary: Cluster, base_dir: Path, settings: dict[str, str] | None = None) -> Cluster:
+def start_standby(primary: Cluster, base_dir: Path, settings: dict[str, str] | None = None,
+                  port: int | None = None) -> Cluster:
     """A hot standby of ``primary`` under base_dir, streaming from it, started and ready for reads.
 
-    ``settings`` are appended to its postgresql.conf (after the port and socket directory).
+    ``settings`` are appended to its postgresql.conf (after the port and socket directory);
+    ``port``: the one it listens on (default: a free one), e.g. a former primary's rebuilt as a standby.
     """
     bin_dir = Path(primary.bin_dir)
     base_dir.mkdir(parents=True, exist_ok=True)
@@ -202,7 +204,7 @@ def start_standby(primary: Cluster, base_dir: Path, settings: dict[str, str] | N
         shutil.chown(base_dir, SUPERUSER, SUPERUSER)
     run([bin_dir / "pg_basebackup", "-D", datadir, "-h", primary.socket_dir, "-p", str(primary.port),
          "-U", SUPERUSER, "-R", "-X", "stream", "-c", "fast", "--no-sync"], cwd=base_dir, timeout=120, **as_server)
-    port = free_port()
+    port = port or free_port()
     conf = {"port": str(port), "unix_socket_directories": f"'{base_dir}'", "hot_standby": "on",
             "wal_receiver_status_interval": "1s", **(settings or {})}
     with open(datadir / "postgresql.conf", "a") as f:
