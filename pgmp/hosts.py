@@ -141,6 +141,7 @@ class HostTable:
     def __init__(self, rng: random.Random | None = None):
         self.hosts: dict[tuple[str, int], HostState] = {}
         self.rng = rng or random.Random()
+        self.version = 0                      # bumped at every change a choice depends on (pools cache by it)
 
     def get(self, spec: HostSpec) -> HostState:
         st = self.hosts.get(spec.key)
@@ -157,7 +158,7 @@ class HostTable:
                 st = self.get(HostSpec(str(row["host"]), int(row["port"])))
             except (KeyError, TypeError, ValueError):
                 continue
-            before = (st.up, st.in_recovery, st.read_only, st.lag, st.banned_until)
+            before = (st.up, st.in_recovery, st.read_only, st.lag, st.banned_until, st.checked_at)
             st.up = row.get("up")
             st.lag = row.get("lag")
             st.checked_at = max(st.checked_at, float(row.get("checked_at") or 0.0))
@@ -169,7 +170,9 @@ class HostTable:
                 st.banned_at = max(st.banned_at, float(row.get("banned_at") or 0.0))
             if row.get("in_recovery") is not None or row.get("read_only") is not None:
                 st.set_role(row.get("in_recovery"), row.get("read_only"), st.checked_at)
-            changed |= before != (st.up, st.in_recovery, st.read_only, st.lag, st.banned_until)
+            changed |= before != (st.up, st.in_recovery, st.read_only, st.lag, st.banned_until, st.checked_at)
+        if changed:
+            self.version += 1
         return changed
 
     def learned(self, spec: HostSpec, params: dict[str, str], now: float) -> bool:
@@ -181,11 +184,17 @@ class HostTable:
         st = self.get(spec)
         in_recovery = (hot == "on") if hot is not None else st.in_recovery
         read_only = (ro == "on") if ro is not None else st.read_only
-        return st.set_role(in_recovery, read_only, now)
+        return self.set_role(spec, in_recovery, read_only, now)
+
+    def set_role(self, spec: HostSpec, in_recovery: bool | None, read_only: bool | None, now: float) -> bool:
+        if self.get(spec).set_role(in_recovery, read_only, now):
+            self.version += 1
+            return True
+        return False
 
     def forget_role(self, spec: HostSpec, now: float) -> None:
         """A server said 25006 where it was thought writable: its role is unknown until told again."""
-        self.get(spec).set_role(None, None, now)
+        self.set_role(spec, None, None, now)
 
     def failed(self, spec: HostSpec, now: float, ban_time: float, why: str, addresses: int = 1) -> bool:
         """A connect or login failed; True if the host is banned for it (False: another address is left)."""
@@ -195,6 +204,7 @@ class HostTable:
             return False
         st.connect_failures = 0
         st.ban(now, ban_time, why)
+        self.version += 1
         return True
 
     def succeeded(self, spec: HostSpec) -> None:
@@ -220,6 +230,11 @@ class HostTable:
             if known or unknown:
                 return known or unknown
         return second_chance
+
+    def valid_until(self, hosts: tuple[HostSpec, ...], now: float) -> float:
+        """Until when candidates() stays what it is now, unless ``version`` changes: the next ban's end."""
+        ends = [st.banned_until for st in map(self.get, hosts) if st.banned_until > now]
+        return min(ends) if ends else float("inf")
 
     def choose(self, hosts: tuple[HostSpec, ...], target: str, balance: str, max_lag: float, now: float,
                turn: int = 0) -> HostSpec | None:

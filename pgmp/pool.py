@@ -64,7 +64,7 @@ class Pool:
                  "idle", "servers", "opening", "waiting", "login_waiters", "params",
                  "password", "scram_keys", "secret", "last_error", "stats", "clients", "resetting",
                  "min_size", "reserve", "use_reserve", "paused", "reconnect_before", "login_failed_at",
-                 "stats_older", "stats_newer", "resolving", "turn", "no_host")
+                 "stats_older", "stats_newer", "resolving", "turn", "no_host", "fitting", "fitting_key")
 
     # StartupMessage parameters of this pool's server connections beyond user and database
     startup_options: dict[str, str] = {}
@@ -91,6 +91,9 @@ class Pool:
         self.resolving = 0                  # new servers waiting for their host's address (pgmp.resolve)
         self.turn = 0                       # load_balance_hosts = round-robin: whose turn it is
         self.no_host = ""                   # why no host fits now ("": one does); clients wait meanwhile
+        # the hosts a server may serve this pool from, cached until the host table changes or a ban ends
+        self.fitting: frozenset = frozenset()
+        self.fitting_key = (-1, 0.0)        # (HostTable.version, valid until)
         self.stats = PoolStats()
         self.clients: set = set()           # logged-in clients of this pool
         self.resetting: set = set()         # servers running a reset or check query: idle in a moment
@@ -286,27 +289,41 @@ class Pool:
         return self.db.target_session_attrs
 
     def unfit(self, srv) -> str:
-        """Why ``srv`` should not serve this pool any more (its host changed), or "" if it may."""
+        """Why ``srv`` should not serve this pool any more (its host changed), or "" if it may.
+
+        Runs at every release: a database with one host and target "any" has nothing to
+        decide, and the others compare with a set cached until the host table changes."""
+        db = self.db
+        if len(db.hosts) == 1 and db.target_session_attrs == "any":
+            return ""
         worker = self.worker
-        now = worker.loop.clock()
+        table = worker.hosts
         spec = srv.host
+        now = worker.loop.clock()
         if srv.session.read_only_seen:
             srv.session.read_only_seen = False
             if self.target in WRITABLE_TARGETS:
                 worker.host_read_only(spec)
                 return f"it answered 25006 (read-only transaction) for {self.name}: its role is checked again"
-        worker.hosts.learned(spec, srv.params, now)         # in_hot_standby changes at a promotion
-        st = worker.hosts.get(spec)
-        if fits_pool(self.target, st, self.db.max_replica_lag) is False:
+        table.learned(spec, srv.params, now)            # in_hot_standby changes at a promotion
+        version, until = self.fitting_key
+        if version != table.version or now >= until:
+            self.fitting = frozenset(table.candidates(db.hosts, self.target, db.max_replica_lag, now))
+            self.fitting_key = (table.version, table.valid_until(db.hosts, now))
+        if spec in self.fitting or not self.fitting:
+            if not self.fitting and fits_pool(self.target, table.get(spec), db.max_replica_lag) is False:
+                return f"host {spec} no longer fits target_session_attrs={self.target} " \
+                       f"({self._describe(table.get(spec))})"
+            return ""
+        st = table.get(spec)
+        if fits_pool(self.target, st, db.max_replica_lag) is False:
             return f"host {spec} no longer fits target_session_attrs={self.target} ({self._describe(st)})"
-        candidates = worker.hosts.candidates(self.db.hosts, self.target, self.db.max_replica_lag, now)
-        if candidates and spec not in candidates:
-            # banned, down, or of a tier behind another (prefer-standby: a standby is usable again)
-            if len(self.db.hosts) > 1 and (st.banned(now) or st.up is False):
-                return f"host {spec} is {'banned' if st.banned(now) else 'down'}: {st.error or 'failed'}"
-            return f"host {spec} is a {st.role} and {', '.join(map(str, candidates))} serves " \
-                   f"target_session_attrs={self.target} better"
-        return ""
+        if len(db.hosts) > 1 and (st.banned(now) or st.up is False):
+            return f"host {spec} is {'banned' if st.banned(now) else 'down'}: {st.error or 'failed'}"
+        # of a tier behind another (prefer-standby: a standby is usable again; a known host over one of
+        # unknown role)
+        return f"host {spec} is a {st.role} and {', '.join(map(str, sorted(self.fitting, key=str)))} " \
+               f"serves target_session_attrs={self.target} better"
 
     def _describe(self, st) -> str:
         if st.lagging(self.db.max_replica_lag):
@@ -350,8 +367,8 @@ class Pool:
         if error is None and rows:
             values = messages.parse_data_row(rows[0])
             if len(values) == 2:
-                self.worker.hosts.get(srv.host).set_role(values[0] == b"t", values[1] == b"on",
-                                                         self.worker.loop.clock())
+                self.worker.hosts.set_role(srv.host, values[0] == b"t", values[1] == b"on",
+                                           self.worker.loop.clock())
         if error is not None:
             srv.abort(PgmpError(error.sqlstate, f"the role query failed: {error.message}", detail=error.detail))
             return
