@@ -49,7 +49,7 @@ def host_failure(sqlstate: str) -> bool:
 class HostState:
     """What this process knows of one host (times are the loop's monotonic clock, shared by all processes)."""
     __slots__ = ("spec", "up", "in_recovery", "read_only", "lag", "role_at", "checked_at", "banned_until",
-                 "banned_at", "error", "connect_failures")
+                 "banned_at", "error", "connect_failures", "address")
 
     def __init__(self, spec: HostSpec):
         self.spec = spec
@@ -63,6 +63,7 @@ class HostState:
         self.banned_at = 0.0                  # when the latest ban started
         self.error = ""                       # why it failed last, for SHOW HOSTS and the log
         self.connect_failures = 0             # failed connects in a row (a name may have several addresses)
+        self.address = 0                      # which of a name's addresses connects go to (the last that worked)
 
     def __repr__(self):
         return f"<host {self.spec} {self.role} {'up' if self.up else 'down' if self.up is False else '?'}>"
@@ -200,6 +201,7 @@ class HostTable:
         """A connect or login failed; True if the host is banned for it (False: another address is left)."""
         st = self.get(spec)
         st.connect_failures += 1
+        st.address += 1
         if st.connect_failures < addresses:
             return False
         st.connect_failures = 0

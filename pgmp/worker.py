@@ -464,7 +464,7 @@ class Worker:
             if isinstance(addrs, errors.PgmpError):
                 failure = addrs
             else:
-                family, sockaddr = addrs[self.hosts.get(spec).connect_failures % len(addrs)]
+                family, sockaddr = addrs[self.hosts.get(spec).address % len(addrs)]
                 result = self._connect(pool, spec, family, sockaddr)
                 if not isinstance(result, errors.PgmpError):
                     return result

@@ -11,6 +11,7 @@ console's SHOW HOSTS / SHOW DNS_HOSTS.
 from __future__ import annotations
 
 import contextlib
+import struct
 import tempfile
 import time
 from pathlib import Path
@@ -18,8 +19,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from pgmp.protocol.messages import frame, ready_for_query
 from tests.support import wait_for
 from tests.support.cluster import start_server, start_standby, stop_cluster, stop_server, wal_replayed
+from tests.support.fakeserver import PARAMS, FakeServer, login_ok
 from tests.support.shared import current_run_dir
 
 CHECKS = {"health_check_period": 0.3, "health_check_timeout": 2, "health_check_user": "scram_user",
@@ -210,3 +213,38 @@ def test_show_hosts_and_dns_hosts(pgmp, pg, standby):
     dbs = {r["name"]: r for r in console(proc, "SHOW DATABASES")}
     assert dbs["appdb"]["host"] == f"localhost:{pg.port},{standby.host}:{standby.port}"
     assert dbs["appdb"]["load_balance_hosts"] == "disable"
+
+
+# ---- PostgreSQL 13 and older: no in_hot_standby at login -----------------------------------
+
+def role_answer(in_recovery: str, read_only: str) -> bytes:
+    cols = b"".join(name + b"\0" + struct.pack("!ihihih", 0, 0, 25, -1, -1, 0)
+                    for name in (b"pg_is_in_recovery", b"current_setting"))
+    row = struct.pack("!h", 2) + b"".join(struct.pack("!i", len(v)) + v for v in (in_recovery, read_only))
+    return (frame(b"T", struct.pack("!h", 2) + cols) + frame(b"D", row) + frame(b"C", b"SELECT 1\0")
+            + ready_for_query(b"I"))
+
+
+def old_server(in_recovery: bytes, read_only: bytes):
+    """A server that reports no role at login (PostgreSQL 13): pgmp must ask before it serves."""
+    def script(conn):
+        conn.send(login_ok(params=PARAMS))                 # (PARAMS has no in_hot_standby)
+        msg = conn.read()
+        if msg is None:
+            return
+        assert msg[0] == b"Q" and b"pg_is_in_recovery()" in msg[1], msg
+        conn.send(role_answer(in_recovery, read_only))
+        conn.serve()
+    return script
+
+
+def test_a_server_that_reports_no_role_is_asked_before_it_serves(pgmp):
+    with FakeServer(old_server(b"t", b"on")) as standby, FakeServer(old_server(b"f", b"off")) as primary:
+        proc = pgmp.start(config={"health_check_period": 0, "pool_mode": "transaction"}, databases={
+            "appdb": {"host": [f"127.0.0.1:{standby.port}", f"127.0.0.1:{primary.port}"],
+                      "target_session_attrs": "read-write"}})
+        with psycopg.connect(proc.dsn(), autocommit=True) as conn:
+            assert conn.execute("SELECT 1").fetchone()[0] == "fake"
+        assert len(primary.connections) == 1 and len(standby.connections) == 1
+        assert standby.connections[0].received[-1][0] == b"X"       # closed: it is a standby
+        assert f"host 127.0.0.1:{standby.port} does not fit target_session_attrs=read-write" in proc.log()

@@ -153,6 +153,10 @@ def test_a_name_with_several_addresses_is_banned_once_each_failed():
     t = HostTable()
     assert t.failed(S1, now=1.0, ban_time=5.0, why="refused", addresses=2) is False
     assert not t.get(S1).banned(1.0) and t.get(S1).connect_failures == 1     # the next address is tried
+    assert t.get(S1).address == 1
+    t.succeeded(S1)                                        # the second address works: it stays the one used
+    assert t.get(S1).address == 1 and t.get(S1).connect_failures == 0
+    t.failed(S1, now=1.1, ban_time=5.0, why="refused", addresses=2)
     assert t.failed(S1, now=1.1, ban_time=5.0, why="refused", addresses=2) is True
     assert t.get(S1).banned(1.2) and t.get(S1).connect_failures == 0
 
