@@ -450,7 +450,7 @@ class Worker:
                                      db.max_replica_lag, now, pool.turn)
             if spec is None:
                 why = self.hosts.why_none(db.hosts, db.target_session_attrs, db.max_replica_lag, now)
-                if pool.no_host != why:
+                if not pool.no_host:                  # once per episode, not at every retry
                     log.warning("pool %s: %s; clients wait (query_wait_timeout) for a host", pool.name, why)
                 pool.no_host = why
                 pool.last_error = errors.PgmpError(errors.CONNECTION_FAILURE, f"no server available for "
