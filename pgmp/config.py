@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import ipaddress
 import json
 import math
@@ -74,6 +75,9 @@ POOL_MODES = ("session", "transaction", "statement")
 SERVER_AUTH_METHODS = ("password", "md5", "scram-sha-256", "none")
 # Every name and operator schema-qualified: the lookup must not resolve anything through a search_path
 # that a database owner controls (pgmp also pins search_path on the lookup connection).
+# libpq's target_session_attrs and load_balance_hosts values
+TARGET_SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
+LOAD_BALANCE_HOSTS = ("disable", "random", "round-robin")
 AUTH_QUERY = ("SELECT rolname, CASE WHEN rolvaliduntil OPERATOR(pg_catalog.<) pg_catalog.now() THEN NULL"
               " ELSE rolpassword END FROM pg_catalog.pg_authid"
               " WHERE rolname OPERATOR(pg_catalog.=) $1 AND rolcanlogin")
@@ -171,6 +175,40 @@ SCHEMA: tuple[Setting, ...] = (
     _S("control_socket", "path", "", "Unix socket that pgmp status, stats and reload talk to the master on.", reload=False,
        default_doc="\".pgmp.<listen_port>.ctl\" in the pidfile's directory, "
                    "or /tmp/.pgmp.<listen_port>.ctl without a pidfile"),
+    # --- several hosts per database: roles, health, DNS ---
+    _S("target_session_attrs", "enum", "any", "Which of a database's hosts its server connections go to, as libpq's "
+       "target_session_attrs: any, read-write (default_transaction_read_only off), read-only (on, or a standby), "
+       "primary (not in recovery), standby (in recovery), prefer-standby (a standby if one is usable, else any); "
+       "the default of every database section.", choices=TARGET_SESSION_ATTRS),
+    _S("load_balance_hosts", "enum", "disable", "How a new server connection picks among the hosts that fit "
+       "target_session_attrs, as libpq's load_balance_hosts: disable (the first in the list), random, or "
+       "round-robin (each pool in turn); the default of every database section.", choices=LOAD_BALANCE_HOSTS),
+    _S("health_check_period", "duration", 5, "How often the master checks every host of the databases that "
+       "choose among hosts (several hosts, or target_session_attrs other than any): connect, log in, "
+       "SELECT pg_is_in_recovery() and the replay lag of standbys; the workers get the result "
+       "(0 = off: workers learn a host's role when they log in to it).", low=0),
+    _S("health_check_timeout", "duration", 5, "Time one health check may take to connect, log in and answer; "
+       "longer counts as a failed check.", low=0.01),
+    _S("health_check_user", "str", "", 'User the health checks log in as, on every host; "" = per host, the user of '
+       "the first database section that lists the host and sets one, with that section's password or the user's "
+       "auth_file secret (a SCRAM verifier cannot log in: give a plaintext or md5 secret). A host no credential "
+       "reaches is checked by a TCP connect only, and its role is learned from the servers the workers open."),
+    _S("health_check_password", "str", "", 'Password of health_check_user; "" = its auth_file secret.'),
+    _S("health_check_dbname", "str", "", 'Database the health checks log in to; "" = the dbname of the database '
+       'section the credentials come from ("postgres" for a "*" section).'),
+    _S("host_ban_time", "duration", 30, "How long a host of a database with several hosts is left out after a "
+       "failed connect, login or health check (the other hosts serve meanwhile; when none can, a banned host "
+       "that its latest health check found up serves again). A database with one host retries after "
+       "server_login_retry instead.", low=0.1),
+    _S("max_replica_lag", "duration", 0, "Largest replay lag (now() - pg_last_xact_replay_timestamp(), 0 while "
+       "the standby has replayed all it received) of a standby that serves read-only, standby and "
+       "prefer-standby connections; a standby further behind leaves that read pool until it catches up "
+       "(0 = no limit; the default of every database section).", low=0),
+    _S("dns_max_ttl", "duration", 15, "How long the addresses of a host name are kept before they are looked up "
+       "again; lookups run in a thread (workers) or a helper process (the master), never in the event loop.",
+       low=0.1),
+    _S("dns_nxdomain_ttl", "duration", 15, "How long a failed host name lookup is remembered before it is tried "
+       "again (servers of that host fail at once meanwhile).", low=0.1),
     # --- monitoring ---
     _S("metrics_listen", "hostport", "", 'Address of the master\'s HTTP endpoint for Prometheus (GET /metrics) and load '
        'balancers (GET /health), as "host:port" with an IP address or localhost ("[::1]:9127" for IPv6); "" = off. '
@@ -195,8 +233,11 @@ SCHEMA: tuple[Setting, ...] = (
        "when none is not allowed) is refused before pgmp sends anything. [] allows only scram-sha-256 when "
        "pgmp logs in with SCRAM keys or an auth_file SCRAM secret, and any method otherwise."),
     # --- [databases.<name>] ---
-    _D("host", "host", "127.0.0.1", "Server host name or IP address, or a unix socket directory (starts with /)."),
-    _D("port", "int", 5432, "Server port (for a socket directory: the .s.PGSQL.<port> file).", low=1, high=65535),
+    _D("host", "hosts", "127.0.0.1", 'Server host name or IP address, or a unix socket directory (starts with /); '
+       'or a list of them, each optionally with its own port: ["10.0.0.5", "10.0.0.6:5433", "[fd00::7]:5433", '
+       '"/var/run/postgresql"] (a comma-separated string also works). target_session_attrs and load_balance_hosts '
+       "choose among them."),
+    _D("port", "int", 5432, "Server port of the hosts that do not give their own (for a socket directory: the .s.PGSQL.<port> file).", low=1, high=65535),
     _D("dbname", "str", None, "Database name on the server.", default_doc='the section name; for "*", the name the client asked for'),
     _D("user", "str", "", 'Server user for every client of this database; "" = each client\'s own user.'),
     _D("password", "str", "", 'Password of user; "" = taken from auth_file, or the client\'s own credentials.'),
@@ -210,6 +251,13 @@ SCHEMA: tuple[Setting, ...] = (
     _D("connect_query", "str", "", 'Query run once on each new server connection after login, before any client uses it, within server_connect_timeout (a failure counts as a failed login); "" runs none.'),
     _D("auth_dbname", "str", None, "Database section in which auth_query runs for clients of this database.", inherit="auth_dbname"),
     _D("application_name", "str", "", 'application_name of server connections whose client sets none; "" sets none.'),
+    _D("target_session_attrs", "enum", None, "target_session_attrs of this database's server connections "
+       '(an alias section for the standbys: the same host list with "standby" or "prefer-standby").',
+       choices=TARGET_SESSION_ATTRS, inherit="target_session_attrs"),
+    _D("load_balance_hosts", "enum", None, "load_balance_hosts of this database's server connections.",
+       choices=LOAD_BALANCE_HOSTS, inherit="load_balance_hosts"),
+    _D("max_replica_lag", "duration", None, "max_replica_lag of this database's read pool.", low=0,
+       inherit="max_replica_lag"),
     # --- [users.<name>] ---
     _U("pool_mode", "enum", None, "Pool mode of this user's pools; wins over the database's.", choices=POOL_MODES,
        default_doc="the database's pool_mode"),
@@ -264,11 +312,93 @@ def _parse_str(s: Setting, v: object) -> str:
     return v
 
 
-def _parse_host(s: Setting, v: object) -> str:
-    v = _parse_str(s, v)
-    if not v or any(c.isspace() for c in v):
-        raise _Invalid(f"expected a host name, IP address or socket directory, got {_show(v)}")
-    return v
+@dataclass(frozen=True)
+class HostSpec:
+    """One host of a database: a name or IP address and its port, or a unix socket directory."""
+
+    host: str
+    port: int
+
+    @property
+    def unix(self) -> bool:
+        return self.host.startswith("/")
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.host, self.port
+
+    def __str__(self) -> str:
+        if self.unix:
+            return f"{self.host}/.s.PGSQL.{self.port}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_BRACKETED = re.compile(r"\[([^\[\]]+)\](?::([0-9]{1,5}))?")
+
+
+def parse_host_entry(entry: str) -> tuple[str, int | None]:
+    """(host, port or None) of one entry of a database's host list; ValueError says what is wrong.
+
+    "10.0.0.6:5433", "db1.internal", "[fd00::7]:5433", "fd00::7" (no port), "/var/run/postgresql".
+    """
+    if entry.startswith("/"):
+        if any(c.isspace() for c in entry):
+            raise ValueError(f"a socket directory must not contain spaces, got {_show(entry)}")
+        return entry.rstrip("/") or "/", None
+    m = _BRACKETED.fullmatch(entry)
+    if m:
+        host, port = m[1], m[2]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"[{host}]: brackets are for IPv6 addresses only") from None
+    elif entry.count(":") > 1:
+        try:
+            ipaddress.IPv6Address(entry)
+        except ValueError:
+            raise ValueError(f'{_show(entry)} is not an IPv6 address (with a port: "[address]:port")') from None
+        host, port = entry, None
+    else:
+        host, _, port = entry.partition(":")
+        port = port if _ else None
+        if not _HOST_NAME.fullmatch(host):
+            raise ValueError(f"expected a host name, IP address or socket directory (starting with /), "
+                             f"optionally with :port, got {_show(entry)}")
+        if port is not None and not port.isdigit():
+            raise ValueError(f"expected a port number after the colon, got {_show(entry)}")
+    if port is not None:
+        if not 1 <= int(port) <= 65535:
+            raise ValueError(f"port {port} of {_show(entry)} is not in 1..65535")
+        port = int(port)
+    return host, port
+
+
+def host_specs(entries, default_port: int) -> tuple[HostSpec, ...]:
+    """The HostSpecs of a parsed host list; entries without a port get ``default_port``."""
+    out = []
+    for entry in entries:
+        host, port = parse_host_entry(entry)
+        out.append(HostSpec(host, port or default_port))
+    return tuple(out)
+
+
+def _parse_hosts(s: Setting, v: object) -> tuple[str, ...]:
+    """A host, a comma-separated string of them, or a list; each entry is checked, the list kept as written."""
+    items = v.split(",") if isinstance(v, str) else v
+    if not isinstance(items, list) or not items or not all(isinstance(i, str) for i in items):
+        raise _Invalid(f"expected a host or a list of hosts, got {_show(v)}")
+    entries = []
+    for item in items:
+        item = item.strip()
+        if not item or "\0" in item:
+            raise _Invalid(f"expected a host name, IP address or socket directory, got {_show(v)}")
+        try:
+            parse_host_entry(item)
+        except ValueError as exc:
+            raise _Invalid(str(exc)) from None
+        entries.append(item)
+    return tuple(entries)
 
 
 def _parse_int(s: Setting, v: object) -> int:
@@ -425,15 +555,15 @@ def _parse_hostport(s: Setting, v: object) -> str:
 
 
 _PARSERS = {
-    "str": _parse_str, "path": _parse_str, "host": _parse_host, "int": _parse_int,
+    "str": _parse_str, "path": _parse_str, "int": _parse_int,
     "bool": _parse_bool, "enum": _parse_enum, "duration": _parse_duration, "size": _parse_size,
     "mode": _parse_mode, "strlist": _parse_strlist, "addrs": _parse_addrs, "methods": _parse_methods,
-    "hostport": _parse_hostport,
+    "hostport": _parse_hostport, "hosts": _parse_hosts,
 }
 _PYTYPES = {
-    "str": str, "path": str, "host": str, "int": int, "bool": bool, "enum": str, "duration": float,
+    "str": str, "path": str, "int": int, "bool": bool, "enum": str, "duration": float,
     "size": int, "mode": int, "strlist": tuple[str, ...], "addrs": tuple[str, ...], "methods": tuple[str, ...],
-    "hostport": str,
+    "hostport": str, "hosts": tuple[str, ...],
 }
 
 
@@ -459,8 +589,10 @@ def _unix_socket_path(directory: str, port: int) -> str:
 
 
 DatabaseConfig = _record(
-    "DatabaseConfig", "databases", "A [databases.<name>] section, with inherited values filled in.",
-    head=[("name", str)])
+    "DatabaseConfig", "databases", "A [databases.<name>] section, with inherited values filled in; "
+    "``hosts`` is its host list as HostSpecs (the section's port where an entry gives none).",
+    head=[("name", str)],
+    namespace={"hosts": functools.cached_property(lambda db: host_specs(db.host, db.port))})
 UserConfig = _record(
     "UserConfig", "users", "A [users.<name>] section; pool_mode is None when the user does not set it.",
     head=[("name", str)])
@@ -583,6 +715,12 @@ class _Loader:
             db["dbname"] = "" if name == "*" else name  # "*": filled in by database_for()
         elif db["dbname"] == "":
             self.error(f"{label} dbname", "must not be empty (leave it out to use the section name)")
+        if db["host"] is not None and db["port"] is not None:
+            seen = set()
+            for spec in host_specs(db["host"], db["port"]):
+                if spec.key in seen:
+                    self.error(f"{label} host", f"{spec} is listed twice")
+                seen.add(spec.key)
         own = "pool_size" in table or "min_pool_size" in table  # else [pgmp]'s check reports it
         low, high = db["min_pool_size"], db["pool_size"]
         if own and None not in (low, high) and low > high:
@@ -618,6 +756,9 @@ class _Loader:
                        '(lines of "user" "password"); set auth_file, or auth_type = "trust"')
         if g["auth_user"] and not g["auth_query"].strip():
             self.error("[pgmp] auth_query", "must not be empty when auth_user is set")
+        if g["health_check_password"] and not g["health_check_user"]:
+            self.error("[pgmp] health_check_password", "is set but health_check_user is not: set the user the "
+                       "health checks log in as, or remove the password")
         if g["min_pool_size"] > g["default_pool_size"]:
             self.error("[pgmp] min_pool_size",
                        f"{g['min_pool_size']} is larger than default_pool_size {g['default_pool_size']}")
@@ -761,10 +902,11 @@ def diff(old: Config, new: Config) -> tuple[list[str], list[str]]:
 # ----------------------------------------------------------------- documentation
 
 _KIND_TEXT = {
-    "str": "string", "path": "path (relative: to the config file's directory)", "host": "host or socket directory", "bool": "boolean",
+    "str": "string", "path": "path (relative: to the config file's directory)", "bool": "boolean",
     "mode": "octal file mode", "strlist": "list of strings", "addrs": "address or list of addresses",
     "methods": 'list of password, md5, scram-sha-256, none (or of "!method")',
     "hostport": '"host:port" (IPv6: "[address]:port") or ""',
+    "hosts": 'host, "host:port", "[IPv6]:port" or socket directory, or a list of them',
 }
 
 

@@ -246,6 +246,9 @@ FDS_COLUMNS = [("fd", "i"), ("task", "s"), ("user", "s"), ("database", "s"), ("a
                ("cancel", "q"), ("link", "i"), ("client_encoding", "s"), ("std_strings", "s"),
                ("datestyle", "s"), ("timezone", "s"), ("password", "s"), ("scram_client_key", "b"),
                ("scram_server_key", "b")]
+HOSTS_COLUMNS = [("database", "s"), ("host", "s"), ("port", "i"), ("role", "s"), ("state", "s"), ("lag", "N"),
+                 ("banned_until", "T"), ("last_check", "T")]
+DNS_HOSTS_COLUMNS = [("hostname", "s"), ("ttl", "q"), ("addrs", "s")]
 WORKERS_COLUMNS = [("pid", "i"), ("generation", "i"), ("slot", "i"), ("clients", "i"), ("servers", "i"),
                    ("rss", "q"), ("cpu", "N"), ("state", "s")]
 
@@ -255,7 +258,7 @@ FAKE_PARAMETERS = {"client_encoding": "UTF-8", "default_transaction_isolation": 
                    "standard_conforming_strings": "on", "datestyle": "ISO", "timezone": "GMT"}
 
 HELP = ("\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION|WORKERS"
-        "\n\tSHOW FDS|SOCKETS|LISTS|MEM|STATE"
+        "\n\tSHOW FDS|SOCKETS|LISTS|MEM|STATE|HOSTS|DNS_HOSTS"
         "\n\tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS"
         "\n\tSET key = arg\n\tRELOAD\n\tPAUSE [<db>]\n\tRESUME [<db>]\n\tDISABLE <db>\n\tENABLE <db>"
         "\n\tRECONNECT [<db>]\n\tKILL [<db>]\n\tKILL_CLIENT <client_id>"
@@ -435,9 +438,10 @@ def show_databases(cfg, report):
         if db is None:
             continue
         servers, clients = counts.get(name, (0, 0))
-        rows.append((name, db.host, db.port, db.dbname, db.user or None, db.pool_size, db.min_pool_size,
+        rows.append((name, ",".join(db.host), db.port, db.dbname, db.user or None, db.pool_size, db.min_pool_size,
                      db.reserve_pool_size, int(cfg.server_lifetime),
-                     db.pool_mode if db.pool_mode != cfg.pool_mode else None, None, db.max_db_connections,
+                     db.pool_mode if db.pool_mode != cfg.pool_mode else None,
+                     db.load_balance_hosts if len(db.hosts) > 1 else None, db.max_db_connections,
                      servers, 0, clients, int(_paused(report, name)), int(_disabled(report, name))))
     return DATABASES_COLUMNS, rows
 
@@ -467,7 +471,7 @@ def show_lists(cfg, report, auth_users=()):
             ("used_clients", sum(w.get("clients", 0) for w in ws)),
             ("login_clients", sum(w.get("login_clients", 0) for w in ws)), ("free_servers", 0),
             ("used_servers", sum(w.get("servers", 0) for w in ws)),
-            ("dns_names", 0), ("dns_zones", 0), ("dns_queries", 0), ("dns_pending", 0)]
+            ("dns_names", len(_dns_entries(report))), ("dns_zones", 0), ("dns_queries", 0), ("dns_pending", 0)]
     return LISTS_COLUMNS, rows
 
 
@@ -499,6 +503,68 @@ def show_workers(report):
     return WORKERS_COLUMNS, rows
 
 
+def _host_rows(report) -> tuple[dict, dict]:
+    """The master's host table and the workers' own knowledge (merged), each by (host, port)."""
+    master = {(r.get("host"), r.get("port")): r for r in report.get("hosts", [])}
+    local: dict = {}
+    for w in report.get("workers", []):
+        for r in w.get("hosts", []):
+            key = (r.get("host"), r.get("port"))
+            have = local.get(key)
+            if have is None:
+                local[key] = dict(r)
+                continue
+            if (r.get("role_at") or 0) > (have.get("role_at") or 0):
+                have["role"], have["role_at"] = r.get("role"), r.get("role_at")
+            if r.get("banned") and (r.get("banned_until_epoch") or 0) > (have.get("banned_until_epoch") or 0):
+                have["banned"], have["banned_until_epoch"] = True, r.get("banned_until_epoch")
+    return master, local
+
+
+def show_hosts(cfg, report):
+    """One row per host of each database: its role and state as the health checks and the workers know them."""
+    master, local = _host_rows(report)
+    rows = []
+    for name in database_names(cfg, report):
+        db = configmod.database_for(cfg, name)
+        if db is None:
+            continue
+        for spec in db.hosts:
+            m, w = master.get((spec.host, spec.port)), local.get((spec.host, spec.port)) or {}
+            role = m.get("role") if m and m.get("role") != "unknown" else w.get("role") or "unknown"
+            bans = [r.get("banned_until_epoch") for r in (m, w) if r and r.get("banned")]
+            banned_until = max(bans) if bans else None
+            lag = m.get("lag") if m else None
+            if m and m.get("up") is False:
+                state = "down"
+            elif banned_until is not None:
+                state = "banned"
+            elif role == "standby" and lag is not None and 0 < db.max_replica_lag < lag:
+                state = "lagging"
+            elif (m and m.get("up")) or w.get("role", "unknown") != "unknown":
+                state = "up"
+            else:
+                state = "unknown"
+            rows.append((name, spec.host, spec.port, role, state, f"{lag:.3f}" if lag is not None else None,
+                         banned_until, m.get("last_check") if m else None))
+    return HOSTS_COLUMNS, rows
+
+
+def _dns_entries(report) -> dict[str, dict]:
+    names: dict[str, dict] = {}
+    for rows in [report.get("dns", [])] + [w.get("dns", []) for w in report.get("workers", [])]:
+        for r in rows:
+            have = names.get(r.get("hostname"))
+            if have is None or r.get("ttl", 0) > have.get("ttl", 0):
+                names[r.get("hostname")] = r
+    return names
+
+
+def show_dns_hosts(report):
+    """PgBouncer's SHOW DNS_HOSTS over the master's and every worker's cache: the longest-lived answer per name."""
+    return DNS_HOSTS_COLUMNS, [(n, r.get("ttl", 0), r.get("addrs", "")) for n, r in sorted(_dns_entries(report).items())]
+
+
 def show_config(cfg):
     rows = []
     for s in configmod.SCHEMA:
@@ -513,6 +579,7 @@ def show_config(cfg):
 LOCAL_SHOWS = {"version", "config", "help"}
 GATHERED_SHOWS = {"pools": None, "stats": None, "stats_totals": None, "stats_averages": None, "totals": None,
                   "databases": None, "users": None, "lists": None, "state": None, "mem": None, "workers": None,
+                  "hosts": None, "dns_hosts": None,
                   "clients": "sockets", "servers": "sockets", "sockets": "sockets", "fds": "sockets"}
 
 
@@ -520,8 +587,8 @@ def answer_show(subject: str, cfg, report, auth_users=()):
     """(columns, rows) of SHOW ``subject`` from a gathered report."""
     if subject in ("users", "lists"):
         return globals()[f"show_{subject}"](cfg, report, auth_users)
-    if subject == "databases":
-        return show_databases(cfg, report)
+    if subject in ("databases", "hosts"):
+        return globals()[f"show_{subject}"](cfg, report)
     return globals()[f"show_{subject}"](report)
 
 
@@ -861,9 +928,9 @@ def server_row(srv, cfg, wall, now: float, port: int) -> dict:
     """One server connection, for SHOW SERVERS, SOCKETS and FDS."""
     pool = srv.pool
     client = srv.client
-    addr, rport = _addr(srv.sock, True, pool.db.port)
+    addr, rport = _addr(srv.sock, True, srv.host.port)
     if addr == "unix":
-        addr, rport = pool.db.host, pool.db.port
+        addr, rport = srv.host.host, srv.host.port
     laddr, lport = _addr(srv.sock, False, port)
     expired = (cfg.server_lifetime > 0 and now - srv.created > cfg.server_lifetime) or \
         srv.created < pool.reconnect_before

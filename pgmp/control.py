@@ -42,6 +42,12 @@ console            worker→master   id (the worker's), command, args: a command
 console_result     master→worker   id, ok, error, data: its reply (a gather
                                    lists in data.missing the worker pids that
                                    did not answer within 3 s)
+host_state         master→worker   hosts: the health checks' table, one dict per
+                                   (host, port): up, in_recovery, read_only,
+                                   lag, checked_at, banned_until, banned_at
+                                   (the monotonic clock), error (pgmp.hosts)
+host_report        worker→master   host, port, event ("failed" | "read_only"),
+                                   error: check that host again now
 =================  ==============  =============================================
 """
 import json
@@ -53,7 +59,7 @@ _LEN = struct.Struct("!I")
 
 TYPES = frozenset({"ready", "heartbeat", "reload", "reload_result", "drain", "stop", "stats_request",
                    "stats", "cancel", "pool_command", "pool_result", "metrics_request", "metrics", "command",
-                   "reply", "console", "console_result"})
+                   "reply", "console", "console_result", "host_state", "host_report"})
 
 
 class ControlError(Exception):

@@ -55,16 +55,18 @@ _SESSION_TAGS = (b"SET\0", b"RESET\0", b"DISCARD", b"LISTEN\0", b"PREPARE\0", b"
 _PIN_KINDS = ("pin", "unknown")
 # RESET ALL leaves these alone (PostgreSQL's GUC_NO_RESET_ALL).
 NOT_RESET_BY_ALL = ("role", "session_authorization")
+READ_ONLY_SQL_TRANSACTION = errors.READ_ONLY_SQL_TRANSACTION.encode()
 
 
 class ServerSession:
     """pgmp's knowledge of one server connection's session state."""
-    __slots__ = ("applied", "reported", "statements")
+    __slots__ = ("applied", "reported", "statements", "read_only_seen")
 
     def __init__(self, max_prepared: int):
         self.applied: dict[str, str] = {}      # settings known to be set on it, beyond its login defaults
         self.reported: dict[str, str] = {}     # ParameterStatus values, keys in lower case
         self.statements = ServerStatements(max_prepared)
+        self.read_only_seen = False            # it answered 25006: the pool checks its host's role (pgmp.hosts)
 
     def after_reset(self, query: str) -> None:
         """The reset or check query ``query`` ran: forget what it cleared, and only that.
@@ -295,8 +297,11 @@ class Link:
         body = bytes(frame[5:])
         if b"\0VFATAL\0" in b"\0" + body or b"\0VPANIC\0" in b"\0" + body:
             self.ended = True
+        sqlstate = error_sqlstate(body)
         if self.stats is not None:
-            self.stats.count_error(error_sqlstate(body), relayed=True)
+            self.stats.count_error(sqlstate, relayed=True)
+        if sqlstate == READ_ONLY_SQL_TRANSACTION and self.server is not None:
+            self.server.read_only_seen = True
         self.server_error()
 
     def server_error(self) -> None:

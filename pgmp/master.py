@@ -232,6 +232,7 @@ class Master:
         self.paused_dbs: set[str] = set()
         self.disabled_dbs: set[str] = set()
         self.metrics = None                    # pgmp.metrics.MetricsServer, once metrics_listen is set
+        self.health = None                     # pgmp.health.HealthChecker: the hosts' state for the workers
         self.successor: int | None = None      # the new master of a restart, once started
 
     # -- start ---------------------------------------------------------------------------
@@ -253,6 +254,9 @@ class Master:
         except OSError:
             pass
         self._install_signals()
+        from pgmp.health import HealthChecker
+        self.health = HealthChecker(self)
+        self.health.configure(cfg)
         for slot in range(self.nworkers):
             self.spawn(slot, 0)
         self.loop.call_later(HEARTBEAT_INTERVAL, self._tick)
@@ -436,6 +440,8 @@ class Master:
             ep.sock.close()                  # siblings' control links, CLI socket, signal pipe
         if self.metrics is not None:
             self.metrics.close_sockets()     # (an HTTP connection waiting for a scrape is not in the loop)
+        if self.health is not None:
+            self.health.close_sockets()      # checks in flight, the resolver helper's socket
         self.loop.close()
         from pgmp.worker import Worker
         try:
@@ -444,6 +450,8 @@ class Master:
             worker.paused_all = self.paused_all
             worker.paused_dbs = set(self.paused_dbs)
             worker.disabled_dbs = set(self.disabled_dbs)
+            if self.health is not None:
+                worker.hosts.from_master(self.health.message_rows())   # later changes come as host_state
             worker.listen_on(keep)
             worker.attach_master(link)
         except Exception as exc:
@@ -560,6 +568,10 @@ class Master:
                 self._collect(wp, msg)
             elif kind == "console":
                 self.command(_ConsoleReply(link, msg.get("id")), msg.get("command", ""), msg.get("args") or {})
+            elif kind == "host_report":
+                if self.health is not None:
+                    self.health.report(str(msg.get("host", "")), int(msg.get("port") or 0),
+                                       str(msg.get("event", "")), str(msg.get("error", "")))
             elif kind == "metrics":
                 if self.metrics is not None:
                     self.metrics.figures_arrived(wp, msg)
@@ -729,7 +741,9 @@ class Master:
                    "servers": wp.servers, **figures(pid)}
                   for pid, wp in ((pid, self.workers.get(pid)) for pid in missing) if wp is not None]
         return {"master": {"pid": os.getpid(), **figures(os.getpid())}, "workers": workers,
-                "missing": missing, "missing_workers": silent}
+                "missing": missing, "missing_workers": silent,
+                "hosts": self.health.rows() if self.health is not None else [],
+                "dns": self.health.resolver.rows() if self.health is not None else []}
 
     # -- reload --------------------------------------------------------------------------------
     def set_setting(self, link, key: str, value) -> None:
@@ -781,11 +795,15 @@ class Master:
             new = dataclasses.replace(new, pidfile=old.pidfile, control_socket=old.control_socket)
         self.config = new
         set_log_level(new.log_level)
+        if self.health is not None:
+            self.health.configure(new)
         if regen:
             try:
                 self._new_generation()
             except StartError as exc:
                 self.config = old
+                if self.health is not None:
+                    self.health.configure(old)
                 if new.metrics_listen != old.metrics_listen:
                     try:
                         self._listen_metrics(old.metrics_listen)
@@ -911,7 +929,16 @@ class Master:
         self.successor = proc.pid
         return {"ok": True, "data": {"old_pid": os.getpid(), "new_pid": proc.pid}}
 
+    def broadcast_hosts(self) -> None:
+        """The health checks' host table to every worker (also those still booting: they read it once ready)."""
+        rows = self.health.message_rows()
+        for wp in self.workers.values():
+            if not wp.link.closed:
+                wp.link.post("host_state", hosts=rows)
+
     def cleanup(self):
+        if self.health is not None:
+            self.health.close()
         self._close_sockets()
         if self.pidfile and read_pidfile(self.pidfile) == os.getpid():
             try:

@@ -5,17 +5,32 @@ released server that is clean is reset (``server_reset_query``) and handed to
 the first waiting client, or kept idle (most recently used first). The
 pool caches the parameters its first server reported, so later logins need
 no server round trip.
+
+Of a database's hosts, each new server goes to the one pgmp.hosts chooses
+(target_session_attrs, load_balance_hosts, what is known of each host). A
+server whose host no longer fits (its role changed, it is banned, a standby
+fell behind max_replica_lag) is closed when it is next released or found
+idle; one that answered 25006 (read-only transaction) where the pool needs
+a writable host is closed too and its host's role checked again. While no
+host fits, clients wait (query_wait_timeout) rather than fail.
 """
 import collections
 import logging
-import socket
 
 from pgmp import errors
 from pgmp.errors import PgmpError
+from pgmp.hosts import fits_pool
 from pgmp.link import CLOSE, RESET
 from pgmp.protocol import messages
 from pgmp.server import ServerState
 from pgmp.stats import PoolStats, observe
+
+# The role of a server that reported neither in_hot_standby nor default_transaction_read_only
+# (PostgreSQL 13 and older), asked before it serves a pool whose target needs it.
+ROLE_QUERY = "SELECT pg_catalog.pg_is_in_recovery(), pg_catalog.current_setting('transaction_read_only')"
+WRITABLE_TARGETS = ("read-write", "primary")
+WAIT = "wait"               # open_server: the host's address is being looked up
+BANNED, NEXT_ADDRESS = "banned", "next address"     # what a failed connect did to its host
 
 log = logging.getLogger("pgmp")
 
@@ -47,9 +62,9 @@ def worker_share(total: int, workers: int, slot: int) -> int:
 class Pool:
     __slots__ = ("worker", "db", "client_user", "name", "dbname", "server_user", "size", "mode",
                  "idle", "servers", "opening", "waiting", "login_waiters", "params",
-                 "password", "scram_keys", "secret", "last_error", "_addr", "stats", "clients", "resetting",
+                 "password", "scram_keys", "secret", "last_error", "stats", "clients", "resetting",
                  "min_size", "reserve", "use_reserve", "paused", "reconnect_before", "login_failed_at",
-                 "stats_older", "stats_newer")
+                 "stats_older", "stats_newer", "resolving", "turn", "no_host", "fitting", "fitting_key")
 
     # StartupMessage parameters of this pool's server connections beyond user and database
     startup_options: dict[str, str] = {}
@@ -73,7 +88,12 @@ class Pool:
         self.scram_keys = None
         self.secret = None
         self.last_error: PgmpError | None = None
-        self._addr = None
+        self.resolving = 0                  # new servers waiting for their host's address (pgmp.resolve)
+        self.turn = 0                       # load_balance_hosts = round-robin: whose turn it is
+        self.no_host = ""                   # why no host fits now ("": one does); clients wait meanwhile
+        # the hosts a server may serve this pool from, cached until the host table changes or a ban ends
+        self.fitting: frozenset = frozenset()
+        self.fitting_key = (-1, 0.0)        # (HostTable.version, valid until)
         self.stats = PoolStats()
         self.clients: set = set()           # logged-in clients of this pool
         self.resetting: set = set()         # servers running a reset or check query: idle in a moment
@@ -113,15 +133,15 @@ class Pool:
             self.params = self.idle[-1].params
             self._finish_logins()
             return self.params
-        if not self.opening:
+        if not self.opening and not self.resolving:
             if self._login_retry_pending():
                 self.login_waiters.remove(client)
                 raise self._no_server_error()
-            if not self._open_server() and not self._at_connection_limit():
+            if not self._open_server() and not self._at_connection_limit() and not self.no_host:
                 self.login_waiters.remove(client)
                 raise self._no_server_error()
-            # at max_db/max_user_connections the login waits for room (the janitor retries),
-            # bounded by client_login_timeout
+            # at max_db/max_user_connections, or while no host fits, the login waits (the janitor
+            # and host state changes retry), bounded by client_login_timeout
         return None
 
     def _at_connection_limit(self) -> bool:
@@ -139,6 +159,10 @@ class Pool:
                 continue
             if not srv.quiet():
                 srv.close("server sent data or closed while idle")
+                continue
+            why = self.unfit(srv)
+            if why:
+                srv.close(why)
                 continue
             if cfg.server_check_query and now - srv.last_used > cfg.server_check_delay:
                 self._check(srv)            # back in the idle list if it answers
@@ -219,11 +243,11 @@ class Pool:
             return
         # A server finishing its reset is free within a round trip; a new one costs a backend fork.
         need = len(self.waiting) + (1 if self.login_waiters else 0) - len(self.resetting)
-        if need > len(self.opening) and self._login_retry_pending():
+        if need > len(self.opening) + self.resolving and self._login_retry_pending():
             if not self.servers:
                 self._fail_waiters(self._no_server_error())
             return
-        while len(self.opening) < need and len(self.servers) < self.limit:
+        while len(self.opening) + self.resolving < need and len(self.servers) + self.resolving < self.limit:
             if not self._open_server():
                 break
         if self.limit <= 0 and self.waiting:
@@ -245,30 +269,115 @@ class Pool:
         return self.last_error or PgmpError(errors.CONNECTION_FAILURE, f"no server available for {self.name}")
 
     def _open_server(self, evict: bool = True) -> bool:
-        """Open a server within the limits; ``evict``: an idle server of another pool may make room."""
-        if len(self.servers) >= self.limit or not self.worker.may_open_server(self, evict):
+        """Open a server within the limits; ``evict``: an idle server of another pool may make room.
+
+        True once a server is connecting, or its host's address is being looked up."""
+        if len(self.servers) + self.resolving >= self.limit or not self.worker.may_open_server(self, evict):
             return False
-        srv = self.worker.open_server(self)
+        srv = self.worker.open_server(self, self._grow)
+        if srv is WAIT:
+            return True
         if srv is None:
             return False
         self.servers.add(srv)
         self.opening.add(srv)
         return True
 
-    def address(self):
-        """(family, sockaddr, text) of the server; resolved once per pool."""
-        if self._addr is None:
-            host, port = self.db.host, self.db.port
-            if host.startswith("/"):
-                path = f"{host}/.s.PGSQL.{port}"
-                self._addr = (socket.AF_UNIX, path, path)
-            else:
-                fam, _, _, _, sa = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-                self._addr = (fam, sa, f"{host}:{port}")
-        return self._addr
+    # -- hosts -------------------------------------------------------------------
+    @property
+    def target(self) -> str:
+        return self.db.target_session_attrs
+
+    def unfit(self, srv) -> str:
+        """Why ``srv`` should not serve this pool any more (its host changed), or "" if it may.
+
+        Runs at every release: a database with one host and target "any" has nothing to
+        decide, and the others compare with a set cached until the host table changes."""
+        db = self.db
+        if len(db.hosts) == 1 and db.target_session_attrs == "any":
+            return ""
+        worker = self.worker
+        table = worker.hosts
+        spec = srv.host
+        now = worker.loop.clock()
+        if srv.session.read_only_seen:
+            srv.session.read_only_seen = False
+            if self.target in WRITABLE_TARGETS:
+                worker.host_read_only(spec)
+                return f"it answered 25006 (read-only transaction) for {self.name}: its role is checked again"
+        table.learned(spec, srv.params, now)            # in_hot_standby changes at a promotion
+        version, until = self.fitting_key
+        if version != table.version or now >= until:
+            self.fitting = frozenset(table.candidates(db.hosts, self.target, db.max_replica_lag, now))
+            self.fitting_key = (table.version, table.valid_until(db.hosts, now))
+        if spec in self.fitting or not self.fitting:
+            if not self.fitting and fits_pool(self.target, table.get(spec), db.max_replica_lag) is False:
+                return f"host {spec} no longer fits target_session_attrs={self.target} " \
+                       f"({self._describe(table.get(spec))})"
+            return ""
+        st = table.get(spec)
+        if fits_pool(self.target, st, db.max_replica_lag) is False:
+            return f"host {spec} no longer fits target_session_attrs={self.target} ({self._describe(st)})"
+        if len(db.hosts) > 1 and (st.banned(now) or st.up is False):
+            return f"host {spec} is {'banned' if st.banned(now) else 'down'}: {st.error or 'failed'}"
+        # of a tier behind another (prefer-standby: a standby is usable again; a known host over one of
+        # unknown role)
+        return f"host {spec} is a {st.role} and {', '.join(map(str, sorted(self.fitting, key=str)))} " \
+               f"serves target_session_attrs={self.target} better"
+
+    def _describe(self, st) -> str:
+        if st.lagging(self.db.max_replica_lag):
+            return f"standby {st.lag:.1f}s behind, max_replica_lag {self.db.max_replica_lag:g}s"
+        return f"now a {st.role}" + (", read-only" if st.read_only and not st.in_recovery else "")
+
+    def hosts_changed(self) -> None:
+        """What is known of the hosts changed: close idle servers of hosts that no longer fit, and
+        open servers for the clients that waited for a host."""
+        for srv in list(self.idle):
+            why = self.unfit(srv)
+            if why:
+                self.idle.remove(srv)
+                srv.close(why)
+        if self.waiting or self.login_waiters:
+            self._grow()
 
     def server_logged_in(self, srv) -> None:
-        """A new server finished its login: run connect_query, if set, before it serves."""
+        """A new server finished its login: check its role against the pool's target, then run
+        connect_query, if set, before it serves."""
+        worker = self.worker
+        worker.hosts.succeeded(srv.host)
+        learned = worker.hosts.learned(srv.host, srv.params, worker.loop.clock())
+        st = worker.hosts.get(srv.host)
+        ok = fits_pool(self.target, st, self.db.max_replica_lag)
+        if ok is False:
+            if learned:
+                log.info("host %s is a %s: servers of %s (target_session_attrs=%s) go elsewhere",
+                         srv.host, st.role, self.name, self.target)
+            srv.close(f"host {srv.host} does not fit target_session_attrs={self.target} ({self._describe(st)})")
+            return
+        if ok is None:
+            rows: list = []
+            srv.internal_query(messages.query(ROLE_QUERY), lambda srv, error: self._role_known(srv, error, rows),
+                               rows)
+            return
+        self._connect_query(srv)
+
+    def _role_known(self, srv, error, rows) -> None:
+        """The answer to ROLE_QUERY, for a server of PostgreSQL 13 or older."""
+        if error is None and rows:
+            values = messages.parse_data_row(rows[0])
+            if len(values) == 2:
+                self.worker.hosts.set_role(srv.host, values[0] == b"t", values[1] == b"on",
+                                           self.worker.loop.clock())
+        if error is not None:
+            srv.abort(PgmpError(error.sqlstate, f"the role query failed: {error.message}", detail=error.detail))
+            return
+        if fits_pool(self.target, self.worker.hosts.get(srv.host), self.db.max_replica_lag) is not True:
+            srv.close(f"host {srv.host} does not fit target_session_attrs={self.target}")
+            return
+        self._connect_query(srv)
+
+    def _connect_query(self, srv) -> None:
         query = self.db.connect_query
         if query:
             srv.internal_query(messages.query(query), self._connect_query_done)
@@ -329,6 +438,10 @@ class Pool:
         if self.worker.server_expired(srv):
             srv.close("server_lifetime reached")
             return
+        why = self.unfit(srv)
+        if why:
+            srv.close(why)
+            return
         if srv.cancel_pending:
             srv.parked = True
             srv.state = ServerState.IDLE
@@ -369,6 +482,13 @@ class Pool:
         self.resetting.discard(srv)
         if srv in self.opening:
             self.opening.discard(srv)
+            verdict = self.worker.host_failed(self, srv, exc, was) if exc is not None else ""
+            if verdict == NEXT_ADDRESS or (verdict == BANNED and len(self.db.hosts) > 1):
+                # another address of the name, another host, or the clients wait for one (host
+                # state changes retry)
+                self.last_error = exc
+                self._grow()
+                return
             if exc is not None and exc.sqlstate == errors.CANNOT_CONNECT_NOW:
                 # "the database system is starting up": temporary, try again shortly
                 self.worker.loop.call_later(0.5, self._grow)

@@ -222,12 +222,15 @@ class ServerConnection(Endpoint):
     __slots__ = ("conn_id", "pool", "state", "login", "params", "session", "client", "swallow", "swallow_error",
                  "swallow_done", "backend_pid", "backend_secret", "scanner", "flags", "whole", "created",
                  "last_used", "timer", "addr_text", "cancel_pending", "release_after",
-                 "replacement", "parked", "swallow_rows", "release_reset")
+                 "replacement", "parked", "swallow_rows", "release_reset", "host", "address")
 
-    def __init__(self, loop, pool, sock: socket.socket, addr_text: str, login: ServerLogin):
+    def __init__(self, loop, pool, sock: socket.socket, addr_text: str, login: ServerLogin, host=None,
+                 address=None):
         super().__init__(loop, sock, EVENT_WRITE)
         self.conn_id = 0                   # set by the worker: SHOW SERVERS' id
         self.pool = pool
+        self.host = host                   # the config.HostSpec it connected to (of the pool's host list)
+        self.address = address             # (family, sockaddr) it connected to: where its cancels go
         self.state = ServerState.CONNECTING
         self.login = login
         self.params: dict[str, str] = {}
@@ -312,7 +315,7 @@ class ServerConnection(Endpoint):
                 detail="This could be either a server bug or evidence of an attempted man-in-the-middle attack."))
         elif kind == b"S":
             self.state = ServerState.LOGIN
-            self.start_tls(worker.server_tls, server_side=False, server_hostname=self.pool.db.host)
+            self.start_tls(worker.server_tls, server_side=False, server_hostname=self.host.host)
         elif kind == b"N" and mode == "prefer":
             self.state = ServerState.LOGIN
             self.send(self.login.startup())
@@ -331,7 +334,7 @@ class ServerConnection(Endpoint):
         self.send(self.login.startup())
 
     def on_tls_failed(self, exc):
-        host = self.pool.db.host
+        host = self.host.host
         if tls.is_name_mismatch(exc):
             err = ServerProtocolError(
                 f'server certificate does not match host name "{host}"', detail=tls.describe(exc),

@@ -11,6 +11,7 @@ import secrets as _secrets
 import signal
 import socket
 import struct
+import time
 
 from pgmp import config as configmod
 from pgmp import console, control, errors, tls
@@ -21,13 +22,15 @@ from pgmp.auth.server import ServerAuthenticator
 from pgmp.derive import Deriver
 from pgmp.files import read_mock_secret
 from pgmp.hba import load_hba
+from pgmp.hosts import HostTable, host_failure
 from pgmp.client import ClientConnection
 from pgmp.logs import reopen_log_files
 from pgmp.loop import EVENT_WRITE, Endpoint, Loop
-from pgmp.pool import Pool, note_pause, worker_share
+from pgmp.pool import BANNED, NEXT_ADDRESS, WAIT, Pool, note_pause, worker_share
 from pgmp.prepared import StatementCache
 from pgmp.protocol import messages
-from pgmp.server import ServerConnection, ServerLogin
+from pgmp.resolve import ResolveError, Resolver
+from pgmp.server import ServerConnection, ServerLogin, ServerState
 from pgmp.session import TRACKED, ClientState
 
 log = logging.getLogger("pgmp")
@@ -225,6 +228,8 @@ class Worker:
         self.mock = mock_profile_for(config, self.secrets, self.instance_seed)
         self.auth_query = AuthQuery(self)       # secrets of users missing from auth_file (auth_user)
         self.deriver = Deriver(self.loop)       # PBKDF2 of logins, in threads (derive.py)
+        self.hosts = HostTable()                # what is known of the databases' hosts (pgmp.hosts)
+        self.resolver = Resolver(self.loop, config.dns_max_ttl, config.dns_nxdomain_ttl)
         self.pools: dict[tuple[str, str], Pool] = {}
         self.statement_cache = StatementCache()
         self.tracked_parameters = tracked_parameters(config)
@@ -337,7 +342,7 @@ class Worker:
         """Under ``limit`` servers among the pools ``same`` selects; at the limit, an idle server of
         another of those pools is closed to make room (idle servers must not starve a waiting pool)."""
         pools = [p for p in self.pools.values() if same(p)]
-        if sum(len(p.servers) for p in pools) < limit:
+        if sum(len(p.servers) + p.resolving for p in pools) < limit:
             return True
         if not evict:
             return False
@@ -428,13 +433,68 @@ class Worker:
                     srv.close("KILL_CLIENT on the admin console")
                 return 1
         return 0
-    def open_server(self, pool: Pool):
-        try:
-            family, sockaddr, text = pool.address()
-        except OSError as exc:
-            pool.last_error = errors.PgmpError(errors.CONNECTION_FAILURE,
-                                               f"could not resolve server host {pool.db.host!r}: {exc}")
-            return None
+    # -- server connections ----------------------------------------------------------
+    def open_server(self, pool: Pool, then=None):
+        """A new server connection for ``pool``, to the host pgmp.hosts chooses among its database's.
+
+        Returns the ServerConnection (connecting); WAIT while the host's address is looked up
+        (``then()`` runs once it is known, pool.resolving counts it); or None, with
+        pool.last_error saying why (pool.no_host: no host fits now; the clients wait). A host
+        that fails at once (no address, connect refused on a unix socket) is banned and, with
+        several hosts, another is tried.
+        """
+        db = pool.db
+        for _ in range(len(db.hosts) + 8):         # (each host once, and a few more addresses of names)
+            now = self.loop.clock()
+            spec = self.hosts.choose(db.hosts, db.target_session_attrs, db.load_balance_hosts,
+                                     db.max_replica_lag, now, pool.turn)
+            if spec is None:
+                why = self.hosts.why_none(db.hosts, db.target_session_attrs, db.max_replica_lag, now)
+                if not pool.no_host:                  # once per episode, not at every retry
+                    log.warning("pool %s: %s; clients wait (query_wait_timeout) for a host", pool.name, why)
+                pool.no_host = why
+                pool.last_error = errors.PgmpError(errors.CONNECTION_FAILURE, f"no server available for "
+                                                   f"{pool.name}: {why}")
+                return None
+            pool.no_host = ""
+            pool.turn += 1
+            addrs = self._addresses(pool, spec, then)
+            if addrs is WAIT:
+                return WAIT
+            if isinstance(addrs, errors.PgmpError):
+                failure = addrs
+            else:
+                family, sockaddr = addrs[self.hosts.get(spec).address % len(addrs)]
+                result = self._connect(pool, spec, family, sockaddr)
+                if not isinstance(result, errors.PgmpError):
+                    return result
+                failure = result
+            pool.last_error = failure
+            if self.host_failed(pool, None, failure, ServerState.CONNECTING, spec) != NEXT_ADDRESS \
+                    and len(db.hosts) == 1:
+                return None
+        return None
+
+    def _addresses(self, pool: Pool, spec, then):
+        """(family, sockaddr) list of ``spec``, WAIT (a lookup runs), or the PgmpError of a failed lookup."""
+        if spec.unix:
+            return [(socket.AF_UNIX, f"{spec.host}/.s.PGSQL.{spec.port}")]
+
+        def resolved(result, pool=pool):
+            pool.resolving -= 1
+            if then is not None:
+                then()
+        addrs = self.resolver.lookup(spec.host, spec.port, resolved)
+        if addrs is None:
+            pool.resolving += 1
+            return WAIT
+        if isinstance(addrs, ResolveError):
+            return errors.PgmpError(errors.CONNECTION_FAILURE, f"could not resolve server host {spec.host!r}: {addrs}")
+        return addrs
+
+    def _connect(self, pool: Pool, spec, family: int, sockaddr):
+        """Start connecting to one address: the ServerConnection, a PgmpError, or None (no socket)."""
+        text = str(spec)
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:              # out of descriptors: the client waits, as for a full pool
@@ -449,9 +509,7 @@ class Worker:
         err = sock.connect_ex(sockaddr)
         if err not in (0, 115, 11):                  # EINPROGRESS, EAGAIN (unix)
             sock.close()
-            pool.last_error = errors.PgmpError(errors.CONNECTION_FAILURE,
-                                               f"could not connect to server {text}: {os.strerror(err)}")
-            return None
+            return errors.PgmpError(errors.CONNECTION_FAILURE, f"could not connect to server {text}: {os.strerror(err)}")
         auth = ServerAuthenticator(pool.server_user, password=pool.password, scram_keys=pool.scram_keys,
                                    secret=pool.secret, database=pool.db.name,
                                    require_auth=pool.db.server_require_auth,
@@ -460,12 +518,48 @@ class Worker:
         if pool.db.application_name:
             extra["application_name"] = pool.db.application_name
         login = ServerLogin(pool.server_user, pool.dbname, auth, extra)
-        srv = ServerConnection(self.loop, pool, sock, text, login)
+        srv = ServerConnection(self.loop, pool, sock, text, login, host=spec, address=(family, sockaddr))
         srv.conn_id = self.next_conn_id()
         timeout = self.config.server_connect_timeout
         if timeout > 0:
             srv.timer = self.loop.call_later(timeout, self._server_login_timeout, srv)
         return srv
+
+    def host_failed(self, pool: Pool, srv, exc: errors.PgmpError, was, spec=None) -> str:
+        """A connect or login to a host failed: ban it and ask the master to check it now.
+
+        Returns BANNED; NEXT_ADDRESS when the host is a name with an address not tried yet
+        (the next connect takes it, nothing is banned); or "" when the failure is not the
+        host's fault (a refused password, an unknown database)."""
+        spec = spec or srv.host
+        if not host_failure(exc.sqlstate):
+            return ""
+        addresses = 1
+        if was is ServerState.CONNECTING and not spec.unix:
+            entry = self.resolver.cache.entries.get(spec.host)
+            addresses = len(entry.addrs) if entry is not None and entry.addrs else 1
+        st = self.hosts.get(spec)
+        already = st.banned(self.loop.clock())
+        if not self.hosts.failed(spec, self.loop.clock(), self.config.host_ban_time, exc.message, addresses):
+            return NEXT_ADDRESS
+        if len(pool.db.hosts) > 1 and not already:
+            log.warning("host %s banned for %gs: %s", spec, self.config.host_ban_time, exc.message)
+        if self.master is not None:
+            self.master.post("host_report", host=spec.host, port=spec.port, event="failed", error=exc.message)
+        return BANNED
+
+    def host_read_only(self, spec) -> None:
+        """A server of ``spec`` answered 25006 where it was thought writable: learn its role again."""
+        log.warning("host %s answered 25006 (read-only transaction) to a client that needs a writable host: "
+                    "checking its role again", spec)
+        self.hosts.forget_role(spec, self.loop.clock())
+        if self.master is not None:
+            self.master.post("host_report", host=spec.host, port=spec.port, event="read_only",
+                             error="25006 read-only transaction")
+
+    def hosts_changed(self) -> None:
+        for pool in list(self.pools.values()):
+            pool.hosts_changed()
 
     def _server_login_timeout(self, srv):
         srv.timer = None
@@ -518,7 +612,7 @@ class Worker:
     def cancel_server(self, client, on_done=None):
         """Cancel the query running on ``client``'s server; the server is held until it is done."""
         srv = client.server
-        family, sockaddr, text = srv.pool.address()
+        family, sockaddr = srv.address
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
@@ -558,6 +652,7 @@ class Worker:
         for srv in [s for p in self.pools.values() for s in p.servers]:
             srv.flush()
         self.deriver.close()
+        self.resolver.close()
 
     def attach_master(self, sock: socket.socket):
         self.master = MasterLink(self, sock)
@@ -620,6 +715,9 @@ class Worker:
             self.master.post("pool_result", id=msg.get("id"), ok=True, data=data)
         elif kind == "console_result":
             self._console_answered(msg)
+        elif kind == "host_state":
+            self.hosts.from_master(msg.get("hosts") or [])
+            self.hosts_changed()                # (also unchanged: a host checked again may serve again)
 
     def reload_from(self, path: str, text: str | None = None, overrides: dict | None = None) -> str | None:
         """Apply a new configuration to new logins and released servers; the error text, or None.
@@ -642,6 +740,7 @@ class Worker:
         self.hba = rules
         self.client_tls, self.server_tls = client_tls, server_tls
         self.loop.max_unsent = new.max_unsent
+        self.resolver.configure(new.dns_max_ttl, new.dns_nxdomain_ttl)
         self.auth_query.reset("configuration reloaded")
         log.debug("worker %d: configuration reloaded", self.slot)
         return None
@@ -662,10 +761,20 @@ class Worker:
             "login_clients": sum(1 for c in self.clients if console.client_state(c) == "login"),
             "paused_all": self.paused_all, "paused_dbs": sorted(self.paused_dbs),
             "disabled_dbs": sorted(self.disabled_dbs),
+            "hosts": self._host_rows(), "dns": self.resolver.rows(),
         }
         if detail == "sockets":
             data.update(console.worker_rows(self))
         return data
+
+    def _host_rows(self) -> list[dict]:
+        """What this worker knows of each host, with its ban's end as epoch seconds (SHOW HOSTS)."""
+        now = self.loop.clock()
+        wall = time.time() - now
+        rows = self.hosts.rows(now)
+        for row in rows:
+            row["banned_until_epoch"] = row["banned_until"] + wall if row["banned"] else None
+        return rows
 
     # -- the admin console ---------------------------------------------------------------
     def console_ask(self, command: str, args: dict, callback) -> None:

@@ -47,7 +47,7 @@ from pgmp import errors
 from pgmp.auth.authfile import AuthFileError, Secret, check_iterations, parse_secret, to_bytes
 from pgmp.auth.client import _printable
 from pgmp.errors import PgmpError, ServerProtocolError
-from pgmp.pool import Pool
+from pgmp.pool import WAIT, Pool
 from pgmp.protocol import messages
 from pgmp.server import ServerState
 
@@ -237,7 +237,7 @@ class LookupPool(Pool):
 
     # -- running lookups ---------------------------------------------------------------
     def _pump(self) -> None:
-        if self.current is not None or self.opening:
+        if self.current is not None or self.opening or self.resolving:
             return
         if not self.queue:
             self._idle()
@@ -325,7 +325,9 @@ class LookupPool(Pool):
                            " (server_login_retry: not trying again yet)")
             return
         self._credentials()
-        srv = self.worker.open_server(self)
+        srv = self.worker.open_server(self, self._pump)
+        if srv is WAIT:
+            return                          # the host's address is being looked up: _pump runs again then
         if srv is None:
             self.login_failed_at = self.worker.loop.clock()
             self._fail_all(self.last_error.message if self.last_error else "could not connect")

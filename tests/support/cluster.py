@@ -1,4 +1,10 @@
-"""A throwaway PostgreSQL cluster with the test roles and databases: start, describe, stop."""
+"""A throwaway PostgreSQL cluster with the test roles and databases: start, describe, stop; its standbys.
+
+``start_cluster`` makes a primary (initdb); ``start_standby`` a streaming
+standby of one (pg_basebackup -R over the primary's unix socket) on a port
+of its own; ``promote`` and ``stop_cluster`` act on either, the postmaster
+found by its pid.
+"""
 from __future__ import annotations
 
 import ctypes
@@ -41,6 +47,7 @@ SERVER_SETTINGS = {
 HBA = """\
 # written by the pgmp test harness
 local all all trust
+local replication all trust
 host all md5_user 127.0.0.1/32 md5
 host all plain_user 127.0.0.1/32 password
 host all all 127.0.0.1/32 scram-sha-256
@@ -182,6 +189,63 @@ def start_cluster(base_dir: Path) -> Cluster:
     return cluster
 
 
+def start_standby(primary: Cluster, base_dir: Path, settings: dict[str, str] | None = None,
+                  port: int | None = None) -> Cluster:
+    """A hot standby of ``primary`` under base_dir, streaming from it, started and ready for reads.
+
+    ``settings`` are appended to its postgresql.conf (after the port and socket directory);
+    ``port``: the one it listens on (default: a free one), e.g. a former primary's rebuilt as a standby.
+    """
+    bin_dir = Path(primary.bin_dir)
+    base_dir.mkdir(parents=True, exist_ok=True)
+    datadir, logfile = base_dir / "data", base_dir / "postgres.log"
+    as_server = _server_user_kwargs()
+    if as_server:
+        shutil.chown(base_dir, SUPERUSER, SUPERUSER)
+    run([bin_dir / "pg_basebackup", "-D", datadir, "-h", primary.socket_dir, "-p", str(primary.port),
+         "-U", SUPERUSER, "-R", "-X", "stream", "-c", "fast", "--no-sync"], cwd=base_dir, timeout=120, **as_server)
+    port = port or free_port()
+    conf = {"port": str(port), "unix_socket_directories": f"'{base_dir}'", "hot_standby": "on",
+            "wal_receiver_status_interval": "1s", **(settings or {})}
+    with open(datadir / "postgresql.conf", "a") as f:
+        f.write("\n# pgmp test harness: standby\n")
+        f.writelines(f"{key} = {value}\n" for key, value in conf.items())
+    try:
+        run([bin_dir / "pg_ctl", "start", "-D", datadir, "-l", logfile, "-w", "-t", "60"],
+            cwd=base_dir, timeout=90, **as_server)
+    except (CommandFailed, subprocess.TimeoutExpired) as exc:
+        log = logfile.read_text(errors="replace") if logfile.exists() else "(no log)"
+        stop_cluster(base_dir)
+        raise RuntimeError(f"the standby did not start: {exc}\n--- {logfile} ---\n{log}") from exc
+    return Cluster(host=primary.host, port=port, socket_dir=str(base_dir), bin_dir=str(bin_dir),
+                   datadir=str(datadir), logfile=str(logfile), passwords=dict(primary.passwords),
+                   secrets=dict(primary.secrets))
+
+
+def promote(cluster: Cluster, timeout: float = 60.0) -> None:
+    """pg_ctl promote a standby and wait until it accepts writes."""
+    run([Path(cluster.bin_dir) / "pg_ctl", "promote", "-D", cluster.datadir, "-w", "-t", str(int(timeout))],
+        timeout=timeout + 10, **_server_user_kwargs())
+
+
+def stop_server(cluster: Cluster, mode: str = "fast", timeout: float = 30.0) -> None:
+    """pg_ctl stop (fast: sessions terminated with 57P01, a shutdown checkpoint); the cluster stays on disk."""
+    run([Path(cluster.bin_dir) / "pg_ctl", "stop", "-D", cluster.datadir, "-m", mode, "-w", "-t", str(int(timeout))],
+        timeout=timeout + 10, **_server_user_kwargs())
+
+
+def start_server(cluster: Cluster, timeout: float = 60.0) -> None:
+    """pg_ctl start a cluster stopped with stop_server, on its own port again."""
+    run([Path(cluster.bin_dir) / "pg_ctl", "start", "-D", cluster.datadir, "-l", cluster.logfile, "-w",
+         "-t", str(int(timeout))], cwd=cluster.socket_dir, timeout=timeout + 10, **_server_user_kwargs())
+
+
+def wal_replayed(primary: Cluster, standby: Cluster) -> bool:
+    """Has the standby replayed everything the primary has written so far?"""
+    lsn = primary.psql("SELECT pg_current_wal_lsn()")
+    return standby.psql(f"SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn") == "t"
+
+
 def postmaster_pid(datadir: Path) -> int | None:
     try:
         return int((datadir / "postmaster.pid").read_text().split("\n", 1)[0])
@@ -206,6 +270,13 @@ def stop_cluster(base_dir: Path, timeout: float = 15.0) -> None:
         wait_for(lambda: not process_alive(pid), timeout=timeout,
                  message=f"postmaster {pid} still alive after SIGKILL")
     _reap(pid)
+
+
+def stop_clusters_under(run_dir: Path) -> None:
+    """Stop every cluster whose data directory lies under run_dir (standbys, throwaway pairs): the
+    run's last safety net, should a test's own teardown not have run."""
+    for pidfile in sorted(run_dir.glob("**/data/postmaster.pid")):
+        stop_cluster(pidfile.parent.parent)
 
 
 def _reap(pid: int) -> None:

@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .cluster import Cluster, become_subreaper, start_cluster, stop_cluster
+from .cluster import Cluster, become_subreaper, start_cluster, stop_cluster, stop_clusters_under
 from .waiting import RUN_DIR_ENV
 
 
@@ -79,4 +79,5 @@ def remove_run_dir(run_dir: Path) -> None:
     """Stop the cluster (if any process started one) and delete the run directory."""
     with _locked(run_dir, timeout=30):
         stop_cluster(run_dir / "pg")
+        stop_clusters_under(run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -416,20 +416,21 @@ def test_databases_inherit_from_pgmp():
     cfg = cfg_with('default_pool_size = 7\nreserve_pool_size = 2\nmax_db_connections = 50', SECTIONS)
     appdb = cfg.databases["appdb"]
     assert appdb == config.DatabaseConfig(
-        name="appdb", host="db1.internal", port=5433, dbname="appdb", user="app", password="s3cret",
+        name="appdb", host=("db1.internal",), port=5433, dbname="appdb", user="app", password="s3cret",
         pool_size=7, min_pool_size=0, reserve_pool_size=2, pool_mode="transaction",
         max_db_connections=50, connect_query="SET search_path TO app", auth_dbname="", application_name="",
-        server_require_auth=())
+        server_require_auth=(), target_session_attrs="any", load_balance_hosts="disable", max_replica_lag=0.0)
     reports = cfg.databases["reports"]
     assert (reports.dbname, reports.pool_size, reports.pool_mode, reports.host) == (
-        "warehouse", 5, "session", "/var/run/postgresql")
+        "warehouse", 5, "session", ("/var/run/postgresql",))
     assert cfg.databases["*"].dbname == ""
     assert "s3cret" not in repr(appdb) and "s3cret" not in repr(cfg)
 
 
 def test_database_defaults():
     db = cfg_with("", "[databases.appdb]\n").databases["appdb"]
-    assert (db.host, db.port, db.dbname, db.user, db.password) == ("127.0.0.1", 5432, "appdb", "", "")
+    assert (db.host, db.port, db.dbname, db.user, db.password) == (("127.0.0.1",), 5432, "appdb", "", "")
+    assert db.hosts == (config.HostSpec("127.0.0.1", 5432),)
     assert dataclasses.is_dataclass(db)
     with pytest.raises(dataclasses.FrozenInstanceError):
         db.port = 1
@@ -449,7 +450,7 @@ def test_database_for():
     cfg = cfg_with("", SECTIONS)
     assert database_for(cfg, "appdb") is cfg.databases["appdb"]
     other = database_for(cfg, "sales")
-    assert (other.name, other.dbname, other.host) == ("sales", "sales", "10.0.0.9")
+    assert (other.name, other.dbname, other.host) == ("sales", "sales", ("10.0.0.9",))
     assert database_for(cfg_with("", "[databases.appdb]\n"), "sales") is None
     fixed = cfg_with("", '[databases."*"]\ndbname = "shared"\n')
     assert database_for(fixed, "sales").dbname == "shared"
@@ -548,3 +549,47 @@ def test_wildcard_with_auth_user_needs_auth_dbname():
 def test_auth_dbname_must_name_a_section(value, expected):
     assert expected in error_of(AUTH + f"auth_dbname = {value}\n[databases.app]\n")
     assert f"[databases.app] {expected}" in error_of(AUTH + f"[databases.app]\nauth_dbname = {value}\n")
+
+
+# ---------------------------------------------------------------- several hosts
+
+@pytest.mark.parametrize("toml, expected", [
+    ('"db1"', [("db1", 6000)]),
+    ('"db1:5433"', [("db1", 5433)]),
+    ('"db1, db2:7"', [("db1", 6000), ("db2", 7)]),
+    ('["10.0.0.5", "10.0.0.6:5433", "[fd00::7]:5434", "::1", "/var/run/postgresql/"]',
+     [("10.0.0.5", 6000), ("10.0.0.6", 5433), ("fd00::7", 5434), ("::1", 6000), ("/var/run/postgresql", 6000)]),
+])
+def test_host_lists(toml, expected):
+    db = cfg_with("", f"[databases.appdb]\nport = 6000\nhost = {toml}\n").databases["appdb"]
+    assert [(h.host, h.port) for h in db.hosts] == expected
+    assert str(db.hosts[0]) in ("db1:6000", "db1:5433", "10.0.0.5:6000")
+
+
+@pytest.mark.parametrize("toml, message", [
+    ('[]', "expected a host or a list of hosts, got []"),
+    ('"db 1"', "expected a host name, IP address or socket directory (starting with /), optionally with :port"),
+    ('"db1:0"', "port 0 of 'db1:0' is not in 1..65535"),
+    ('"db1:x"', "expected a port number after the colon"),
+    ('"[10.0.0.1]:5432"', "brackets are for IPv6 addresses only"),
+    ('"fd00::zz"', "is not an IPv6 address"),
+    ('["db1", "db1:5432"]', "db1:5432 is listed twice"),
+    ('["db1", ""]', "expected a host name, IP address or socket directory"),
+    ('5432', "expected a host or a list of hosts, got 5432"),
+])
+def test_bad_host_lists(toml, message):
+    assert message in error_of(TRUST + f"[databases.appdb]\nhost = {toml}\n")
+
+
+def test_host_choice_settings_inherit_and_are_checked():
+    cfg = cfg_with('target_session_attrs = "read-write"\nload_balance_hosts = "random"\nmax_replica_lag = "2s"',
+                   '[databases.a]\n[databases.b]\ntarget_session_attrs = "standby"\nload_balance_hosts = '
+                   '"round-robin"\nmax_replica_lag = 0\n')
+    a, b = cfg.databases["a"], cfg.databases["b"]
+    assert (a.target_session_attrs, a.load_balance_hosts, a.max_replica_lag) == ("read-write", "random", 2.0)
+    assert (b.target_session_attrs, b.load_balance_hosts, b.max_replica_lag) == ("standby", "round-robin", 0.0)
+    assert "expected one of any, read-write, read-only, primary, standby, prefer-standby" in \
+        error_of(TRUST + '[databases.a]\ntarget_session_attrs = "master"\n')
+    assert "expected one of disable, random, round-robin" in error_of(TRUST + 'load_balance_hosts = "on"\n')
+    cfg = cfg_with("")
+    assert (cfg.health_check_period, cfg.host_ban_time, cfg.dns_max_ttl, cfg.dns_nxdomain_ttl) == (5.0, 30.0, 15.0, 15.0)

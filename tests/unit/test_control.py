@@ -27,6 +27,10 @@ EXAMPLES = {
     "reply": {"ok": True, "error": None, "data": {"pid": 1, "workers": []}},
     "console": {"id": 4, "command": "stats", "args": {"detail": "sockets"}},
     "console_result": {"id": 4, "ok": True, "error": None, "data": {"workers": [], "missing": [123]}},
+    "host_state": {"hosts": [{"host": "10.0.0.5", "port": 5432, "up": True, "in_recovery": True,
+                              "read_only": True, "lag": 0.25, "checked_at": 1234.5, "banned_until": 0.0,
+                              "banned_at": 0.0, "error": ""}]},
+    "host_report": {"host": "10.0.0.5", "port": 5432, "event": "failed", "error": "connection refused"},
 }
 
 
