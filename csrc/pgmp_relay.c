@@ -14,7 +14,7 @@
 #include <sys/socket.h>
 
 #include "pgmp_relay.h"
-#include "pgmp_scan.h"
+#include "pgmp_frame.h"
 
 typedef struct {
     int32_t peer;            /* -1: not armed */
@@ -140,8 +140,7 @@ void pgmp_relay_walk(const uint8_t *buf, size_t len, const uint8_t *flags, uint3
         uint32_t declared = be32(buf + pos + 1);
 
         /* a header the scanner would refuse: Python's relay reports it */
-        if (!(flag & PGMP_F_VALID) || declared < 4 || declared > max_len ||
-            ((flag & PGMP_F_SMALL) && declared > PGMP_SMALL_MAX))
+        if (pgmp_check_header(flag, declared, max_len) != PGMP_ERR_NONE)
             break;
         if (declared - 4 > len - pos - 5)
             break;                                   /* partial: Python streams or keeps it */

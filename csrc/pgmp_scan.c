@@ -1,24 +1,10 @@
 /* pgmp_scan.c: find the boundaries and types of PostgreSQL v3 frames in a buffer, trusting no length. */
-#include "pgmp_scan.h"
+#include "pgmp_frame.h"
 
 static uint32_t read_be32(const uint8_t *p)
 {
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) |
            ((uint32_t)p[2] << 8) | (uint32_t)p[3];
-}
-
-/* Same checks, same order, for complete frames and for a partial header. */
-static int check_header(uint8_t flag, uint32_t declared, uint32_t max_len)
-{
-    if (!(flag & PGMP_F_VALID))
-        return PGMP_ERR_TYPE;
-    if (declared < 4)
-        return PGMP_ERR_SHORT;
-    if (declared > max_len)
-        return PGMP_ERR_LONG;
-    if ((flag & PGMP_F_SMALL) && declared > PGMP_SMALL_MAX)
-        return PGMP_ERR_LONG;
-    return PGMP_ERR_NONE;
 }
 
 int pgmp_scan(const uint8_t *buf, size_t len, const uint8_t *flags,
@@ -39,7 +25,7 @@ int pgmp_scan(const uint8_t *buf, size_t len, const uint8_t *flags,
         uint8_t flag = flags[type];
         uint32_t declared = read_be32(buf + pos + 1);
 
-        err = check_header(flag, declared, max_len);
+        err = pgmp_check_header(flag, declared, max_len);
         if (err != PGMP_ERR_NONE)
             break;
         /* Overflow-safe form of pos + 1 + declared > len. */

@@ -115,14 +115,15 @@ PgBouncer's default where pgmp's differs (marked below with "unset").
   dbname, user, password, auth_dbname, pool_size, pool_mode, connect_query,
   application_name     same (connect_query: pgmp counts its failure as a failed login)
   max_db_connections   same; 0 is PgBouncer's "not set" here: nothing
-  host                 same; unset -> unix_socket_dir; a host list UNSAFE (the first is kept);
+  host                 same; unset -> unix_socket_dir; a host list -> a list, with
+                       load_balance_hosts (PgBouncer's default round-robin, or disable);
                        "@name", or no host and no unix_socket_dir, UNSAFE (section left out)
   port                 same
   min_pool_size, reserve_pool / reserve_pool_size    same, as in [pgbouncer]
   auth_user, auth_query    same as [pgbouncer]'s: nothing to write; different UNSAFE
   query_wait_timeout   same as [pgbouncer]'s: nothing; different UNSAFE
   server_lifetime      note (pgmp has one server_lifetime)
-  load_balance_hosts   note
+  load_balance_hosts   with a host list: same; else a note
   client_encoding, datestyle, timezone, max_db_client_connections (not 0)    UNSAFE
   the name "pgbouncer" UNSAFE (the admin console's name in PgBouncer and pgmp)
 [users]
@@ -1000,6 +1001,13 @@ class _Converter:
             self.tables.append(left_out)
             return
         t.set("host", host[0], host[1])
+        if isinstance(host[0], list):
+            # PgBouncer spreads new connections over a host list round-robin unless told otherwise
+            lb = opts.get("load_balance_hosts", "round-robin").lower()
+            if lb in ("round-robin", "disable"):
+                t.set("load_balance_hosts", lb, None if lb == "disable" else "PgBouncer's default")
+            else:
+                self.errors.append(f"{e.where}: {label}: load_balance_hosts={lb}: expected round-robin or disable")
         for key, value in opts.items():
             if key == "host":
                 continue
@@ -1009,7 +1017,8 @@ class _Converter:
                 self.errors.append(f"{e.where}: {label}: {key}={value}: {exc}")
         self.tables.append(t)
 
-    def database_host(self, e: Entry, label: str, opts: dict, left_out: _Table) -> tuple[str, str | None] | None:
+    def database_host(self, e: Entry, label: str, opts: dict, left_out: _Table) \
+            -> tuple[str | list[str], str | None] | None:
         """(host, comment) for a database, or None (with a note) when pgmp cannot reach what PgBouncer did."""
         host = opts.get("host")
         if host is None:
@@ -1025,10 +1034,12 @@ class _Converter:
                       "left out", left_out, unsafe=True)
             return None
         if "," in host:
-            first = host.split(",")[0]
-            self.note(e.where, f"{label} host={host}", f"pgmp takes one host per database: only {first} is "
-                      "written, the others get no connections", unsafe=True)
-            return first, "pgbouncer: host=" + host
+            hosts = [h.strip() for h in host.split(",") if h.strip()]
+            if any(h.startswith("@") for h in hosts):
+                self.note(e.where, f"{label} host={host}", "pgmp has no abstract-namespace unix sockets: "
+                          "section left out", left_out, unsafe=True)
+                return None
+            return hosts, "pgbouncer: host=" + host
         return host, None
 
     def database_option(self, t: _Table, e: Entry, label: str, key: str, value: str, opts: dict) -> None:
@@ -1066,7 +1077,8 @@ class _Converter:
             self.note(e.where, subject, "pgmp has one server_lifetime for every database "
                       f"({_number(g['server_lifetime'])}s)", t)
         elif key == "load_balance_hosts":
-            self.note(e.where, subject, "only matters with several hosts", t)
+            if "," not in opts.get("host", ""):
+                self.note(e.where, subject, "only matters with several hosts", t)
         elif key in ("client_encoding", "datestyle", "timezone"):
             self.note(e.where, subject, "pgmp cannot set server parameters per database: use ALTER DATABASE "
                       f"... SET {key} = ... on the server", t, unsafe=True)

@@ -153,11 +153,7 @@ class Loop:
             try:
                 ep.handle_event(ev)
             except Exception as exc:        # one connection's bug must not stop the worker
-                log.exception("internal error on %s", ep)
-                try:
-                    ep.fail(exc)
-                except Exception:
-                    log.exception("error while closing %s", ep)
+                _internal_error(ep, exc)
 
     def _run_relayed(self, timeout: float):
         """One batch through the C relay: apply what it relayed, handle the rest as run_once does."""
@@ -180,11 +176,7 @@ class Loop:
                 if not ep.closed:
                     ep.relay_check()
             except Exception as exc:        # one connection's bug must not stop the worker
-                log.exception("internal error on %s", ep)
-                try:
-                    ep.fail(exc)
-                except Exception:
-                    log.exception("error while closing %s", ep)
+                _internal_error(ep, exc)
 
     def _relay_lost(self, fd: int, peer_fd: int):
         """C relayed bytes of ``fd`` to ``peer_fd`` after Python had changed the pair (an earlier
@@ -198,6 +190,15 @@ class Loop:
     def stop(self):
         self.running = False
         self.stopped = True
+
+
+def _internal_error(ep, exc: Exception) -> None:
+    """An exception escaped a connection's handler: log it and close that connection only."""
+    log.exception("internal error on %s", ep)
+    try:
+        ep.fail(exc)
+    except Exception:
+        log.exception("error while closing %s", ep)
 
 
 def _sent_split(views: list, sent: int) -> list[bytes]:

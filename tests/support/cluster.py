@@ -174,19 +174,24 @@ def start_cluster(base_dir: Path) -> Cluster:
         conf.write("\n# pgmp test harness\n")
         conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
     (datadir / "pg_hba.conf").write_text(HBA)
-    try:
-        run([bin_dir / "pg_ctl", "start", "-D", datadir, "-l", logfile, "-w", "-t", "60"],
-            cwd=base_dir, timeout=90, **as_server)
-    except (CommandFailed, subprocess.TimeoutExpired) as exc:
-        log = logfile.read_text(errors="replace") if logfile.exists() else "(no log)"
-        stop_cluster(base_dir)
-        raise RuntimeError(f"PostgreSQL did not start: {exc}\n--- {logfile} ---\n{log}") from exc
+    _pg_ctl_start(bin_dir, datadir, logfile, base_dir, as_server, "PostgreSQL")
     cluster = Cluster(host="127.0.0.1", port=port, socket_dir=str(base_dir), bin_dir=str(bin_dir),
                       datadir=str(datadir), logfile=str(logfile))
     cluster.psql(SETUP_SQL)
     rows = cluster.psql("SELECT rolname, rolpassword FROM pg_authid WHERE rolpassword IS NOT NULL")
     cluster.secrets = dict(line.split("|", 1) for line in rows.splitlines())
     return cluster
+
+
+def _pg_ctl_start(bin_dir: Path, datadir: Path, logfile: Path, base_dir: Path, as_server: dict, what: str) -> None:
+    """pg_ctl start -w; on failure the cluster is stopped and the error carries its log."""
+    try:
+        run([bin_dir / "pg_ctl", "start", "-D", datadir, "-l", logfile, "-w", "-t", "60"],
+            cwd=base_dir, timeout=90, **as_server)
+    except (CommandFailed, subprocess.TimeoutExpired) as exc:
+        log = logfile.read_text(errors="replace") if logfile.exists() else "(no log)"
+        stop_cluster(base_dir)
+        raise RuntimeError(f"{what} did not start: {exc}\n--- {logfile} ---\n{log}") from exc
 
 
 def start_standby(primary: Cluster, base_dir: Path, settings: dict[str, str] | None = None,
@@ -210,13 +215,7 @@ def start_standby(primary: Cluster, base_dir: Path, settings: dict[str, str] | N
     with open(datadir / "postgresql.conf", "a") as f:
         f.write("\n# pgmp test harness: standby\n")
         f.writelines(f"{key} = {value}\n" for key, value in conf.items())
-    try:
-        run([bin_dir / "pg_ctl", "start", "-D", datadir, "-l", logfile, "-w", "-t", "60"],
-            cwd=base_dir, timeout=90, **as_server)
-    except (CommandFailed, subprocess.TimeoutExpired) as exc:
-        log = logfile.read_text(errors="replace") if logfile.exists() else "(no log)"
-        stop_cluster(base_dir)
-        raise RuntimeError(f"the standby did not start: {exc}\n--- {logfile} ---\n{log}") from exc
+    _pg_ctl_start(bin_dir, datadir, logfile, base_dir, as_server, "the standby")
     return Cluster(host=primary.host, port=port, socket_dir=str(base_dir), bin_dir=str(bin_dir),
                    datadir=str(datadir), logfile=str(logfile), passwords=dict(primary.passwords),
                    secrets=dict(primary.secrets))

@@ -494,6 +494,9 @@ DATABASES = [
     ("* =", {"*": {"host": "/tmp"}}),
     ("appdb = server_lifetime=60 load_balance_hosts=disable", {"appdb": {"host": "/tmp"}}),
     ("appdb = host=a host=b", {"appdb": {"host": "b"}}),
+    ("appdb = host=a,b:5433,/run/pg", {"appdb": {"host": ["a", "b:5433", "/run/pg"],
+                                                  "load_balance_hosts": "round-robin"}}),
+    ("appdb = host=a,b load_balance_hosts=disable", {"appdb": {"host": ["a", "b"], "load_balance_hosts": "disable"}}),
 ]
 
 
@@ -524,7 +527,7 @@ DATABASES_UNSAFE = [
     ("appdb = client_encoding=UTF8", "ALTER DATABASE ... SET client_encoding"),
     ("appdb = datestyle=ISO", "ALTER DATABASE ... SET datestyle"),
     ("appdb = timezone=UTC", "ALTER DATABASE ... SET timezone"),
-    ("appdb = host=a,b", "pgmp takes one host per database: only a is written"),
+    ("appdb = host=a,@pg", "no abstract-namespace unix sockets"),
     ("appdb = host=@pg", "no abstract-namespace unix sockets"),
     ("pgbouncer = host=db", "the name of the admin console"),
     ("appdb = max_db_client_connections=5", "no per-database limit on client connections"),
