@@ -221,15 +221,39 @@ _HISTOGRAM_METRICS = (
 class Scrape:
     """One gathered answer; ``collect()`` yields it as prometheus_client metric families."""
 
-    def __init__(self, pools: dict, workers: list[dict], master: dict):
+    def __init__(self, pools: dict, workers: list[dict], master: dict, hosts: list[dict] | None = None):
         self.pools = pools            # (database, user) -> PoolTotals
         self.workers = workers        # per worker: slot, generation, pid, up, age, figures, process
         self.master = master          # pid, process, healthy, nworkers, missing, duration, started
+        self.hosts = hosts or []      # the master's health checks (pgmp.health.HealthChecker.rows)
 
     def collect(self):
         yield from self._pool_families()
         yield from self._worker_families()
         yield from self._master_families()
+        yield from self._host_families()
+
+    def _host_families(self):
+        labels = ["host", "port"]
+        up = GaugeMetricFamily("pgmp_host_up", "1 if the master's latest health check of the host succeeded, 0 "
+                               "if it failed (hosts of databases that choose among hosts; none yet: no sample).",
+                               labels=labels)
+        standby = GaugeMetricFamily("pgmp_host_in_recovery", "1 for a standby (pg_is_in_recovery()), 0 for a "
+                                    "primary, as the latest health check found it.", labels=labels)
+        banned = GaugeMetricFamily("pgmp_host_banned", "1 while the host is left out for host_ban_time after a "
+                                   "failure.", labels=labels)
+        lag = GaugeMetricFamily("pgmp_host_replica_lag_seconds", "Replay lag of a standby at its latest health "
+                                "check (what max_replica_lag compares).", labels=labels)
+        for row in sorted(self.hosts, key=lambda r: (str(r["host"]), int(r["port"] or 0))):
+            key = [str(row["host"]), str(row["port"])]
+            if row.get("up") is not None:
+                up.add_metric(key, 1 if row["up"] else 0)
+            if row.get("in_recovery") is not None:
+                standby.add_metric(key, 1 if row["in_recovery"] else 0)
+                if row["in_recovery"] and row.get("lag") is not None:
+                    lag.add_metric(key, float(row["lag"]))
+            banned.add_metric(key, 1 if row.get("banned") else 0)
+        yield from (up, standby, banned, lag)
 
     def _pool_families(self):
         pools = sorted(self.pools.items())
@@ -725,7 +749,8 @@ class MetricsServer:
         healthy, _ = health(m)
         master = {"pid": os.getpid(), "process": process_figures(os.getpid()), "healthy": healthy,
                   "nworkers": m.nworkers, "missing": missing, "duration": duration, "started": m.started}
-        return Scrape(merge_pools(figures, self.retired), workers, master)
+        hosts = m.health.rows() if getattr(m, "health", None) is not None else []
+        return Scrape(merge_pools(figures, self.retired), workers, master, hosts)
 
 
 def scrape_text(scrape: Scrape) -> str:

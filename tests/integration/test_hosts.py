@@ -14,13 +14,15 @@ import contextlib
 import struct
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pgmp.protocol.messages import frame, ready_for_query
-from tests.support import wait_for
+from tests.support import free_port, wait_for
 from tests.support.cluster import start_server, start_standby, stop_cluster, stop_server, wal_replayed
 from tests.support.fakeserver import PARAMS, FakeServer, login_ok
 from tests.support.shared import current_run_dir
@@ -213,6 +215,29 @@ def test_show_hosts_and_dns_hosts(pgmp, pg, standby):
     dbs = {r["name"]: r for r in console(proc, "SHOW DATABASES")}
     assert dbs["appdb"]["host"] == f"localhost:{pg.port},{standby.host}:{standby.port}"
     assert dbs["appdb"]["load_balance_hosts"] == "disable"
+
+
+def test_host_state_in_the_metrics(pgmp, pg, standby):
+    """The master's health checks reach Prometheus: up, role, ban and replica lag per host."""
+    port = free_port()
+    proc = pgmp.start(config={**CHECKS, "metrics_listen": f"127.0.0.1:{port}"}, databases={
+        "appdb": {"host": hosts(pg, standby), "target_session_attrs": "prefer-standby"}})
+    wait_for(lambda: roles_known(proc, "appdb", {standby.port: "standby", pg.port: "primary"}), timeout=10)
+
+    def samples():
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            body = r.read().decode()
+        return {(s.name, s.labels.get("port")): s.value
+                for f in text_string_to_metric_families(body) for s in f.samples if s.name.startswith("pgmp_host_")}
+
+    wait_for(lambda: ("pgmp_host_up", str(standby.port)) in samples(), timeout=10)
+    got = samples()
+    assert got[("pgmp_host_up", str(pg.port))] == 1 and got[("pgmp_host_up", str(standby.port))] == 1
+    assert got[("pgmp_host_in_recovery", str(pg.port))] == 0
+    assert got[("pgmp_host_in_recovery", str(standby.port))] == 1
+    assert got[("pgmp_host_banned", str(pg.port))] == 0
+    assert got[("pgmp_host_replica_lag_seconds", str(standby.port))] >= 0
+    assert ("pgmp_host_replica_lag_seconds", str(pg.port)) not in got        # a primary has no lag
 
 
 # ---- PostgreSQL 13 and older: no in_hot_standby at login -----------------------------------
