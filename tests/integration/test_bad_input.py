@@ -17,7 +17,7 @@ import pytest
 
 from tests.integration import rawpg
 from tests.integration.rawpg import RawPG, startup_packet, version_code
-from tests.support import PASSWORDS, free_port, wait_for
+from tests.support import PASSWORDS, free_port, sent, wait_for
 
 MB = 1024 * 1024
 USER, DB = "scram_user", "appdb"
@@ -105,7 +105,7 @@ def test_startup_packet_one_byte_at_a_time(proxy):
     with raw(proxy) as conn:
         for i in range(len(packet)):
             conn.send(packet[i:i + 1])
-            time.sleep(0.003)           # pacing the sender, not waiting for anything
+            sent(conn.sock)             # each byte leaves before the next: pgmp reads them one by one
         conn.authenticate(USER, PASSWORDS[USER])
         assert conn.params["application_name"] == "slow starter"
         assert conn.scalar("select current_setting('application_name')") == "slow starter"

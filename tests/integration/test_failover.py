@@ -137,7 +137,7 @@ def measure(writers: Writers, stop_began: float, stop_ended: float, promoted: fl
     }
 
 
-def failover(pgmp, primary, standby, clients: int, record_property, settle: float = 1.0) -> dict:
+def failover(pgmp, primary, standby, clients: int, record_property, settle: int = 50) -> dict:
     proc = start_pgmp(pgmp, primary, standby)
     writers = Writers(proc.dsn(), clients).start()
     try:
@@ -149,7 +149,9 @@ def failover(pgmp, primary, standby, clients: int, record_property, settle: floa
         promoted = time.monotonic()
         wait_for(lambda: {r[0] for r in writers.commits(after=promoted)} == set(range(clients)), timeout=30,
                  message=lambda: f"writes did not resume on the new primary:\n{proc.log()[-3000:]}")
-        time.sleep(settle)                     # (a window of steady writes on the new primary)
+        resumed = time.monotonic()             # a window of steady writes on the new primary
+        wait_for(lambda: len(writers.commits(after=resumed)) >= settle * clients, timeout=30,
+                 message="writes stopped again on the new primary")
     finally:
         writers.join()
     figures = measure(writers, stop_began, stop_ended, promoted)
@@ -205,7 +207,7 @@ def test_failover_soak(pgmp, pair, record_property):
     """More clients, and back and forth three times (the old primary rebuilt as the new one's standby)."""
     primary, standby = pair
     for round_ in range(3):
-        failover(pgmp, primary, standby, clients=16, record_property=record_property, settle=3.0)
+        failover(pgmp, primary, standby, clients=16, record_property=record_property, settle=150)
         pgmp.stop_all()
         pgmp.started.clear()
         base = Path(primary.datadir).parent

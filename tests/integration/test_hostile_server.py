@@ -24,7 +24,7 @@ from pgmp.protocol.messages import (AUTH_CLEARTEXT, AUTH_MD5, AUTH_OK, AUTH_SASL
                                     ready_for_query)
 from tests.integration import rawpg
 from tests.integration.rawpg import RawPG
-from tests.support import PASSWORDS, wait_for
+from tests.support import PASSWORDS, sent, wait_for
 from tests.support.fakeserver import (FakeServer, after_auth, auth, login_ok, one_row, sasl_begin, sasl_login,
                                       server_first)
 from tests.support.proxy import PgmpFactory
@@ -488,7 +488,7 @@ def _long_error_trickled(conn):
         conn.send(b"E" + struct.pack("!I", 50 * MB))
         for i in range(0, 200, 20):
             conn.send((ERROR_HEAD[1:] + b"x" * 200)[i:i + 20])
-            time.sleep(0.01)                    # pacing the sender, not waiting for anything
+            sent(conn.sock)                     # each piece leaves before the next
         conn.stream(b"E", 50 * MB, b"\0\0", skip_header=4 + 200) and conn.send(ready_for_query(b"I"))
         conn.serve()
 

@@ -266,7 +266,6 @@ def psycopg_client(me: Me) -> None:
                 soak.error(me, op.__name__, exc)
                 conn.close()
                 conn = pg_connect(me)
-            time.sleep(me.rng.uniform(0, 0.005))
     except Exception as exc:                    # noqa: BLE001 - a (re)connect failed
         soak.error(me, "connect", exc)
     finally:

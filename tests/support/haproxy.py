@@ -26,7 +26,7 @@ from signal import SIGTERM
 
 from .cluster import PASSWORDS, conninfo
 from .proxy import REPO_ROOT, _die_with_parent
-from .waiting import RUN_DIR_ENV, free_port, port_accepts, wait_for
+from .waiting import RUN_DIR_ENV, free_port, port_accepts, wait_for, wait_started
 
 HAPROXY_ENV = "PGMP_HAPROXY"       # set by scripts/setup-env: the tests then fail rather than skip without it
 READY_TIMEOUT = 10.0
@@ -188,13 +188,8 @@ class HAProxy:
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
         """Wait until HAProxy accepts on its port and its runtime API answers; fail early if it exits."""
-        deadline = time.monotonic() + timeout
-        while not (port_accepts(self.host, self.port, timeout=0.2) and os.path.exists(self.stats_socket)):
-            if self.process.poll() is not None:
-                raise RuntimeError(f"haproxy exited with {self.process.returncode}:\n{self.log()}")
-            if time.monotonic() >= deadline:
-                raise RuntimeError(f"haproxy not ready after {timeout:g}s:\n{self.log()}")
-            time.sleep(0.02)
+        wait_started(lambda: port_accepts(self.host, self.port, timeout=0.2) and os.path.exists(self.stats_socket),
+                     self.process, timeout, lambda why: RuntimeError(f"haproxy {why}:\n{self.log()}"))
 
     # watching
     def log(self) -> str:

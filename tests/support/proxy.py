@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import psutil
 from pgmp.importer import toml_key, toml_value  # noqa: F401 (re-exported for tests)
 
 from .cluster import PASSWORDS, Cluster, conninfo
-from .waiting import RUN_DIR_ENV, free_port, port_accepts, process_alive, run, wait_for
+from .waiting import RUN_DIR_ENV, free_port, port_accepts, process_alive, run, wait_for, wait_started
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT = 15.0
@@ -215,13 +214,8 @@ class PgmpProcess:
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
         """Wait until the TCP port accepts connections; fail early if pgmp exits."""
-        deadline = time.monotonic() + timeout
-        while not port_accepts(self.host, self.port, timeout=0.2):
-            if self.process.poll() is not None:
-                raise PgmpStartError(self, f"exited with {self.process.returncode} before it was ready")
-            if time.monotonic() >= deadline:
-                raise PgmpStartError(self, f"not accepting on {self.host}:{self.port} after {timeout:g}s")
-            time.sleep(0.02)
+        wait_started(lambda: port_accepts(self.host, self.port, timeout=0.2), self.process, timeout,
+                     lambda why: PgmpStartError(self, f"{why} (not accepting on {self.host}:{self.port})"))
 
     # stopping
     def signal(self, sig: int) -> None:

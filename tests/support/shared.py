@@ -13,12 +13,11 @@ import fcntl
 import os
 import shutil
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from .cluster import Cluster, become_subreaper, start_cluster, stop_cluster, stop_clusters_under
-from .waiting import RUN_DIR_ENV
+from .waiting import RUN_DIR_ENV, wait_for
 
 
 def create_run_dir(prefix: str = "pgmp-test-") -> Path:
@@ -45,15 +44,19 @@ def current_run_dir() -> Path:
 @contextmanager
 def _locked(run_dir: Path, timeout: float | None = None):
     with open(run_dir / "cluster.lock", "w") as lock:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
+        if timeout is None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        else:
+            def take() -> bool:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return True
+                except BlockingIOError:
+                    return False
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | (fcntl.LOCK_NB if deadline else 0))
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    break  # a stuck holder must not keep the cluster alive
-                time.sleep(0.05)
+                wait_for(take, timeout=timeout, interval=0.05)
+            except TimeoutError:
+                pass  # a stuck holder must not keep the cluster alive
         yield
 
 

@@ -48,6 +48,34 @@ def wait_for(
         time.sleep(interval)
 
 
+def wait_started(ready: Callable[[], object], process: subprocess.Popen, timeout: float,
+                 fail: Callable[[str], Exception]) -> None:
+    """Wait until ``ready()`` for at most ``timeout`` seconds; raise ``fail(why)`` if ``process``
+    exits first or the time runs out."""
+    def check():
+        if ready():
+            return True
+        if process.poll() is not None:
+            raise fail(f"exited with {process.returncode} before it was ready")
+        return False
+    try:
+        wait_for(check, timeout=timeout)
+    except TimeoutError:
+        raise fail(f"not ready after {timeout:g}s") from None
+
+
+def sent(sock: socket.socket, timeout: float = 5.0) -> None:
+    """Wait until what was written to ``sock`` has left it (its kernel send queue is empty), so
+    that the next write reaches the peer as a separate segment: pacing by a condition."""
+    import termios
+    buf = bytearray(4)
+
+    def empty() -> bool:
+        fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf)
+        return int.from_bytes(buf, "little") == 0
+    wait_for(empty, timeout=timeout, interval=0.001)
+
+
 def holds(check: Callable[[], object], seconds: float, interval: float = 0.1) -> None:
     """Call ``check`` (which asserts) again and again for ``seconds``: a condition that must stay
     true over a window, not one waited for. The window is the point, so it has no early exit."""
