@@ -651,9 +651,8 @@ class ClientConnection(Endpoint):
         if self.timer:
             self.timer.cancel()
             self.timer = None
-        self.unrelay()
         self.server = srv
-        self.set_state(ClientState.ACTIVE)
+        self.set_state(ClientState.ACTIVE)           # (disarms the C relay's pair, if any)
         srv.use_normal_scanner(self.link.pooled)
         q = self.link.attach(srv.session)
         if not self.logged_in:                  # session mode: the login ends once the server has our settings
@@ -704,12 +703,16 @@ class ClientConnection(Endpoint):
     def detach(self):
         """Transaction boundary in transaction or statement mode: the server goes back to the pool."""
         srv = self.server
-        self.unrelay()
         self.server = None
         self.link.detach()
-        self.set_state(ClientState.IDLE)
+        self.set_state(ClientState.IDLE)             # (disarms the C relay's pair)
         self.pool.release(srv, REUSE)
         if self.close_at_boundary:
+            self.leave_at_boundary()
+
+    def leave_at_boundary(self):
+        """A stop waits for this client's transaction (close_at_boundary): once it is over, end the session."""
+        if self.link.idle:
             self.fail(PgmpError(errors.ADMIN_SHUTDOWN, "terminating connection due to administrator command"))
 
     def server_lost(self, srv, exc: PgmpError):

@@ -361,9 +361,8 @@ class ServerConnection(Endpoint):
                     client.send(view[:n])
                     if client.unsent > client.loop.max_unsent:
                         client.hold_until_drained(self)
-                    if client.close_at_boundary and link.idle:
-                        client.fail(PgmpError(errors.ADMIN_SHUTDOWN,
-                                              "terminating connection due to administrator command"))
+                    if client.close_at_boundary:
+                        client.leave_at_boundary()
                     return
         out: list = []
         try:
@@ -384,9 +383,8 @@ class ServerConnection(Endpoint):
                     self.release_after = False
                     if client.server is self:
                         client.detach()
-                elif client.close_at_boundary and client.link.idle:
-                    client.fail(PgmpError(errors.ADMIN_SHUTDOWN,
-                                          "terminating connection due to administrator command"))
+                elif client.close_at_boundary:
+                    client.leave_at_boundary()
             elif not self.closed:
                 self.abort(ServerProtocolError("server sent data while idle"), quiet=False)
 
@@ -579,8 +577,8 @@ class ServerConnection(Endpoint):
         client = self.client
         link = client.link
         link.server_ready(count, kind)
-        if client.close_at_boundary and link.idle:
-            client.fail(PgmpError(errors.ADMIN_SHUTDOWN, "terminating connection due to administrator command"))
+        if client.close_at_boundary:
+            client.leave_at_boundary()
 
     def relay_orphaned(self):
         self.abort(ServerProtocolError("server connection closed: pgmp relayed bytes to it after its client "
