@@ -217,24 +217,24 @@ def _ok_after_sasl_initial(conn):
         conn.serve()
 
 
-@trick("ok_before_sasl_final")
-def _ok_before_sasl_final(conn):
-    bare = sasl_begin(conn)
-    if bare is not None:
-        conn.send(auth(AUTH_SASL_CONTINUE, server_first(bare)))
-        if conn.read() is not None:                 # the client-final-message with pgmp's proof
-            conn.send(login_ok())
-            conn.serve()
-
-
-@trick("wrong_server_signature")
-def _wrong_server_signature(conn):
+def _after_client_final(conn, *answer: bytes):
+    """SCRAM up to pgmp's client-final-message (with its proof), then ``answer`` and serve."""
     bare = sasl_begin(conn)
     if bare is not None:
         conn.send(auth(AUTH_SASL_CONTINUE, server_first(bare)))
         if conn.read() is not None:
-            conn.send(auth(AUTH_SASL_FINAL, b"v=" + base64.b64encode(bytes(32))), login_ok())
+            conn.send(*answer)
             conn.serve()
+
+
+@trick("ok_before_sasl_final")
+def _ok_before_sasl_final(conn):
+    _after_client_final(conn, login_ok())
+
+
+@trick("wrong_server_signature")
+def _wrong_server_signature(conn):
+    _after_client_final(conn, auth(AUTH_SASL_FINAL, b"v=" + base64.b64encode(bytes(32))), login_ok())
 
 
 @pytest.mark.parametrize("database, words", [
