@@ -21,6 +21,8 @@ typedef struct {
     int32_t side;
     const uint8_t *flags;
     uint32_t max_len;
+    int32_t pooled;          /* transaction mode's rules for the counted types */
+    const uint32_t *limits;  /* per type, the largest length word accepted, or NULL */
     int32_t blocked;         /* Python has unsent bytes for this socket */
     uint32_t touched;        /* the poll round that last relayed from or to it */
 } slot;
@@ -37,6 +39,8 @@ static void clear_slot(slot *s)
     s->side = 0;
     s->flags = NULL;
     s->max_len = 0;
+    s->pooled = 0;
+    s->limits = NULL;
     s->blocked = 0;
     s->touched = 0;
 }
@@ -81,7 +85,8 @@ static int grow(pgmp_relay *r, int fd)
     return 0;
 }
 
-int pgmp_relay_arm(pgmp_relay *r, int fd, int peer, const uint8_t *flags, uint32_t max_len, int side)
+int pgmp_relay_arm(pgmp_relay *r, int fd, int peer, const uint8_t *flags, uint32_t max_len, int side,
+                   int pooled, const uint32_t *limits)
 {
     slot *s;
 
@@ -94,6 +99,8 @@ int pgmp_relay_arm(pgmp_relay *r, int fd, int peer, const uint8_t *flags, uint32
     s->side = side;
     s->flags = flags;
     s->max_len = max_len > PGMP_LEN_MAX ? PGMP_LEN_MAX : max_len;
+    s->pooled = pooled != 0;
+    s->limits = limits;
     return 0;
 }
 
@@ -126,8 +133,107 @@ static uint32_t be32(const uint8_t *p)
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | (uint32_t)p[3];
 }
 
+/* The words of sql.py's _TRIGGER, by length, lower case. */
+static const char *const trigger_words[] = {
+    "do", "end", "set", "call", "load", "temp", "abort", "begin", "reset", "start", "commit", "create",
+    "listen", "declare", "discard", "prepare", "release", "rollback", "unlisten", "savepoint",
+    "temporary", NULL
+};
+
+static int word_char(uint8_t c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_';
+}
+
+static uint8_t lower(uint8_t c)
+{
+    return (c >= 'A' && c <= 'Z') ? (uint8_t)(c + 32) : c;
+}
+
+/* s[0:n] (a run of word characters) holds the lower-case ASCII text lit, anywhere */
+static int contains_folded(const uint8_t *s, size_t n, const char *lit)
+{
+    size_t m = strlen(lit), i, j;
+
+    for (i = 0; i + m <= n; i++) {
+        for (j = 0; j < m && lower(s[i + j]) == (uint8_t)lit[j]; j++)
+            ;
+        if (j == m)
+            return 1;
+    }
+    return 0;
+}
+
+int pgmp_sql_trigger(const uint8_t *text, size_t len)
+{
+    size_t pos = 0;
+
+    while (pos < len) {
+        size_t start, n, k;
+
+        if (!word_char(text[pos])) {
+            pos++;
+            continue;
+        }
+        start = pos;
+        while (pos < len && word_char(text[pos]))
+            pos++;
+        n = pos - start;
+        if (n >= 2 && n <= 9) {
+            for (k = 0; trigger_words[k] != NULL; k++) {
+                const char *w = trigger_words[k];
+                size_t j;
+
+                if (strlen(w) != n)
+                    continue;
+                for (j = 0; j < n && lower(text[start + j]) == (uint8_t)w[j]; j++)
+                    ;
+                if (j == n)
+                    return 1;
+            }
+        }
+        /* advisory_lock and set_config are made of word characters: within one run */
+        if (n >= 10 && (contains_folded(text + start, n, "advisory_lock") ||
+                        contains_folded(text + start, n, "set_config")))
+            return 1;
+    }
+    return 0;
+}
+
+/* CommandComplete tags Python must see in pooled mode: session commands (link.py's
+ * _SESSION_TAGS) and the ones that drop prepared statements (prepared.py). */
+static const char *const session_tags[] = {
+    "SET", "RESET", "DISCARD", "LISTEN", "PREPARE", "LOAD", "DEALLOCATE", NULL
+};
+
+static int session_tag(const uint8_t *tag, size_t n)
+{
+    size_t k;
+
+    /* a prefix is enough: a tag that merely starts like one goes to Python too, which decides */
+    for (k = 0; session_tags[k] != NULL; k++) {
+        size_t m = strlen(session_tags[k]);
+        if (n >= m && memcmp(tag, session_tags[k], m) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+/* A pooled client's Query the relay may pass: one string ending at the frame's end, no trigger. */
+static int plain_query(const uint8_t *body, size_t n)
+{
+    const uint8_t *nul;
+
+    if (n == 0)
+        return 0;
+    nul = memchr(body, 0, n);
+    if (nul != body + n - 1)
+        return 0;
+    return !pgmp_sql_trigger(body, n - 1);
+}
+
 void pgmp_relay_walk(const uint8_t *buf, size_t len, const uint8_t *flags, uint32_t max_len, int side,
-                     int32_t *rec)
+                     int pooled, const uint32_t *limits, int32_t *rec)
 {
     size_t pos = 0;
     int32_t count = 0, kind = -1, sync = 0;
@@ -147,24 +253,32 @@ void pgmp_relay_walk(const uint8_t *buf, size_t len, const uint8_t *flags, uint3
         if (flag & PGMP_F_REPORT) {
             if (!(flag & PGMP_F_COUNT))
                 break;
+            if (limits != NULL && declared > limits[type])
+                break;                               /* too long for its type: Python refuses it */
             if (side == 0) {
                 if (type == 'Q' || type == 'F' || type == 'S') {
                     if (count > 0 && type != kind)
                         break;                       /* one kind of request per record */
+                    if (pooled && (type != 'Q' || !plain_query(buf + pos + 5, declared - 4)))
+                        break;
                     kind = type;
                     count++;
                     if (type == 'S')
                         sync = 2;
-                } else if (type == 'P' || type == 'B' || type == 'E') {
+                } else if (!pooled && (type == 'P' || type == 'B' || type == 'E')) {
                     sync = 1;
                 } else {
                     break;
                 }
-            } else {
-                if (type != 'Z' || declared != 5)
+            } else if (type == 'Z') {
+                if (declared != 5)
                     break;
                 count++;
                 kind = buf[pos + 5];
+            } else if (!pooled) {
+                break;
+            } else if (type == 'C' && session_tag(buf + pos + 5, declared - 4)) {
+                break;
             }
         }
         pos += (size_t)declared + 1;
@@ -194,7 +308,11 @@ static size_t send_all(int fd, const uint8_t *buf, size_t len)
     return sent;
 }
 
-static int step(pgmp_relay *r, slot *s, int fd, uint32_t events, uint8_t *buf, size_t cap, int32_t *rec)
+/* allow 0: the event is Python's whatever it is (the batch's buffer is taken); an armed pair's
+ * event that Python handles still counts as the pair's turn in this round, so that a later event
+ * of the same pair is Python's too and Python sees the pair's events in the order they came. */
+static int step(pgmp_relay *r, slot *s, int fd, uint32_t events, uint8_t *buf, size_t cap, int32_t *rec,
+                int allow)
 {
     slot *peer;
     ssize_t n;
@@ -207,13 +325,17 @@ static int step(pgmp_relay *r, slot *s, int fd, uint32_t events, uint8_t *buf, s
     rec[PGMP_R_COUNT] = rec[PGMP_R_SYNC] = 0;
     rec[PGMP_R_KIND] = -1;
     rec[PGMP_R_PEER] = -1;
-    if (s == NULL || s->peer < 0 || events != EPOLLIN)
+    if (s == NULL || s->peer < 0)
         return 0;
     peer = get_slot(r, s->peer);
     /* both ends armed for each other, the peer's queue empty, the pair not relayed this round */
-    if (peer == NULL || peer->peer != fd || peer->blocked || s->touched == r->round ||
-        peer->touched == r->round)
+    if (peer == NULL || peer->peer != fd)
         return 0;
+    if (!allow || events != EPOLLIN || peer->blocked || s->touched == r->round || peer->touched == r->round) {
+        s->touched = peer->touched = r->round;
+        return 0;
+    }
+    s->touched = peer->touched = r->round;
     if (cap > 0x7fffffff)
         cap = 0x7fffffff;
     do {
@@ -221,8 +343,7 @@ static int step(pgmp_relay *r, slot *s, int fd, uint32_t events, uint8_t *buf, s
     } while (n < 0 && errno == EINTR);
     if (n <= 0)
         return 0;              /* EOF, an error or nothing after all: Python reads and sees which */
-    s->touched = peer->touched = r->round;
-    pgmp_relay_walk(buf, (size_t)n, s->flags, s->max_len, s->side, rec);
+    pgmp_relay_walk(buf, (size_t)n, s->flags, s->max_len, s->side, s->pooled, s->limits, rec);
     rec[PGMP_R_PEER] = s->peer;
     good = (size_t)rec[PGMP_R_GOOD];
     rec[PGMP_R_SENT] = (int32_t)(good ? send_all(s->peer, buf, good) : 0);
@@ -234,7 +355,7 @@ int pgmp_relay_step(pgmp_relay *r, int fd, uint32_t events, uint8_t *buf, size_t
 {
     if (++r->round == 0)
         r->round = 1;
-    return step(r, get_slot(r, fd), fd, events, buf, cap, rec);
+    return step(r, get_slot(r, fd), fd, events, buf, cap, rec, 1);
 }
 
 int pgmp_relay_poll(pgmp_relay *r, int epfd, int timeout_ms, uint8_t *buf, size_t cap,
@@ -256,12 +377,10 @@ int pgmp_relay_poll(pgmp_relay *r, int epfd, int timeout_ms, uint8_t *buf, size_
         int32_t *rec = recs + (size_t)i * PGMP_R_SIZE;
         int fd = evs[i].data.fd;
 
-        if (buf_taken) {
-            /* the buffer holds bytes Python has yet to see: Python reads this one itself */
-            step(r, NULL, fd, evs[i].events, buf, cap, rec);
+        /* once the buffer holds bytes Python has yet to see, Python reads the rest itself */
+        step(r, get_slot(r, fd), fd, evs[i].events, buf, cap, rec, !buf_taken);
+        if (buf_taken)
             continue;
-        }
-        step(r, get_slot(r, fd), fd, evs[i].events, buf, cap, rec);
         if (rec[PGMP_R_CODE] == PGMP_EV_RELAYED &&
             (rec[PGMP_R_SENT] < rec[PGMP_R_GOOD] || rec[PGMP_R_GOOD] < rec[PGMP_R_N]))
             buf_taken = 1;

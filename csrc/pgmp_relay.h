@@ -36,9 +36,17 @@ pgmp_relay *pgmp_relay_new(void);
 void pgmp_relay_free(pgmp_relay *r);
 
 /* Arm fd: its input goes to peer after a walk with flags[256] (which must outlive the arming) and
- * max_len; side 0 = a client (counts requests), 1 = a server (counts ReadyForQuery).
- * Returns 0, or -1 when out of memory. */
-int pgmp_relay_arm(pgmp_relay *r, int fd, int peer, const uint8_t *flags, uint32_t max_len, int side);
+ * max_len; side 0 = a client (counts requests), 1 = a server (counts ReadyForQuery). pooled 1:
+ * transaction mode's rules (below); limits: NULL, or the largest length word accepted per type
+ * for the counted types (uint32_t[256], which must outlive the arming): a longer one is Python's.
+ * Returns 0, or -1 when out of memory.
+ *
+ * In pooled mode a client's counted type is a Query whose text is one NUL-terminated string
+ * free of the words that may change session state (pgmp_sql_trigger); a server's counted types
+ * pass unless a CommandComplete's tag is a session command's (SET, RESET, DISCARD, LISTEN,
+ * PREPARE, LOAD, DEALLOCATE): what Python must see stops the walk. */
+int pgmp_relay_arm(pgmp_relay *r, int fd, int peer, const uint8_t *flags, uint32_t max_len, int side,
+                   int pooled, const uint32_t *limits);
 /* Disarm fd: Python handles its events again. */
 void pgmp_relay_disarm(pgmp_relay *r, int fd);
 /* Python holds unsent bytes for fd (1) or no longer (0): the relay must not send to it meanwhile. */
@@ -64,6 +72,11 @@ int pgmp_relay_step(pgmp_relay *r, int fd, uint32_t events, uint8_t *buf, size_t
 /* The frame walk alone over buf[0:len] (no IO), as the relay does it: fills rec's GOOD, COUNT,
  * KIND and SYNC (SENT and N are set to len). For the tests that hold it against the Python relay. */
 void pgmp_relay_walk(const uint8_t *buf, size_t len, const uint8_t *flags, uint32_t max_len, int side,
-                     int32_t *rec);
+                     int pooled, const uint32_t *limits, int32_t *rec);
+
+/* 1 if text[0:len] holds a word that may change session state, as pgmp.protocol.sql's _TRIGGER
+ * finds it (ASCII case folded; a word is a whole run of [A-Za-z0-9_]; advisory_lock and set_config
+ * anywhere); 0 if the Query is an ordinary one. */
+int pgmp_sql_trigger(const uint8_t *text, size_t len);
 
 #endif

@@ -27,8 +27,9 @@ SMALL_TYPES = b"CDEHSXcf"
 # their Sync leaves the server mid-batch).
 # The C relay passes requests and Parse/Bind/Execute itself and counts them for the Link.
 READY_FLAGS = make_flags(report=b"QSFcfXPBE", small=SMALL_TYPES, valid=FRONTEND_TYPES, count=b"QSFPBE")
-# Transaction and statement mode also follow the extended protocol message by message.
-POOLED_FLAGS = make_flags(report=b"QSFcfXPBCDE", small=SMALL_TYPES, valid=FRONTEND_TYPES)
+# Transaction and statement mode also follow the extended protocol message by message; the C
+# relay passes a Query itself when its text has no word that may change session state.
+POOLED_FLAGS = make_flags(report=b"QSFcfXPBCDE", small=SMALL_TYPES, valid=FRONTEND_TYPES, count=b"Q")
 # Close and Describe are small; a named Parse is assembled (its text is the statement's key);
 # a Bind and an unnamed Parse stream, with only their heads rewritten (on_partial).
 POOLED_WHOLE = bytes(1 if i in b"CD" else 0 for i in range(256))
@@ -114,21 +115,30 @@ class ClientConnection(Endpoint):
 
     # -- the C relay (pgmp.crelay) ---------------------------------------------------
     def relay_check(self):
-        """Arm this client and its server in the C relay while their traffic is plain session-mode
-        relaying, with nothing held back on either side; disarm otherwise."""
+        """Arm this client and its server in the C relay while their traffic is plain relaying
+        (session mode; in transaction mode, simple Queries), with nothing held back on either side;
+        disarm otherwise."""
         srv = self.server
-        if self.loop.crelay is None or self.link.pooled:
+        if self.loop.crelay is None:
             return
+        link = self.link
         if (srv is not None and self.state is ClientState.ACTIVE and not self.settings_pending
                 and self.tls is None and srv.tls is None and self.leftover is None and not self.skip
                 and srv.leftover is None and not srv.skip and not self.terminating and self.console is None
-                and not self.link.copy_in and srv.relay_ready() and not self.closed and not srv.closed):
-            self.relay_arm(srv, self.scanner, srv.scanner, 0)
+                and not link.copy_in and srv.relay_ready() and not self.closed and not srv.closed
+                and (not link.pooled or link.c_relay_ok())):
+            if link.pooled:
+                self.relay_arm(srv, self.scanner, srv.scanner, 0, True, None, srv.c_limits())
+            else:
+                self.relay_arm(srv, self.scanner, srv.scanner, 0)
         elif self.relay_peer is not None:
             self.unrelay()
 
     def relay_counted(self, count, kind, sync):
         link = self.link
+        if link.pooled:
+            link.queries_relayed(count)            # only plain Queries pass C in pooled mode
+            return
         for _ in range(count):
             link.client_frame(kind)
         if sync:

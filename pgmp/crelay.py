@@ -4,20 +4,24 @@ The loop (pgmp.loop) uses it in place of ``epoll.poll`` when the C helper is
 built and PGMP_IMPL is not "python". A pair of plaintext endpoints in plain
 session traffic is *armed*: both sockets, each with the other as its peer and
 the flags table of its current scanner. An event on an armed socket is then
-handled in C: recv into the loop's scratch buffer, a walk over the frames, send
+handled in C: recv into the loop's relay buffer, a walk over the frames, send
 of the leading frames Python need not see (types without F_REPORT, and the
 F_COUNT ones: requests and ReadyForQuery, which are counted), and a record:
 
     fd, events, code, n, sent, good, count, kind, sync, peer
 
 ``code`` 0: C did nothing, Python handles the event as before. 1: C read
-``n`` bytes into the scratch buffer and sent ``[0:sent]`` to ``peer``;
+``n`` bytes into the relay buffer and sent ``[0:sent]`` to ``peer``;
 ``[sent:good]`` is for the peer's unsent queue, ``[good:n]`` for the
 endpoint's ``on_data`` (a frame Python must see, a partial frame or a bad
 header), ``count``/``kind``/``sync`` summarise the counted frames in
 ``[0:good]`` for the Link. Python applies records in order, so the Link sees
 every frame in the order it crossed pgmp, and a pair is relayed at most once
-per batch, so that its first record is taken in before its state moves on.
+per batch, and not after an event of it that Python handles, so that its first
+record is taken in before its state moves on. The relay buffer is the C
+relay's own: the bytes a record leaves for Python (at most one record per batch
+leaves any) stay there while Python handles the batch's earlier events, which
+read into the loop's scratch buffer.
 
 Disarming is eager: every change that could make C's choice of peer or
 scanner wrong (close, attach, detach, a state change, an internal query, a
@@ -45,7 +49,7 @@ class CRelay:
         if r == ffi.NULL:
             raise MemoryError("pgmp_relay_new")
         self._r = ffi.gc(r, lib.pgmp_relay_free)
-        self._buf = ffi.from_buffer(scratch)       # the loop's scratch buffer, never resized
+        self._buf = ffi.from_buffer(scratch)       # the loop's relay buffer, never resized
         self._size = size
         self._recs = ffi.new("int32_t[]", MAX_EVENTS * REC)
         self._unpack = ffi.unpack
@@ -63,9 +67,11 @@ class CRelay:
             raise OSError(-k, "epoll_wait failed")
         return self._unpack(self._recs, k * REC) if k else []
 
-    def arm(self, fd: int, peer: int, sc, side: int) -> bool:
-        """Relay ``fd``'s input to ``peer`` with scanner ``sc``'s flags (side 0 client, 1 server)."""
-        return self._arm(self._r, fd, peer, sc._flags, sc._max, side) == 0
+    def arm(self, fd: int, peer: int, sc, side: int, pooled: bool = False, limits=None) -> bool:
+        """Relay ``fd``'s input to ``peer`` with scanner ``sc``'s flags (side 0 client, 1 server);
+        ``pooled``: transaction mode's rules; ``limits``: a Limits table for the counted types."""
+        lim = limits.c if limits is not None else self._ffi.NULL
+        return self._arm(self._r, fd, peer, sc._flags, sc._max, side, 1 if pooled else 0, lim) == 0
 
     def disarm(self, fd: int) -> None:
         self._disarm(self._r, fd)
@@ -77,12 +83,30 @@ class CRelay:
         return bool(self._lib.pgmp_relay_is_armed(self._r, fd))
 
 
-def walk(buf: bytes, flags: bytes, max_len: int, side: int) -> tuple[int, int, int, int]:
+class Limits:
+    """A per-type table of the largest length word accepted (a tuple of 256 ints, as
+    pgmp.server.RELAY_LIMITS), held in C memory for as long as this object lives."""
+    __slots__ = ("c",)
+
+    def __init__(self, table):
+        from pgmp._scan import ffi
+        self.c = ffi.new("uint32_t[256]", [min(v, 0xffffffff) for v in table])
+
+
+def walk(buf: bytes, flags: bytes, max_len: int, side: int, pooled: bool = False,
+         limits: Limits | None = None) -> tuple[int, int, int, int]:
     """The C relay's frame walk over ``buf`` alone: (good, count, kind, sync), for tests."""
     from pgmp._scan import ffi, lib
     rec = ffi.new("int32_t[]", REC)
-    lib.pgmp_relay_walk(ffi.from_buffer(buf), len(buf), ffi.from_buffer(flags), max_len, side, rec)
+    lib.pgmp_relay_walk(ffi.from_buffer(buf), len(buf), ffi.from_buffer(flags), max_len, side,
+                        1 if pooled else 0, limits.c if limits is not None else ffi.NULL, rec)
     return rec[5], rec[6], rec[7], rec[8]
+
+
+def sql_trigger(text: bytes) -> bool:
+    """The C prefilter of a pooled Query's text (see pgmp.protocol.sql's _TRIGGER), for tests."""
+    from pgmp._scan import ffi, lib
+    return bool(lib.pgmp_sql_trigger(ffi.from_buffer(text), len(text)))
 
 
 def available() -> bool:

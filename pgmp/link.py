@@ -167,6 +167,34 @@ class Link:
         return pl.client_frame(kind, payload if payload is not None else b"",
                                self.server.statements)
 
+    def queries_relayed(self, count: int) -> None:
+        """``count`` Query frames the C relay passed (pgmp.crelay), each whole, well formed and, in
+        pooled mode, free of the words that may change session state: as client_frame for each."""
+        if self.outstanding == 0 and self.clock is not None:
+            self.t_query = now = self.clock()
+            if self.status == _IDLE:
+                self.t_xact = now
+        self.outstanding += count
+        batches = self.batches
+        for _ in range(count):
+            batches.append([_Q, (), False])
+        if self.pipeline is not None:
+            self.pipeline.queries_sent(count)
+
+    def ready_relayed(self, count: int, status: int) -> int:
+        """``count`` ReadyForQuery frames the C relay passed: as server_frame for each (pooled mode,
+        where only simple Queries were in flight); returns after_ready()'s verdict."""
+        self.pipeline.answered(count)
+        self.server_ready(count, status)
+        return self.after_ready()
+
+    def c_relay_ok(self) -> bool:
+        """Pooled mode: only simple Queries are in flight and nothing of the extended protocol is
+        open, so the C relay may carry the pair (statement mode is left to Python: it refuses
+        transaction blocks at their ReadyForQuery)."""
+        return (not self.statement_mode and not self.unsynced and not self.copy_in and not self.open_failed
+                and self.open_effects is not None and not self.open_effects and self.pipeline.only_queries())
+
     def client_head(self, kind: int, head: bytes, length: int):
         """The head of a Bind or Parse too large to assemble (pooled mode): see Pipeline.bind_head."""
         frontend.check_head(kind, head)

@@ -75,7 +75,11 @@ class Loop:
             relay = crelay.available()
         if relay:
             from pgmp.crelay import CRelay
-            self.crelay = CRelay(self.scratch, buffer_size)
+            # its own buffer: a record's bytes for Python stay there while Python handles the
+            # batch's earlier events, which read into scratch
+            self.relay_buf = bytearray(buffer_size)
+            self.relay_view = memoryview(self.relay_buf)
+            self.crelay = CRelay(self.relay_buf, buffer_size)
 
     # -- timers --------------------------------------------------------------
     def call_later(self, delay: float, fn, *args) -> Timer:
@@ -669,14 +673,17 @@ class Endpoint:
         self.close_socket(linger=True)
 
     # -- the C relay ---------------------------------------------------------
-    def relay_arm(self, peer: "Endpoint", sc, peer_sc, side: int) -> None:
-        """Arm this endpoint and ``peer`` for each other in the C relay (``side``: ours, 0 client)."""
+    def relay_arm(self, peer: "Endpoint", sc, peer_sc, side: int, pooled: bool = False,
+                  limits=None, peer_limits=None) -> None:
+        """Arm this endpoint and ``peer`` for each other in the C relay (``side``: ours, 0 client;
+        ``pooled``: transaction mode's rules; ``limits``: crelay.Limits for each side, or None)."""
         crelay = self.loop.crelay
         if self.relay_peer is peer and peer.relay_peer is self:
             return
         self.unrelay()
         peer.unrelay()
-        if crelay.arm(self.fd, peer.fd, sc, side) and crelay.arm(peer.fd, self.fd, peer_sc, 1 - side):
+        if crelay.arm(self.fd, peer.fd, sc, side, pooled, limits) and \
+                crelay.arm(peer.fd, self.fd, peer_sc, 1 - side, pooled, peer_limits):
             self.relay_peer = peer
             peer.relay_peer = self
         else:
@@ -704,12 +711,11 @@ class Endpoint:
             self.relay_counted(count, kind, sync)
         loop = self.loop
         if sent < good and not peer.closed:
-            peer.queue(loop.view[sent:good])
+            peer.queue(loop.relay_view[sent:good])
             if peer.congested:
                 peer.hold_until_drained(self)
         if good < n and not self.closed:
-            if good:
-                loop.scratch[0:n - good] = loop.scratch[good:n]
+            loop.scratch[0:n - good] = loop.relay_view[good:n]
             self.on_data(loop.view, n - good)
             if not self.closed:
                 self.relay_check()

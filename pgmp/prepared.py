@@ -272,6 +272,23 @@ class Pipeline:
             out += frame(b"C", b"S" + old + b"\0")
         return out
 
+    def queries_sent(self, count: int) -> None:
+        """``count`` simple Queries went to the server unchanged (the C relay): as client_frame."""
+        if not self.skipping:
+            self.expect.extend([(R_QUERY, None, None)] * count)
+
+    def answered(self, count: int) -> None:
+        """``count`` ReadyForQuery frames went to the client unchanged (the C relay): as server_frame."""
+        exp = self.expect
+        for _ in range(count):
+            if not exp or exp[0][0] not in (R_SYNC, R_QUERY, R_FUNC):
+                break
+            exp.popleft()
+
+    def only_queries(self) -> bool:
+        """Nothing but simple Queries is owed an answer, and no error is being skipped past."""
+        return not self.skipping and all(e[0] == R_QUERY for e in self.expect)
+
     def synthetic_ready(self) -> bytes:
         """Made-up responses owed before anything the server still has to answer: send them now."""
         out = []

@@ -106,11 +106,14 @@ NORMAL_FLAGS = make_flags(report=b"ZGSE", count=b"Z")
 # Login and internal queries: every frame is pgmp's own.
 ALL_FLAGS = make_flags(report=_ALL)
 # Transaction/statement mode: every frame that ends a response, for the client's Pipeline.
-POOLED_FLAGS = make_flags(report=b"ZGS" + RESPONSE_TYPES)
+# The C relay passes RowDescription, CommandComplete (but a session command's), EmptyQueryResponse
+# and ReadyForQuery itself while only simple Queries are in flight (Link.c_relay_ok).
+POOLED_FLAGS = make_flags(report=b"ZGS" + RESPONSE_TYPES, count=b"TCIZ")
 # No type is assembled unasked: on_partial decides, by the limits above.
 NO_WHOLE = bytes(256)
 
 _normal_scanner = Scanner(NORMAL_FLAGS, SERVER_MAX_MESSAGE)
+_c_limits = None        # RELAY_LIMITS for the C relay (ServerConnection.c_limits)
 _internal_scanner = Scanner(ALL_FLAGS, INTERNAL_LONG_MAX)
 _pooled_scanner = Scanner(POOLED_FLAGS, SERVER_MAX_MESSAGE)
 
@@ -561,9 +564,28 @@ class ServerConnection(Endpoint):
 
     # -- the C relay (pgmp.crelay) ----------------------------------------------
     def relay_ready(self) -> bool:
-        """This server's side of a pair the C relay may carry: plain session-mode relaying."""
-        return self.scanner is _normal_scanner and not self.release_after and self.swallow == 0 \
-            and self.state is ServerState.ACTIVE
+        """This server's side of a pair the C relay may carry: relaying the client's requests."""
+        return (self.scanner is _normal_scanner or self.scanner is _pooled_scanner) and not self.release_after \
+            and self.swallow == 0 and self.state is ServerState.ACTIVE
+
+    @staticmethod
+    def c_limits():
+        """RELAY_LIMITS in C memory, for the C relay's pooled walk (made once)."""
+        global _c_limits
+        if _c_limits is None:
+            from pgmp.crelay import Limits
+            _c_limits = Limits(RELAY_LIMITS)
+        return _c_limits
+
+    def relayed(self, n, sent, good, count, kind, sync, peer_fd):
+        if not super().relayed(n, sent, good, count, kind, sync, peer_fd):
+            return False
+        if self.release_after:                  # as on_data: the boundary after the read is relayed
+            self.release_after = False
+            client = self.client
+            if client is not None and client.server is self:
+                client.detach()
+        return True
 
     def relay_check(self):
         client = self.client
@@ -573,10 +595,16 @@ class ServerConnection(Endpoint):
             self.unrelay()
 
     def relay_counted(self, count, kind, sync):
-        """ReadyForQuery frames the C relay passed to the client: as on_data's fast path."""
+        """ReadyForQuery frames the C relay passed to the client: as on_data's fast path, and in
+        pooled mode as _pooled_frame (statement mode is never armed)."""
         client = self.client
         link = client.link
-        link.server_ready(count, kind)
+        if link.pooled:
+            if link.ready_relayed(count, kind) == RELEASE:
+                self.release_after = True       # relayed() detaches once the record is applied
+                return
+        else:
+            link.server_ready(count, kind)
         if client.close_at_boundary:
             client.leave_at_boundary()
 

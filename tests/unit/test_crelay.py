@@ -323,3 +323,56 @@ def test_walk_server_side_counts_only_well_formed_ready_for_query():
     assert crelay.walk(z + z + frame(b"D", b"x"), NORMAL_FLAGS, 1 << 30, 1) == (2 * len(z) + 6, 2, ord("T"), 0)
     bad = frame(b"Z", b"TT")
     assert crelay.walk(z + bad, NORMAL_FLAGS, 1 << 30, 1) == (len(z), 1, ord("T"), 0)
+
+
+class Reader(Endpoint):
+    """A socket Python reads itself (not armed): what it got."""
+    __slots__ = ("got",)
+
+    def __init__(self, loop, sock):
+        super().__init__(loop, sock)
+        self.got = bytearray()
+
+    def on_data(self, view, n):
+        self.got += view[:n]
+
+    def on_eof(self, reason):
+        self.close_socket()
+
+
+def test_bytes_left_for_python_survive_the_batch_s_earlier_python_reads():
+    """One batch: first an event Python handles (it reads into the loop's scratch buffer), then a
+    relayed record that leaves a frame for Python: that frame must reach the peer as it was sent."""
+    loop = Loop(buffer_size=4096, relay=True)
+    a_out, a_in = socket.socketpair()
+    b_in, b_out = socket.socketpair()
+    o_out, o_in = socket.socketpair()
+    for s in (a_out, b_out, o_out):
+        s.setblocking(False)
+    link = Link(clock=time.monotonic)
+    a = Side(loop, a_in, READY_FLAGS, link, 0, CScanner)
+    b = Side(loop, b_in, NORMAL_FLAGS, link, 1, CScanner)
+    a.peer, b.peer = b, a
+    other = Reader(loop, o_in)
+    a.relay_check()
+    try:
+        other_bytes = b"x" * 64
+        stream = frame(b"Q", b"select 1\0") + frame(b"c")        # CopyDone: Python must see it
+        o_out.send(other_bytes)
+        a_out.send(stream)
+        got = bytearray()
+        deadline = time.monotonic() + 5
+        while (len(got) < len(stream) or len(other.got) < len(other_bytes)) and time.monotonic() < deadline:
+            loop.run_once(0.01)
+            try:
+                got += b_out.recv(4096)
+            except BlockingIOError:
+                pass
+        assert bytes(got) == stream and bytes(other.got) == other_bytes
+        assert a.relayed_in_c > 0 and link_state(link)[0] == 1
+    finally:
+        for ep in (a, b, other):
+            ep.close_socket()
+        for s in (a_out, b_out, o_out):
+            s.close()
+        loop.close()
