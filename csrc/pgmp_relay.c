@@ -164,8 +164,9 @@ static int contains_folded(const uint8_t *s, size_t n, const char *lit)
     return 0;
 }
 
-int pgmp_sql_trigger(const uint8_t *text, size_t len)
+int pgmp_sql_trigger(const char *chars, size_t len)
 {
+    const uint8_t *text = (const uint8_t *)chars;
     size_t pos = 0;
 
     while (pos < len) {
@@ -229,7 +230,7 @@ static int plain_query(const uint8_t *body, size_t n)
     nul = memchr(body, 0, n);
     if (nul != body + n - 1)
         return 0;
-    return !pgmp_sql_trigger(body, n - 1);
+    return !pgmp_sql_trigger((const char *)body, n - 1);
 }
 
 void pgmp_relay_walk(const uint8_t *buf, size_t len, const uint8_t *flags, uint32_t max_len, int side,

@@ -77,6 +77,6 @@ void pgmp_relay_walk(const uint8_t *buf, size_t len, const uint8_t *flags, uint3
 /* 1 if text[0:len] holds a word that may change session state, as pgmp.protocol.sql's _TRIGGER
  * finds it (ASCII case folded; a word is a whole run of [A-Za-z0-9_]; advisory_lock and set_config
  * anywhere); 0 if the Query is an ordinary one. */
-int pgmp_sql_trigger(const uint8_t *text, size_t len);
+int pgmp_sql_trigger(const char *text, size_t len);
 
 #endif

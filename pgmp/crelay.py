@@ -106,7 +106,7 @@ def walk(buf: bytes, flags: bytes, max_len: int, side: int, pooled: bool = False
 def sql_trigger(text: bytes) -> bool:
     """The C prefilter of a pooled Query's text (see pgmp.protocol.sql's _TRIGGER), for tests."""
     from pgmp._scan import ffi, lib
-    return bool(lib.pgmp_sql_trigger(ffi.from_buffer(text), len(text)))
+    return bool(lib.pgmp_sql_trigger(bytes(text), len(text)))
 
 
 def available() -> bool:

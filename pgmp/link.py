@@ -38,7 +38,22 @@ log = logging.getLogger("pgmp")
 _cached_effects = functools.lru_cache(maxsize=4096)(_session_effects)
 
 
+def _c_trigger():
+    """The C helper's prefilter (pgmp_sql_trigger, the same test as sql.py's _TRIGGER), or None
+    when the Python implementation is picked."""
+    from pgmp.protocol import scanner
+    if scanner.IMPL != "c":
+        return None
+    from pgmp._scan import lib
+    return lib.pgmp_sql_trigger
+
+
+_trigger = _c_trigger()
+
+
 def session_effects(text: bytes):
+    if _trigger is not None and type(text) is bytes and not _trigger(text, len(text)):
+        return ()                               # an ordinary query: no parse, no cache entry
     return _cached_effects(text) if len(text) <= 2048 else _session_effects(text)
 
 # after_ready(): what to do with the server once a ReadyForQuery has been relayed

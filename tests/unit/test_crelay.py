@@ -376,3 +376,84 @@ def test_bytes_left_for_python_survive_the_batch_s_earlier_python_reads():
         for s in (a_out, b_out, o_out):
             s.close()
         loop.close()
+
+
+# -- transaction mode: the C prefilter and the pooled walk ------------------------------------
+
+_WORDS = [b"set", b"reset", b"discard", b"listen", b"unlisten", b"prepare", b"declare", b"create", b"begin",
+          b"start", b"commit", b"end", b"rollback", b"abort", b"savepoint", b"release", b"load", b"temp",
+          b"temporary", b"do", b"call", b"advisory_lock", b"set_config",
+          # near misses: longer runs of word characters, or a word inside one
+          b"settle", b"_set", b"set1", b"reset_x", b"dox", b"ends", b"xadvisory_lockx", b"pg_set_configs",
+          b"select", b"from", b"pgbench_accounts", b"aid", b"1", b"\xc3\xa9", b"t\xc3\xa9mp"]
+_SEPARATORS = [b" ", b"\n", b"(", b")", b",", b";", b"'", b'"', b"$1", b".", b"\xff", b"\t", b"-", b"="]
+
+
+@st.composite
+def sql_texts(draw):
+    parts = draw(st.lists(st.one_of(st.sampled_from(_WORDS), st.sampled_from(_SEPARATORS),
+                                    st.binary(max_size=4)), max_size=12))
+    text = b"".join(parts)
+    flips = draw(st.lists(st.booleans(), min_size=len(text), max_size=len(text)))
+    return bytes(c ^ 32 if flip and 97 <= (c | 32) <= 122 else c for c, flip in zip(text, flips))
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=sql_texts())
+def test_c_prefilter_agrees_with_sql_trigger(text):
+    from pgmp.protocol.sql import _TRIGGER
+    assert crelay.sql_trigger(text) == bool(_TRIGGER.search(text.lower())), text
+
+
+def _pooled_flags():
+    from pgmp.client import POOLED_FLAGS as client_flags
+    from pgmp.server import POOLED_FLAGS as server_flags
+    return client_flags, server_flags
+
+
+@pytest.mark.parametrize("body, passes", [
+    (b"select 1\0", True),
+    (b"SELECT abalance FROM pgbench_accounts WHERE aid = 7;\0", True),
+    (b"set search_path = x\0", False),          # a session command: Python reads it
+    (b"select 1; COMMIT\0", False),
+    (b"select pg_advisory_lock(1)\0", False),
+    (b"select 1\0junk\0", False),               # not one string: Python's check refuses it
+    (b"select 1", False),                       # no NUL
+    (b"", False),
+])
+def test_pooled_walk_passes_only_plain_queries(body, passes):
+    client_flags, _ = _pooled_flags()
+    q = frame(b"Q", body)
+    got = crelay.walk(q + q, client_flags, 1 << 30, 0, pooled=True)
+    assert got == ((2 * len(q), 2, ord("Q"), 0) if passes else (0, 0, -1, 0))
+    # session mode's walk counts any Query: the pooled rules are the slot's, not the table's
+    if body.endswith(b"\0") and b"\0" not in body[:-1]:
+        assert crelay.walk(q, READY_FLAGS, 1 << 30, 0)[1] == 1
+
+
+def test_pooled_walk_leaves_extended_protocol_to_python():
+    client_flags, _ = _pooled_flags()
+    q = frame(b"Q", b"select 1\0")
+    for other in (frame(b"P", b"\0select 1\0\0\0"), frame(b"S"), frame(b"B", b"\0\0\0\0\0\0\0\0"), frame(b"X")):
+        assert crelay.walk(q + other, client_flags, 1 << 30, 0, pooled=True) == (len(q), 1, ord("Q"), 0)
+
+
+def test_pooled_walk_server_side():
+    from pgmp.server import RELAY_LIMITS
+    _, server_flags = _pooled_flags()
+    limits = crelay.Limits(RELAY_LIMITS)
+    t = frame(b"T", b"\0\1abalance\0" + bytes(18))
+    d = frame(b"D", b"\0\1\0\0\0\0011")
+    c = frame(b"C", b"SELECT 1\0")
+    z = frame(b"Z", b"I")
+    answer = t + d + c + z
+    assert crelay.walk(answer, server_flags, 1 << 30, 1, True, limits) == (len(answer), 1, ord("I"), 0)
+    for tag in (b"SET\0", b"RESET\0", b"DISCARD ALL\0", b"DEALLOCATE ALL\0", b"LISTEN\0", b"PREPARE\0", b"LOAD\0"):
+        head = t + d
+        assert crelay.walk(head + frame(b"C", tag) + z, server_flags, 1 << 30, 1, True, limits)[0] == len(head)
+    for other in (frame(b"E", b"SERROR\0\0"), frame(b"S", b"a\0b\0"), frame(b"G", b"\0\0\0"),
+                  frame(b"1"), frame(b"Z", b"II")):
+        assert crelay.walk(c + other + z, server_flags, 1 << 30, 1, True, limits)[0] == len(c)
+    long_c = frame(b"C", b"x" * (RELAY_LIMITS[ord("C")] - 4) + b"\0")     # one byte over its type's limit
+    assert crelay.walk(long_c + z, server_flags, 1 << 30, 1, True, limits)[0] == 0
+    assert crelay.walk(long_c + z, server_flags, 1 << 30, 1, True, None)[1] == 1
