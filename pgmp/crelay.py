@@ -2,11 +2,17 @@
 
 The loop (pgmp.loop) uses it in place of ``epoll.poll`` when the C helper is
 built and PGMP_IMPL is not "python". A pair of plaintext endpoints in plain
-session traffic is *armed*: both sockets, each with the other as its peer and
-the flags table of its current scanner. An event on an armed socket is then
-handled in C: recv into the loop's relay buffer, a walk over the frames, send
-of the leading frames Python need not see (types without F_REPORT, and the
-F_COUNT ones: requests and ReadyForQuery, which are counted), and a record:
+traffic is *armed*: both sockets, each with the other as its peer and the
+flags table of its current scanner. In session mode that is any traffic with
+nothing held back; in transaction mode (``pooled``) only while nothing but
+simple Queries is in flight (Link.c_relay_ok), and C then passes only a Query
+whose text has no word that may change session state (pgmp_sql_trigger) and
+the answer's RowDescription, CommandComplete (not a session command's) and
+ReadyForQuery, each within its type's length limit (Limits). An event on an
+armed socket is then handled in C: recv into the loop's relay buffer, a walk
+over the frames, send of the leading frames Python need not see (types
+without F_REPORT, and the F_COUNT ones: requests and ReadyForQuery are
+counted), and a record:
 
     fd, events, code, n, sent, good, count, kind, sync, peer
 
