@@ -457,3 +457,154 @@ def test_pooled_walk_server_side():
     long_c = frame(b"C", b"x" * (RELAY_LIMITS[ord("C")] - 4) + b"\0")     # one byte over its type's limit
     assert crelay.walk(long_c + z, server_flags, 1 << 30, 1, True, limits)[0] == 0
     assert crelay.walk(long_c + z, server_flags, 1 << 30, 1, True, None)[1] == 1
+
+
+# -- transaction mode: the C relay against the Python relay, with the pooled Link and Pipeline ----
+
+class PooledSide(Side):
+    """A pooled end: frames go to the Link as ClientConnection/ServerConnection give them in
+    transaction mode; the C relay is armed with the pooled rules while Link.c_relay_ok()."""
+    __slots__ = ("limits_ref",)
+
+    def __init__(self, loop, sock, flags, link, side, scanner_cls):
+        super().__init__(loop, sock, flags, link, side, scanner_cls)
+        self.limits_ref = None                         # keeps the C limits table alive while armed
+        self.whole = bytes([1]) * 256                  # every reported frame is seen whole
+
+    def on_frame(self, kind, view, off, ln):
+        if self.side == 0:
+            self.link.client_frame(kind, bytes(view[off + 5:off + ln]))
+        else:
+            self.link.server_frame(kind, view[off:off + ln])
+        return FORWARD
+
+    def relay_counted(self, count, kind, sync):
+        if self.side == 0:
+            self.link.queries_relayed(count)
+        else:
+            self.link.ready_relayed(count, kind)
+
+    def relay_check(self):
+        from pgmp.server import RELAY_LIMITS
+        if self.loop.crelay is None:
+            return
+        p = self.peer
+        if self.leftover is None and not self.skip and p.leftover is None and not p.skip and self.link.c_relay_ok():
+            limits = crelay.Limits(RELAY_LIMITS)
+            self.limits_ref = p.limits_ref = limits
+            client, server = (self, p) if self.side == 0 else (p, self)
+            client.relay_arm(server, client.scanner, server.scanner, 0, True, None, limits)
+        else:
+            self.unrelay()
+
+
+def pooled_link(outstanding: int) -> Link:
+    from pgmp.link import ServerSession
+    from pgmp.prepared import Pipeline, StatementCache
+    from pgmp.stats import PoolStats
+    link = Link(clock=time.monotonic)
+    link.logged_in(time.monotonic, PoolStats(), Pipeline(StatementCache()))
+    link.attach(ServerSession(100))
+    for _ in range(outstanding):
+        link.client_frame(ord("Q"), b"select 1\0")
+    return link
+
+
+def pooled_state(link: Link):
+    return (link_state(link), [tuple(b[:1]) + (b[1] is None, tuple(b[1] or ()), b[2]) for b in link.batches],
+            list(link.pipeline.expect), link.pinned, link.stats.query_count, link.stats.xact_count)
+
+
+_QUERIES = [b"select 1\0", b"SELECT abalance FROM pgbench_accounts WHERE aid = 42;\0", b"set x = 1\0",
+            b"begin\0", b"commit\0", b"\0", b"select pg_advisory_lock(1)\0"]
+# (a Query that is not one string ends the session in Python: test_pooled_walk_passes_only_plain_queries)
+_TAGS = [b"SELECT 1\0", b"SET\0", b"BEGIN\0", b"COMMIT\0", b"DISCARD ALL\0", b"UPDATE 1\0"]
+
+
+@st.composite
+def pooled_streams(draw, side):
+    frames = []
+    for _ in range(draw(st.integers(1, 20))):
+        if side == 0:
+            frames.append(frame(b"Q", draw(st.sampled_from(_QUERIES))))
+            continue
+        kind = draw(st.sampled_from(b"TDDCCINZZ"))
+        if kind == ord("Z"):
+            frames.append(frame(b"Z", draw(st.sampled_from([b"I", b"T", b"E"]))))
+        elif kind == ord("C"):
+            frames.append(frame(b"C", draw(st.sampled_from(_TAGS))))
+        else:
+            frames.append(frame(bytes([kind]), b"v" * draw(st.integers(0, 300))))
+    data = b"".join(frames)
+    cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(data) - 1)), max_size=8))))
+    chunks, prev = [], 0
+    for c in cuts + [len(data)]:
+        if c > prev:
+            chunks.append(data[prev:c])
+            prev = c
+    return data, chunks
+
+
+def run_pooled_pair(use_c: bool, side: int, chunks: list[bytes], read_size: int, outstanding: int):
+    from pgmp.client import POOLED_FLAGS as client_flags
+    from pgmp.server import POOLED_FLAGS as server_flags
+    loop = Loop(buffer_size=4096, relay=use_c)
+    cls = CScanner if use_c else PyScanner
+    a_out, a_in = socket.socketpair()
+    b_in, b_out = socket.socketpair()
+    for s in (a_out, b_out):
+        s.setblocking(False)
+    link = pooled_link(outstanding)
+    a = PooledSide(loop, a_in, client_flags if side == 0 else server_flags, link, side, cls)
+    b = PooledSide(loop, b_in, server_flags if side == 0 else client_flags, link, 1 - side, cls)
+    a.peer, b.peer = b, a
+    a.relay_check()
+    total = sum(len(c) for c in chunks)
+    got = bytearray()
+    pending = list(chunks)
+    deadline = time.monotonic() + 20
+    try:
+        while len(got) < total:
+            assert time.monotonic() < deadline, f"relayed {len(got)} of {total} bytes"
+            if pending:
+                try:
+                    a_out.send(pending.pop(0))
+                except BlockingIOError:
+                    pass
+            loop.run_once(0.002)
+            if loop.crelay is not None:
+                a.relay_check()
+            try:
+                got += b_out.recv(read_size)
+            except BlockingIOError:
+                pass
+        assert a.ended is None and b.ended is None
+        return bytes(got), pooled_state(link), a.relayed_in_c
+    finally:
+        for ep in (a, b):
+            ep.close_socket()
+        for s in (a_out, b_out):
+            s.close()
+        loop.close()
+
+
+@pytest.mark.parametrize("side", [0, 1], ids=["client", "server"])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_c_relay_agrees_with_the_python_relay_in_transaction_mode(side, data):
+    stream, chunks = data.draw(pooled_streams(side))
+    read_size = data.draw(st.sampled_from([1 << 16, 700]))
+    outstanding = 0 if side == 0 else 30                    # the server answers Queries in flight
+    py_bytes, py_state, _ = run_pooled_pair(False, side, chunks, read_size, outstanding)
+    c_bytes, c_state, _ = run_pooled_pair(True, side, chunks, read_size, outstanding)
+    assert py_bytes == stream and c_bytes == stream
+    assert c_state == py_state
+
+
+def test_plain_queries_and_their_answers_are_relayed_in_c_in_transaction_mode():
+    q = frame(b"Q", b"select 1\0")
+    _, state, in_c = run_pooled_pair(True, 0, [q * 5], 1 << 16, 0)
+    assert in_c == 5 * len(q) and state[0][0] == 5
+    answer = frame(b"T", b"\0\0") + frame(b"D", b"\0\0") + frame(b"C", b"SELECT 1\0") + frame(b"Z", b"I")
+    _, state, in_c = run_pooled_pair(True, 1, [answer * 3], 1 << 16, 3)
+    assert in_c == 3 * len(answer) and state[0][0] == 0 and state[2] == []
