@@ -82,11 +82,16 @@ class Side(Endpoint):
         else:
             self.link.server_ready(count, kind)
 
+    def pair_quiet(self) -> bool:
+        """Nothing held back on either side (what ClientConnection.relay_check asks first)."""
+        p = self.peer
+        return self.leftover is None and not self.skip and p.leftover is None and not p.skip
+
     def relay_check(self):
         if self.loop.crelay is None:
             return
         p = self.peer
-        if self.leftover is None and not self.skip and p.leftover is None and not p.skip:
+        if self.pair_quiet():
             self.relay_arm(p, self.scanner, p.scanner, self.side)
         else:
             self.unrelay()
@@ -102,42 +107,32 @@ def link_state(link: Link):
 
 def run_pair(use_c: bool, side: int, chunks: list[bytes], read_size: int, bufsize: int = 4096):
     """Feed ``chunks`` into the ``side`` end of a relayed pair; what came out the far end, and the Link."""
+    link = Link(clock=time.monotonic)
+    return run_sides(use_c, side, chunks, read_size, Side, (READY_FLAGS, NORMAL_FLAGS), link, link_state,
+                     bufsize=bufsize, small_buffers=True)
+
+
+def run_sides(use_c, side, chunks, read_size, side_cls, flags, link, state, bufsize=4096, small_buffers=False,
+              recheck=False):
+    """The pair of ``side_cls`` ends (flags: the client's, the server's) on one Link, fed at the
+    ``side`` end: (bytes out, state(link), bytes C relayed)."""
     loop = Loop(buffer_size=bufsize, relay=use_c)
     cls = CScanner if use_c else PyScanner
     a_out, a_in = socket.socketpair()          # the test writes a_out; endpoint A reads a_in
     b_in, b_out = socket.socketpair()          # endpoint B writes b_in; the test reads b_out
     for s in (a_out, b_out):
         s.setblocking(False)
-    b_in.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    b_out.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    link = Link(clock=time.monotonic)
-    a = Side(loop, a_in, READY_FLAGS if side == 0 else NORMAL_FLAGS, link, side, cls)
-    b = Side(loop, b_in, NORMAL_FLAGS if side == 0 else READY_FLAGS, link, 1 - side, cls)
+    if small_buffers:
+        b_in.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        b_out.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    a = side_cls(loop, a_in, flags[side], link, side, cls)
+    b = side_cls(loop, b_in, flags[1 - side], link, 1 - side, cls)
     a.peer, b.peer = b, a
     a.relay_check()
-    total = sum(len(c) for c in chunks)
-    pending = list(chunks)
-    got = bytearray()
-    deadline = time.monotonic() + 20
     try:
-        while len(got) < total:
-            assert time.monotonic() < deadline, f"relayed {len(got)} of {total} bytes"
-            if pending:
-                try:
-                    k = a_out.send(pending[0])
-                    if k < len(pending[0]):
-                        pending[0] = pending[0][k:]
-                    else:
-                        pending.pop(0)
-                except BlockingIOError:
-                    pass
-            loop.run_once(0.002)
-            try:
-                got += b_out.recv(read_size)
-            except BlockingIOError:
-                pass
+        got = pump(loop, a_out, b_out, chunks, read_size, a.relay_check if recheck else None)
         assert a.ended is None and b.ended is None
-        return bytes(got), link_state(link), a.relayed_in_c
+        return got, state(link), a.relayed_in_c
     finally:
         for ep in (a, b):
             ep.close_socket()
@@ -146,8 +141,47 @@ def run_pair(use_c: bool, side: int, chunks: list[bytes], read_size: int, bufsiz
         loop.close()
 
 
+def pump(loop, a_out, b_out, chunks: list[bytes], read_size: int, after_batch=None) -> bytes:
+    """Write ``chunks`` into a_out as fast as the pair takes them, run the loop, read b_out:
+    every byte that came out (``after_batch``: called after each loop round)."""
+    total = sum(len(c) for c in chunks)
+    pending = list(chunks)
+    got = bytearray()
+    deadline = time.monotonic() + 20
+    while len(got) < total:
+        assert time.monotonic() < deadline, f"relayed {len(got)} of {total} bytes"
+        if pending:
+            try:
+                k = a_out.send(pending[0])
+                if k < len(pending[0]):
+                    pending[0] = pending[0][k:]
+                else:
+                    pending.pop(0)
+            except BlockingIOError:
+                pass
+        loop.run_once(0.002)
+        if after_batch is not None:
+            after_batch()
+        try:
+            got += b_out.recv(read_size)
+        except BlockingIOError:
+            pass
+    return bytes(got)
+
+
 CLIENT_KINDS = b"QQQPBESSDHCdF"
 SERVER_KINDS = b"TDDCZZZEINn1t2"
+
+
+def split(draw, data: bytes) -> tuple[bytes, list[bytes]]:
+    """``data`` and the chunks it arrives in: up to 8 cuts at drawn offsets."""
+    cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(data) - 1)), max_size=8))))
+    chunks, prev = [], 0
+    for c in cuts + [len(data)]:
+        if c > prev:
+            chunks.append(data[prev:c])
+            prev = c
+    return data, chunks
 
 
 @st.composite
@@ -163,14 +197,7 @@ def streams(draw, side):
         big = kind not in b"CDEHSXcf" and draw(st.integers(0, 9)) == 0
         size = draw(st.integers(5000, 20000)) if big else draw(st.integers(0, 200))
         frames.append(frame(bytes([kind]), b"v" * size))
-    data = b"".join(frames)
-    cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(data) - 1)), max_size=8))))
-    chunks, prev = [], 0
-    for c in cuts + [len(data)]:
-        if c > prev:
-            chunks.append(data[prev:c])
-            prev = c
-    return data, chunks
+    return split(draw, b"".join(frames))
 
 
 @pytest.mark.parametrize("side", [0, 1], ids=["client", "server"])
@@ -479,17 +506,15 @@ class PooledSide(Side):
         return FORWARD
 
     def relay_counted(self, count, kind, sync):
-        if self.side == 0:
-            self.link.queries_relayed(count)
-        else:
-            self.link.ready_relayed(count, kind)
+        link = self.link
+        (link.queries_relayed(count) if self.side == 0 else link.ready_relayed(count, kind))
 
     def relay_check(self):
         from pgmp.server import RELAY_LIMITS
         if self.loop.crelay is None:
             return
         p = self.peer
-        if self.leftover is None and not self.skip and p.leftover is None and not p.skip and self.link.c_relay_ok():
+        if self.pair_quiet() and self.link.c_relay_ok():
             limits = crelay.Limits(RELAY_LIMITS)
             self.limits_ref = p.limits_ref = limits
             client, server = (self, p) if self.side == 0 else (p, self)
@@ -535,57 +560,14 @@ def pooled_streams(draw, side):
             frames.append(frame(b"C", draw(st.sampled_from(_TAGS))))
         else:
             frames.append(frame(bytes([kind]), b"v" * draw(st.integers(0, 300))))
-    data = b"".join(frames)
-    cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(data) - 1)), max_size=8))))
-    chunks, prev = [], 0
-    for c in cuts + [len(data)]:
-        if c > prev:
-            chunks.append(data[prev:c])
-            prev = c
-    return data, chunks
+    return split(draw, b"".join(frames))
 
 
 def run_pooled_pair(use_c: bool, side: int, chunks: list[bytes], read_size: int, outstanding: int):
     from pgmp.client import POOLED_FLAGS as client_flags
     from pgmp.server import POOLED_FLAGS as server_flags
-    loop = Loop(buffer_size=4096, relay=use_c)
-    cls = CScanner if use_c else PyScanner
-    a_out, a_in = socket.socketpair()
-    b_in, b_out = socket.socketpair()
-    for s in (a_out, b_out):
-        s.setblocking(False)
-    link = pooled_link(outstanding)
-    a = PooledSide(loop, a_in, client_flags if side == 0 else server_flags, link, side, cls)
-    b = PooledSide(loop, b_in, server_flags if side == 0 else client_flags, link, 1 - side, cls)
-    a.peer, b.peer = b, a
-    a.relay_check()
-    total = sum(len(c) for c in chunks)
-    got = bytearray()
-    pending = list(chunks)
-    deadline = time.monotonic() + 20
-    try:
-        while len(got) < total:
-            assert time.monotonic() < deadline, f"relayed {len(got)} of {total} bytes"
-            if pending:
-                try:
-                    a_out.send(pending.pop(0))
-                except BlockingIOError:
-                    pass
-            loop.run_once(0.002)
-            if loop.crelay is not None:
-                a.relay_check()
-            try:
-                got += b_out.recv(read_size)
-            except BlockingIOError:
-                pass
-        assert a.ended is None and b.ended is None
-        return bytes(got), pooled_state(link), a.relayed_in_c
-    finally:
-        for ep in (a, b):
-            ep.close_socket()
-        for s in (a_out, b_out):
-            s.close()
-        loop.close()
+    return run_sides(use_c, side, chunks, read_size, PooledSide, (client_flags, server_flags),
+                     pooled_link(outstanding), pooled_state, recheck=True)
 
 
 @pytest.mark.parametrize("side", [0, 1], ids=["client", "server"])
