@@ -185,10 +185,7 @@ class Link:
     def queries_relayed(self, count: int) -> None:
         """``count`` Query frames the C relay passed (pgmp.crelay), each whole, well formed and, in
         pooled mode, free of the words that may change session state: as client_frame for each."""
-        if self.outstanding == 0 and self.clock is not None:
-            self.t_query = now = self.clock()
-            if self.status == _IDLE:
-                self.t_xact = now
+        self._stamp()
         self.outstanding += count
         batches = self.batches
         for _ in range(count):
@@ -224,10 +221,7 @@ class Link:
 
     def _request(self, kind: int, payload) -> None:
         """A Query, Sync or FunctionCall: a request the server answers with one ReadyForQuery."""
-        if self.outstanding == 0 and self.clock is not None:
-            self.t_query = now = self.clock()
-            if self.status == _IDLE:
-                self.t_xact = now
+        self._stamp()
         failed = False
         if kind == _S:
             self.unsynced = False
@@ -245,6 +239,14 @@ class Link:
             effects = ()
         self.outstanding += 1
         self.batches.append([kind, effects, failed])
+
+    def _stamp(self) -> None:
+        """A request is about to be counted: the first of a round starts the query clock, and the
+        transaction clock too when the session is idle."""
+        if self.outstanding == 0 and self.clock is not None:
+            self.t_query = now = self.clock()
+            if self.status == _IDLE:
+                self.t_xact = now
 
     def _bind_effects(self, payload) -> None:
         """A Bind: the session effects of the statement it binds join the batch its Sync ends.
