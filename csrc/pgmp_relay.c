@@ -24,6 +24,7 @@ typedef struct {
     int32_t pooled;          /* transaction mode's rules for the counted types */
     const uint32_t *limits;  /* per type, the largest length word accepted, or NULL */
     int32_t blocked;         /* Python has unsent bytes for this socket */
+    int32_t held;            /* a server between its client's transactions (pgmp_relay_hold) */
     uint32_t touched;        /* the poll round that last relayed from or to it */
 } slot;
 
@@ -42,6 +43,7 @@ static void clear_slot(slot *s)
     s->pooled = 0;
     s->limits = NULL;
     s->blocked = 0;
+    s->held = 0;
     s->touched = 0;
 }
 
@@ -119,6 +121,21 @@ void pgmp_relay_blocked(pgmp_relay *r, int fd, int blocked)
 {
     if (grow(r, fd) == 0)
         r->slots[fd].blocked = blocked != 0;
+}
+
+void pgmp_relay_hold(pgmp_relay *r, int fd, int held)
+{
+    slot *s = get_slot(r, fd);
+
+    if (s != NULL && s->peer >= 0)
+        s->held = held != 0;
+}
+
+int pgmp_relay_held(pgmp_relay *r, int fd)
+{
+    slot *s = get_slot(r, fd);
+
+    return s != NULL && s->peer >= 0 && s->held;
 }
 
 int pgmp_relay_is_armed(pgmp_relay *r, int fd)
@@ -332,11 +349,20 @@ static int step(pgmp_relay *r, slot *s, int fd, uint32_t events, uint8_t *buf, s
     /* both ends armed for each other, the peer's queue empty, the pair not relayed this round */
     if (peer == NULL || peer->peer != fd)
         return 0;
-    if (!allow || events != EPOLLIN || peer->blocked || s->touched == r->round || peer->touched == r->round) {
+    if (!allow || events != EPOLLIN || peer->blocked || s->held || s->touched == r->round ||
+        peer->touched == r->round) {
         s->touched = peer->touched = r->round;
         return 0;
     }
     s->touched = peer->touched = r->round;
+    if (peer->held) {
+        /* the client's first bytes after a hold: a held server that sent something or closed
+         * meanwhile (a FATAL, EOF) is not to get them; Python replaces it, as for an idle one */
+        uint8_t c;
+        ssize_t k = recv(s->peer, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+        if (k >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
+            return 0;
+    }
     if (cap > 0x7fffffff)
         cap = 0x7fffffff;
     do {
@@ -344,6 +370,7 @@ static int step(pgmp_relay *r, slot *s, int fd, uint32_t events, uint8_t *buf, s
     } while (n < 0 && errno == EINTR);
     if (n <= 0)
         return 0;              /* EOF, an error or nothing after all: Python reads and sees which */
+    peer->held = 0;            /* its client's bytes, for it or for Python: in use again */
     pgmp_relay_walk(buf, (size_t)n, s->flags, s->max_len, s->side, s->pooled, s->limits, rec);
     rec[PGMP_R_PEER] = s->peer;
     good = (size_t)rec[PGMP_R_GOOD];

@@ -52,6 +52,14 @@ void pgmp_relay_disarm(pgmp_relay *r, int fd);
 /* Python holds unsent bytes for fd (1) or no longer (0): the relay must not send to it meanwhile. */
 void pgmp_relay_blocked(pgmp_relay *r, int fd, int blocked);
 int pgmp_relay_is_armed(pgmp_relay *r, int fd);
+/* Mark an armed server held (1) or not (0): between its client's transactions, linked to it only
+ * so that the next request needs no Python (pgmp.pool's held servers). An event of a held server
+ * is Python's (data or EOF while idle); C's first read of its client's bytes clears the mark, and
+ * so does disarming. Before that read C peeks at the held server: with input pending there (a
+ * FATAL, EOF), the client's event is Python's, which replaces the server. */
+void pgmp_relay_hold(pgmp_relay *r, int fd, int held);
+/* 1 if fd is armed and still held: C has read nothing of its client's since the mark. */
+int pgmp_relay_held(pgmp_relay *r, int fd);
 
 /*
  * One epoll_wait on epfd (timeout in ms), then for each event on an armed socket whose peer is

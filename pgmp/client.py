@@ -128,7 +128,10 @@ class ClientConnection(Endpoint):
                 and not link.copy_in and srv.relay_ready() and not self.closed and not srv.closed
                 and (not link.pooled or link.c_relay_ok())):
             if link.pooled:
-                self.relay_arm(srv, self.scanner, srv.scanner, 0, True, None, srv.c_limits())
+                if self.relay_peer is not srv:
+                    self.relay_arm(srv, self.scanner, srv.scanner, 0, True, None, srv.c_limits())
+                    if srv.held and self.relay_peer is srv:
+                        self.loop.crelay.hold(srv.fd, True)
             else:
                 self.relay_arm(srv, self.scanner, srv.scanner, 0)
         elif self.relay_peer is not None:
@@ -137,6 +140,9 @@ class ClientConnection(Endpoint):
     def relay_counted(self, count, kind, sync):
         link = self.link
         if link.pooled:
+            srv = self.server
+            if srv.held:
+                self.pool.reuse_held(srv, True)
             link.queries_relayed(count)            # only plain Queries pass C in pooled mode
             return
         for _ in range(count):
@@ -153,6 +159,13 @@ class ClientConnection(Endpoint):
         st = self.state
         try:
             if st is ClientState.ACTIVE and not self.settings_pending:
+                srv = self.server
+                if srv is not None and srv.held:
+                    if not srv.quiet():             # it sent a FATAL or closed meanwhile: another one
+                        srv.close("server sent data or closed while idle")
+                        self._need_server(view, n)
+                        return
+                    self.pool.reuse_held(srv, False)
                 if not self.link.pooled and not self.skip:
                     # The common case, without the generic relay: whole frames, one needing a look.
                     sc = self.scanner
@@ -711,14 +724,23 @@ class ClientConnection(Endpoint):
         return True
 
     def detach(self):
-        """Transaction boundary in transaction or statement mode: the server goes back to the pool."""
+        """Transaction boundary in transaction or statement mode: the server goes back to the pool,
+        or stays linked, held, until another client needs it (Pool.hold)."""
         srv = self.server
+        if self.pool.hold(srv, self):
+            return
         self.server = None
         self.link.detach()
         self.set_state(ClientState.IDLE)             # (disarms the C relay's pair)
         self.pool.release(srv, REUSE)
         if self.close_at_boundary:
             self.leave_at_boundary()
+
+    def unlink_held(self, srv):
+        """The pool took back ``srv``, held for this client between transactions: idle, no server."""
+        self.server = None
+        self.link.detach()
+        self.set_state(ClientState.IDLE)             # (disarms the C relay's pair)
 
     def leave_at_boundary(self):
         """A stop waits for this client's transaction (close_at_boundary): once it is over, end the session."""

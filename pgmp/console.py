@@ -876,7 +876,7 @@ def client_state(client) -> str:
     """A client's state in SHOW CLIENTS terms: active, idle, waiting or login."""
     name = client.state.name
     if name == "ACTIVE":
-        return "active"
+        return "idle" if client.server is not None and client.server.held else "active"
     if name == "IDLE":
         return "idle"
     if name == "CONSOLE":
@@ -889,7 +889,7 @@ def client_state(client) -> str:
 def server_state(srv, cfg, now: float) -> str:
     """A server's state in SHOW SERVERS terms: active, idle, used, tested, new or being_canceled."""
     name = srv.state.name
-    if name == "ACTIVE":
+    if name == "ACTIVE" and not srv.held:      # (held: idle, linked to its client until another needs it)
         return "active"
     if name == "RESET":
         return "tested"
@@ -908,6 +908,8 @@ def client_row(client, wall, now: float, port: int) -> dict:
     laddr, lport = _addr(client.sock, False, port)
     link = client.link
     srv = client.server
+    if srv is not None and srv.held:
+        srv = None                          # held for it between transactions: idle to the pool
     state = client_state(client)
     pl = getattr(link, "pipeline", None)
     waiting = state == "waiting" and client.wait_started
@@ -927,7 +929,7 @@ def client_row(client, wall, now: float, port: int) -> dict:
 def server_row(srv, cfg, wall, now: float, port: int) -> dict:
     """One server connection, for SHOW SERVERS, SOCKETS and FDS."""
     pool = srv.pool
-    client = srv.client
+    client = None if srv.held else srv.client
     addr, rport = _addr(srv.sock, True, srv.host.port)
     if addr == "unix":
         addr, rport = srv.host.host, srv.host.port

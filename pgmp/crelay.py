@@ -34,6 +34,14 @@ scanner wrong (close, attach, detach, a state change, an internal query, a
 scanner change) disarms the pair first; arming is lazy, after Python handled
 an event of the pair (Endpoint.relay_check). The Python relay stays the
 reference: PGMP_IMPL=python runs without this module.
+
+In transaction mode a server at its client's transaction boundary may stay
+linked and armed, *held* (pgmp.pool.Pool.hold), so that the client's next
+Query goes through C too. C marks it (``hold``): an event of a held server is
+Python's (data or EOF while idle), and C's first read of its client's bytes
+clears the mark. Another client may take a held server only while the mark is
+still set (``held``): otherwise bytes of its client were read in this batch
+and their record is still to come.
 """
 import errno
 import math
@@ -87,6 +95,14 @@ class CRelay:
 
     def armed(self, fd: int) -> bool:
         return bool(self._lib.pgmp_relay_is_armed(self._r, fd))
+
+    def hold(self, fd: int, held: bool) -> None:
+        """Mark the armed server ``fd`` held (between its client's transactions) or not."""
+        self._lib.pgmp_relay_hold(self._r, fd, 1 if held else 0)
+
+    def held(self, fd: int) -> bool:
+        """``fd`` is armed and still held: C has read none of its client's bytes since the mark."""
+        return bool(self._lib.pgmp_relay_held(self._r, fd))
 
 
 class Limits:

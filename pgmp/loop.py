@@ -704,12 +704,20 @@ class Endpoint:
     def relayed(self, n: int, sent: int, good: int, count: int, kind: int, sync: int, peer_fd: int) -> bool:
         """A record of the C relay (see pgmp.crelay); False if the pair changed since it was armed."""
         peer = self.relay_peer
+        loop = self.loop
         if peer is None or peer.fd != peer_fd or self.closed:
-            return False
+            if good or self.closed:
+                return False
+            # Nothing of it went to the old peer: the bytes are Python's, as if it had read them now.
+            self.rx += n
+            loop.scratch[0:n] = loop.relay_view[0:n]
+            self.on_data(loop.view, n)
+            if not self.closed:
+                self.relay_check()
+            return True
         self.rx += n
         if count or sync:
             self.relay_counted(count, kind, sync)
-        loop = self.loop
         if sent < good and not peer.closed:
             peer.queue(loop.relay_view[sent:good])
             if peer.congested:

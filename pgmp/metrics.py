@@ -85,6 +85,8 @@ def pool_figures(pool, now: float, config) -> dict:
             if c not in seen and not c.closed:
                 seen.add(c)
                 name = client_state.get(c.state)
+                if name == "active" and c.server is not None and c.server.held:
+                    name = "idle"                   # between transactions, its server held (Pool.hold)
                 if name is not None:
                     clients[name] += 1
     servers = dict.fromkeys(SERVER_STATES, 0)
@@ -92,7 +94,7 @@ def pool_figures(pool, now: float, config) -> dict:
     check = bool(config.server_check_query)
     for s in pool.servers:
         st = s.state
-        if st is ServerState.ACTIVE:
+        if st is ServerState.ACTIVE and not s.held:
             name = "active"
         elif st is ServerState.RESET:
             name = "tested"                 # running server_reset_query or server_check_query
@@ -102,7 +104,7 @@ def pool_figures(pool, now: float, config) -> dict:
             name = "being_canceled"         # released, held until a cancel sent for its last client is done
         elif s in idle and check and now - s.last_used > config.server_check_delay:
             name = "used"                   # idle, needs server_check_query before it serves again
-        elif st is ServerState.IDLE:
+        elif st is ServerState.IDLE or s.held:
             name = "idle"
         else:
             continue

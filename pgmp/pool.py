@@ -29,6 +29,9 @@ from pgmp.stats import PoolStats, observe
 # (PostgreSQL 13 and older), asked before it serves a pool whose target needs it.
 ROLE_QUERY = "SELECT pg_catalog.pg_is_in_recovery(), pg_catalog.current_setting('transaction_read_only')"
 WRITABLE_TARGETS = ("read-write", "primary")
+# A server is held (Pool.hold) only if server_check_query is not due sooner than this after its last
+# use: the janitor, once a second, hands a held server over to that check.
+HOLD_CHECK_DELAY = 2.0
 WAIT = "wait"               # open_server: the host's address is being looked up
 BANNED, NEXT_ADDRESS = "banned", "next address"     # what a failed connect did to its host
 
@@ -64,7 +67,7 @@ class Pool:
                  "idle", "servers", "opening", "waiting", "login_waiters", "params",
                  "password", "scram_keys", "secret", "last_error", "stats", "clients", "resetting",
                  "min_size", "reserve", "use_reserve", "paused", "reconnect_before", "login_failed_at",
-                 "stats_older", "stats_newer", "resolving", "turn", "no_host", "fitting", "fitting_key")
+                 "stats_older", "stats_newer", "resolving", "turn", "no_host", "fitting", "fitting_key", "held")
 
     # StartupMessage parameters of this pool's server connections beyond user and database
     startup_options: dict[str, str] = {}
@@ -79,6 +82,9 @@ class Pool:
         self.size = size
         self.mode = mode
         self.idle: list = []
+        # servers at their client's transaction boundary, still linked to it and armed in the C relay
+        # until another client needs one (hold): idle to everyone else, oldest first
+        self.held: dict = {}
         self.servers: set = set()
         self.opening: set = set()           # servers connecting or logging in (connect_query included)
         self.waiting: collections.deque = collections.deque()
@@ -152,8 +158,10 @@ class Pool:
         worker = self.worker
         cfg = worker.config
         now = worker.loop.clock()
-        while self.idle:
-            srv = self.idle.pop()
+        while self.idle or self.held:
+            srv = self.idle.pop() if self.idle else self._take_held()
+            if srv is None:
+                return None
             if worker.server_expired(srv) or srv.created < self.reconnect_before:
                 srv.close("server_lifetime reached" if worker.server_expired(srv) else "pgmp reconnect")
                 continue
@@ -209,6 +217,84 @@ class Pool:
         srv.timer = None
         if srv.state is ServerState.RESET and not srv.closed:
             srv.close(f"no answer to {query!r} within server_reset_timeout")
+
+    # -- held servers ------------------------------------------------------------
+    def hold(self, srv, client) -> bool:
+        """``client`` reached a transaction boundary with ``srv``: keep them linked (True) while no
+        one else needs a server, so that its next Query, like its last answer, crosses the C relay
+        without Python; or False: release it as usual.
+
+        Only what release() would hand straight back to the idle list is held, and only a pair the
+        C relay can carry. A held server is idle to everyone else: another client takes it in
+        _usable_idle, and the janitor, pause, reconnect, a host change and a stop treat it as idle."""
+        worker = self.worker
+        cfg = worker.config
+        crelay = worker.loop.crelay
+        if (crelay is None or self.waiting or self.paused or client.close_at_boundary or srv.cancel_pending
+                or srv.release_reset or client.tls is not None or srv.tls is not None
+                or srv.created < self.reconnect_before or worker.server_expired(srv)
+                or srv.session.read_only_seen or (cfg.server_reset_query and cfg.server_reset_query_always)
+                or (cfg.server_check_query and cfg.server_check_delay < HOLD_CHECK_DELAY)
+                or self.unfit(srv)):
+            return False
+        srv.held = True
+        srv.last_used = worker.loop.clock()
+        self.held[srv] = None
+        if client.relay_peer is srv:
+            crelay.hold(srv.fd, True)
+        return True
+
+    def reuse_held(self, srv, relayed: bool) -> None:
+        """The client of held ``srv`` sent a request: in use again (``relayed``: through C, which
+        cleared its mark itself)."""
+        del self.held[srv]
+        srv.held = False
+        srv.last_used = self.worker.loop.clock()
+        self.stats.assign_count += 1
+        if not relayed and srv.relay_peer is not None:
+            self.worker.loop.crelay.hold(srv.fd, False)
+
+    def _take_held(self):
+        """A held server another client may have now, unlinked from its client; or None.
+
+        During a batch of the C relay a held server whose mark C cleared has a request of its
+        client on the way, in a record still to be applied: that one is not free."""
+        crelay = self.worker.loop.crelay
+        for srv in self.held:
+            client = srv.client
+            if client.relay_peer is srv and not crelay.held(srv.fd):
+                continue
+            if client.leftover is not None or client.skip or srv.skip or srv.unsent or srv.cancel_pending:
+                continue
+            break
+        else:
+            return None
+        self.unhold(srv)
+        return srv
+
+    def unhold(self, srv) -> None:
+        """End ``srv``'s hold: its client goes idle, without a server, as at an ordinary release
+        (also as a held server closes: its client is not told)."""
+        del self.held[srv]
+        srv.held = False
+        client = srv.client
+        srv.client = None
+        client.unlink_held(srv)
+
+    def evict(self, reason: str) -> bool:
+        """Close an idle (or held) server to make room for another pool; False if none is free."""
+        srv = self.idle.pop(0) if self.idle else self._take_held() if self.held else None
+        if srv is None:
+            return False
+        srv.close(reason)
+        return True
+
+    def release_held(self) -> None:
+        """Every held server back to the ordinary path (release): the janitor's checks, pause,
+        reconnect, a stop."""
+        for srv in list(self.held):
+            self.unhold(srv)
+            self.release(srv)
 
     def forget(self, client) -> None:
         try:
@@ -338,6 +424,11 @@ class Pool:
             if why:
                 self.idle.remove(srv)
                 srv.close(why)
+        for srv in list(self.held):
+            why = self.unfit(srv)
+            if why:
+                self.unhold(srv)
+                srv.close(why)
         if self.waiting or self.login_waiters:
             self._grow()
 
@@ -430,6 +521,9 @@ class Pool:
         one command that clears every kind of session state.
         """
         srv.client = None
+        if srv.held:                        # its client left between transactions
+            del self.held[srv]
+            srv.held = False
         if verdict == CLOSE:
             srv.close(why or "client left with the server busy")
             return
@@ -513,6 +607,15 @@ class Pool:
         """Once a second: idle timeouts and lifetimes, min_pool_size, the reserve pool."""
         worker = self.worker
         cfg = worker.config
+        if self.held:
+            # held past a deadline of the idle list's, or wanted by a queued client: released,
+            # release() and the loop below then do what they do for any idle server
+            late = min((t for t in (cfg.server_idle_timeout, cfg.server_check_delay if cfg.server_check_query else 0)
+                        if t > 0), default=0)
+            for srv in list(self.held):
+                if self.waiting or (late and now - srv.last_used > late) or worker.server_expired(srv):
+                    self.unhold(srv)
+                    self.release(srv)
         for srv in list(self.idle):
             if len(self.servers) <= self.min_size:
                 break
@@ -538,6 +641,7 @@ class Pool:
     def pause(self) -> int:
         """Hand out no more servers; returns how many are still in use."""
         self.paused = True
+        self.release_held()
         return sum(1 for s in self.servers if s.state is ServerState.ACTIVE)
 
     def resume(self) -> None:
@@ -552,6 +656,7 @@ class Pool:
     def reconnect(self) -> None:
         """Close every server as soon as it is not in use (after a failover, for example)."""
         self.reconnect_before = self.worker.loop.clock() + 1e-6
+        self.release_held()
         for srv in list(self.idle):
             self.idle.remove(srv)
             srv.close("pgmp reconnect")
@@ -572,26 +677,22 @@ class Pool:
         row["prev"] = self.stats_older
         row["clients"] = len(self.clients) + len(self.login_waiters)
         row["servers"] = len(self.servers)
+        held = len(self.held)                   # linked, but idle to the pool (hold)
         states = [c.state for c in self.clients]
-        row["cl_active"] = states.count(ClientState.ACTIVE)
+        row["cl_active"] = states.count(ClientState.ACTIVE) - held
         row["cl_waiting"] = states.count(ClientState.WAITING)
-        row["cl_idle"] = states.count(ClientState.IDLE)
+        row["cl_idle"] = states.count(ClientState.IDLE) + held
         row["cl_login"] = len(self.login_waiters)
         now, cfg = self.worker.loop.clock(), self.worker.config
-        waits = [now - c.wait_started for c in (*self.waiting, *self.login_waiters) if c.wait_started]
-        row["maxwait_us"] = int(max(waits, default=0) * 1e6)
-        # idle servers that get server_check_query before their next use (PgBouncer's sv_used)
-        row["sv_used"] = sum(1 for s in self.idle if cfg.server_check_query
-                             and now - s.last_used > cfg.server_check_delay)
         sstates = [s.state for s in self.servers]
-        row["sv_active"] = sstates.count(ServerState.ACTIVE)
-        cfg = self.worker.config
-        now = self.worker.loop.clock()
+        row["sv_active"] = sstates.count(ServerState.ACTIVE) - held
+        # idle servers that get server_check_query before their next use (PgBouncer's sv_used)
         used = sum(1 for s in self.idle if cfg.server_check_query and now - s.last_used > cfg.server_check_delay)
         parked = sum(1 for s in self.servers if s.parked)
-        row["sv_idle"] = sstates.count(ServerState.IDLE) - used - parked
+        row["sv_idle"] = sstates.count(ServerState.IDLE) - used - parked + held
         row["sv_used"] = used
         row["sv_being_canceled"] = parked
+        row["sv_held"] = held                   # of sv_idle: still linked to their last client
         first = next((c for c in self.waiting if c.wait_started), None)
         row["maxwait_us"] = int((now - first.wait_started) * 1e6) if first is not None else 0
         row["sv_login"] = sstates.count(ServerState.CONNECTING) + sstates.count(ServerState.LOGIN)
@@ -599,6 +700,7 @@ class Pool:
         return row
 
     def close_all(self, reason: str) -> None:
+        self.release_held()
         for srv in list(self.servers):
             if srv.state is ServerState.ACTIVE:
                 continue

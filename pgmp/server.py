@@ -4,6 +4,7 @@
 is its IO glue in the worker loop.
 """
 import enum
+import functools
 import logging
 import os
 import socket
@@ -113,7 +114,6 @@ POOLED_FLAGS = make_flags(report=b"ZGS" + RESPONSE_TYPES, count=b"TCIZ")
 NO_WHOLE = bytes(256)
 
 _normal_scanner = Scanner(NORMAL_FLAGS, SERVER_MAX_MESSAGE)
-_c_limits = None        # RELAY_LIMITS for the C relay (ServerConnection.c_limits)
 _internal_scanner = Scanner(ALL_FLAGS, INTERNAL_LONG_MAX)
 _pooled_scanner = Scanner(POOLED_FLAGS, SERVER_MAX_MESSAGE)
 
@@ -225,7 +225,7 @@ class ServerConnection(Endpoint):
     __slots__ = ("conn_id", "pool", "state", "login", "params", "session", "client", "swallow", "swallow_error",
                  "swallow_done", "backend_pid", "backend_secret", "scanner", "flags", "whole", "created",
                  "last_used", "timer", "addr_text", "cancel_pending", "release_after",
-                 "replacement", "parked", "swallow_rows", "release_reset", "host", "address")
+                 "replacement", "parked", "swallow_rows", "release_reset", "host", "address", "held")
 
     def __init__(self, loop, pool, sock: socket.socket, addr_text: str, login: ServerLogin, host=None,
                  address=None):
@@ -258,12 +258,16 @@ class ServerConnection(Endpoint):
         self.parked = False                # released, but held until a pending cancel is done
         self.release_reset = False         # released by a pinned client: DISCARD ALL before reuse (kept
                                            # on the server, as a release can wait out a pending cancel)
+        self.held = False                  # linked to its client between transactions (Pool.hold)
 
     def __repr__(self):
         return f"<server {self.pool.name} {self.addr_text} pid={self.backend_pid} {self.state.value}>"
 
     # -- connecting and login --------------------------------------------------
     def handle_event(self, mask: int):
+        if self.held and mask & EVENT_READ:
+            self._held_event()
+            return
         if self.state is ServerState.CONNECTING:
             if mask & (EVENT_WRITE | EVENT_READ):
                 self._connected()
@@ -272,6 +276,19 @@ class ServerConnection(Endpoint):
             self.flush()
         if mask & EVENT_READ and self.reading and not self.closed:
             self.read()
+
+    def _held_event(self):
+        """Data or EOF from a held server (Pool.hold): nothing was asked of it, so it is closed, as an
+        idle server would be, and its client goes on without it. If C relayed a request of the
+        client's to it in this batch (the record comes later), the client's query is lost with it."""
+        client = self.client
+        if client.relay_peer is self and not self.loop.crelay.held(self.fd):
+            self.pool.reuse_held(self, True)
+            self.abort(ServerProtocolError("server closed the connection unexpectedly",
+                                           detail=f"{self.addr_text}: it sent data or closed while idle, "
+                                                  "as the client's query reached it"))
+            return
+        self.close("server sent data or closed while idle")
 
     def _connected(self):
         """An event while CONNECTING: the TCP connect finished, or the answer to our SSLRequest came.
@@ -569,13 +586,11 @@ class ServerConnection(Endpoint):
             and self.swallow == 0 and self.state is ServerState.ACTIVE
 
     @staticmethod
+    @functools.cache
     def c_limits():
-        """RELAY_LIMITS in C memory, for the C relay's pooled walk (made once)."""
-        global _c_limits
-        if _c_limits is None:
-            from pgmp.crelay import Limits
-            _c_limits = Limits(RELAY_LIMITS)
-        return _c_limits
+        """RELAY_LIMITS in C memory, for the C relay's pooled walk (made on first use)."""
+        from pgmp.crelay import Limits
+        return Limits(RELAY_LIMITS)
 
     def relayed(self, n, sent, good, count, kind, sync, peer_fd):
         if not super().relayed(n, sent, good, count, kind, sync, peer_fd):
@@ -663,6 +678,8 @@ class ServerConnection(Endpoint):
 
     def _shut(self) -> ServerState:
         """Mark closed, stop the timer, close the socket; returns the state it was in."""
+        if self.held:                   # its client goes on without it
+            self.pool.unhold(self)
         was = self.state
         self.state = ServerState.CLOSED
         if self.timer:

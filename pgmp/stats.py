@@ -19,7 +19,7 @@ from pgmp.tables import render as render_table
 COUNTERS = ("xact_count", "query_count", "bytes_in", "bytes_out", "xact_time_us", "query_time_us",
             "wait_time_us", "wait_count", "login_count", "assign_count")
 GAUGES = ("cl_active", "cl_waiting", "cl_idle", "cl_login", "sv_active", "sv_idle", "sv_login", "sv_reset",
-          "sv_used")
+          "sv_used", "sv_held")
 MAXIMA = ("maxwait_us",)        # the longest wait now: over several workers the largest, not the sum
 
 # Upper bounds (seconds) of the latency histogram buckets, the same for query, transaction and

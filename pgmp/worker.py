@@ -347,8 +347,7 @@ class Worker:
         if not evict:
             return False
         for other in pools:
-            if other is not pool and other.idle:
-                other.idle.pop(0).close(f"making room for pool {pool.name} (connection limit)")
+            if other is not pool and other.evict(f"making room for pool {pool.name} (connection limit)"):
                 return True
         return False
 
@@ -598,7 +597,7 @@ class Worker:
         """
         client = self.keys.get((pid, secret))
         srv = client.server if client is not None else None
-        if srv is None or not srv.backend_pid:
+        if srv is None or not srv.backend_pid or srv.held:      # (held: the client is between transactions)
             if client is None and not forwarded and self.master is not None:
                 self.master.post("cancel", pid=pid, secret=secret)
             elif client is None:

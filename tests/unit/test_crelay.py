@@ -590,3 +590,65 @@ def test_plain_queries_and_their_answers_are_relayed_in_c_in_transaction_mode():
     answer = frame(b"T", b"\0\0") + frame(b"D", b"\0\0") + frame(b"C", b"SELECT 1\0") + frame(b"Z", b"I")
     _, state, in_c = run_pooled_pair(True, 1, [answer * 3], 1 << 16, 3)
     assert in_c == 3 * len(answer) and state[0][0] == 0 and state[2] == []
+
+
+# ---- held servers (pgmp.pool.Pool.hold) ------------------------------------------------------
+
+def test_a_held_server_s_events_are_python_s_and_its_client_s_first_bytes_unhold_it():
+    from pgmp.client import POOLED_FLAGS as client_flags
+    from pgmp.server import POOLED_FLAGS as server_flags
+    buf, r, ep, (a_out, a_in, b_in, b_out) = relay_setup()
+    client, server = a_in.fileno(), b_in.fileno()
+    r.arm(client, server, CScanner(client_flags), 0, True)
+    r.arm(server, client, CScanner(server_flags), 1, True)
+    q, z = frame(b"Q", b"select 1\0"), frame(b"Z", b"I")
+    r.hold(server, True)
+    assert r.held(server) and not r.held(client)
+    b_out.send(z)                                           # data from a held server: Python's, unread
+    (rec,) = records(r.poll(ep.fileno(), 1))
+    assert rec[0] == server and rec[2] == 0 and r.held(server)
+    assert b_in.recv(100) == z
+    a_out.send(q)                                           # its client's Query: relayed, the mark gone
+    (rec,) = records(r.poll(ep.fileno(), 1))
+    assert rec[0] == client and rec[2] == 1 and rec[4:8] == [len(q), len(q), 1, ord("Q")]
+    assert b_out.recv(100) == q and not r.held(server)
+    b_out.send(z)                                           # its answer: relayed as ever
+    (rec,) = records(r.poll(ep.fileno(), 1))
+    assert rec[0] == server and rec[2] == 1 and a_out.recv(100) == z
+    r.hold(server, True)
+    a_out.send(frame(b"Q", b"begin\0"))                     # read by C for Python: not free either
+    (rec,) = records(r.poll(ep.fileno(), 1))
+    assert rec[2] == 1 and rec[5] == 0 and not r.held(server)
+    r.hold(server, True)
+    r.disarm(server)                                        # disarming ends the mark
+    assert not r.held(server)
+    for s in (a_out, a_in, b_in, b_out):
+        s.close()
+    ep.close()
+
+
+def test_a_client_s_bytes_are_not_relayed_to_a_held_server_that_has_input_pending():
+    """The server's FATAL (or EOF) and its client's next Query in one batch, the client's first:
+    the Query must not go to the dead server; Python gets the event and replaces the server."""
+    from pgmp.client import POOLED_FLAGS as client_flags
+    from pgmp.server import POOLED_FLAGS as server_flags
+    buf, r, ep, (a_out, a_in, b_in, b_out) = relay_setup()
+    client, server = a_in.fileno(), b_in.fileno()
+    r.arm(client, server, CScanner(client_flags), 0, True)
+    r.arm(server, client, CScanner(server_flags), 1, True)
+    r.hold(server, True)
+    fatal = frame(b"E", b"SFATAL\0C57P01\0Mterminating connection\0\0")
+    b_out.send(fatal)
+    q = frame(b"Q", b"select 1\0")
+    a_out.send(q)
+    recs = records(r.poll(ep.fileno(), 1))
+    assert sorted(rec[0] for rec in recs) == sorted([client, server])
+    assert all(rec[2] == 0 for rec in recs)                 # both Python's, nothing read or sent
+    assert a_in.recv(100) == q and b_in.recv(100) == fatal
+    b_out.close()                                           # EOF alone: the same
+    a_out.send(q)
+    recs = records(r.poll(ep.fileno(), 1))
+    assert all(rec[2] == 0 for rec in recs) and a_in.recv(100) == q
+    for s in (a_out, a_in, b_in):
+        s.close()
+    ep.close()

@@ -1,0 +1,127 @@
+"""Held servers in transaction mode (pgmp.pool.Pool.hold), through a real pgmp and PostgreSQL.
+
+While no client waits, a server given back at a transaction boundary stays linked to its
+client so that the next transaction crosses the C relay alone. To everyone else it must be
+an idle server: counted as idle, taken by the next client that needs one, closed quietly
+when PostgreSQL ends it, released by PAUSE and by the janitor's deadlines. With
+PGMP_IMPL=python nothing is held, and every test here must pass the same way.
+"""
+from __future__ import annotations
+
+import json
+
+import psycopg
+
+from pgmp.protocol import scanner
+from tests.integration.test_pooling import dsn, no_servers_left, pooldb, server_count, start  # noqa: F401
+from tests.support import wait_for
+
+ADMIN = "scram_user"
+HOLDS = scanner.IMPL == "c"          # only the C relay holds servers
+
+
+def console(proxy) -> psycopg.Connection:
+    return psycopg.connect(proxy.dsn(user=ADMIN, dbname="pgmp"), autocommit=True, prepare_threshold=None)
+
+
+def pool_row(proxy, db) -> dict:
+    """This database's SHOW POOLS row."""
+    with console(proxy) as adm:
+        cur = adm.execute("SHOW POOLS")
+        names = [d.name for d in cur.description]
+        return next(dict(zip(names, r)) for r in cur.fetchall() if r[0] == db.name)
+
+
+def servers(proxy, db) -> list[dict]:
+    with console(proxy) as adm:
+        cur = adm.execute("SHOW SERVERS")
+        names = [d.name for d in cur.description]
+        return [dict(zip(names, r)) for r in cur.fetchall() if r[names.index("database")] == db.name]
+
+
+def held_count(pgmp, proxy, db) -> int:
+    """sv_held of ``pgmp stats --json``, over the workers."""
+    out = pgmp.cli("stats", "--json", "-c", proxy.config_path, check=True).stdout
+    data = json.loads(out)
+    return sum(p.get("sv_held", 0) for w in data["workers"] for p in w["pools"] if p["database"] == db.name)
+
+
+def backend(conn) -> int:
+    return conn.execute("select pg_backend_pid()").fetchone()[0]
+
+
+def test_a_server_held_between_transactions_counts_as_idle_everywhere(pg, pgmp, pooldb):
+    no_servers_left(pg, pooldb)
+    proxy = start(pgmp, pooldb, size=2, admin_users=[ADMIN])
+    with psycopg.connect(dsn(proxy, pooldb), autocommit=True) as conn:
+        first = backend(conn)
+        assert backend(conn) == first               # the same server for the next transaction
+        row = pool_row(proxy, pooldb)
+        assert (row["sv_active"], row["sv_idle"], row["cl_active"]) == (0, 1, 1), row
+        [srv] = servers(proxy, pooldb)
+        assert srv["state"] == "idle" and not srv["link"], srv
+        assert srv["remote_pid"] == first
+        assert held_count(pgmp, proxy, pooldb) == (1 if HOLDS else 0)
+        with conn.transaction():                    # in a transaction: linked and active
+            assert backend(conn) == first
+            row = pool_row(proxy, pooldb)
+            assert (row["sv_active"], row["sv_idle"]) == (1, 0), row
+            assert held_count(pgmp, proxy, pooldb) == 0
+    wait_for(lambda: pool_row(proxy, pooldb)["cl_active"] == 0, timeout=10)
+    assert held_count(pgmp, proxy, pooldb) == 0     # its client left: an ordinary idle server
+
+
+def test_another_client_takes_a_held_server_and_each_sees_only_its_own_state(pg, pgmp, pooldb):
+    no_servers_left(pg, pooldb)
+    proxy = start(pgmp, pooldb, size=1, admin_users=[ADMIN])
+    with psycopg.connect(dsn(proxy, pooldb), autocommit=True) as a, \
+            psycopg.connect(dsn(proxy, pooldb), autocommit=True) as b:
+        a.execute("set application_name = 'client_a'")
+        b.execute("set search_path = schema_c")
+        pid = backend(a)
+        for _ in range(20):                         # one server, taken back and forth
+            assert a.execute("select current_setting('application_name'), current_setting('search_path'), "
+                             "pg_backend_pid()").fetchone() == ("client_a", '"$user", public', pid)
+            assert b.execute("select current_setting('application_name'), current_setting('search_path'), "
+                             "pg_backend_pid()").fetchone() == ("", "schema_c", pid)
+        assert server_count(pg, pooldb) == 1
+
+
+def test_a_held_server_that_postgres_ends_is_replaced_without_an_error(pg, pgmp, pooldb):
+    no_servers_left(pg, pooldb)
+    proxy = start(pgmp, pooldb, size=2, admin_users=[ADMIN])
+    with psycopg.connect(dsn(proxy, pooldb), autocommit=True) as conn:
+        first = backend(conn)
+        assert pg.psql(f"select pg_terminate_backend({first})") == "t"
+        wait_for(lambda: server_count(pg, pooldb) == 0, timeout=10, message="the backend did not exit")
+        if HOLDS:                                   # a held server's EOF is an event of its own: closed now
+            wait_for(lambda: not any(s["remote_pid"] == first for s in servers(proxy, pooldb)), timeout=10,
+                     message=lambda: f"pgmp still lists the ended server {first}:\n{proxy.log()}")
+        second = backend(conn)                      # no error: the client had no server in use
+        assert second != first
+        assert "08006" not in proxy.log()              # no client was told of a lost server
+
+
+def test_pause_completes_with_a_held_server_and_resume_hands_it_out_again(pg, pgmp, pooldb):
+    no_servers_left(pg, pooldb)
+    proxy = start(pgmp, pooldb, size=2, admin_users=[ADMIN])
+    with psycopg.connect(dsn(proxy, pooldb), autocommit=True) as conn:
+        pid = backend(conn)
+        with console(proxy) as adm:
+            adm.execute(f"PAUSE {pooldb.name}")     # returns once no server is in use
+            row = pool_row(proxy, pooldb)
+            assert (row["sv_active"], row["sv_idle"]) == (0, 1), row
+            assert held_count(pgmp, proxy, pooldb) == 0
+            adm.execute(f"RESUME {pooldb.name}")
+        assert backend(conn) == pid
+
+
+def test_server_idle_timeout_closes_a_held_server_and_the_client_goes_on(pg, pgmp, pooldb):
+    no_servers_left(pg, pooldb)
+    proxy = start(pgmp, pooldb, size=2, admin_users=[ADMIN], server_idle_timeout=1)
+    with psycopg.connect(dsn(proxy, pooldb), autocommit=True) as conn:
+        first = backend(conn)
+        wait_for(lambda: server_count(pg, pooldb) == 0, timeout=10,
+                 message=lambda: f"the idle server was not closed:\n{proxy.log()}")
+        assert "server_idle_timeout" in proxy.log()
+        assert backend(conn) != first
