@@ -167,7 +167,18 @@ static uint8_t lower(uint8_t c)
     return (c >= 'A' && c <= 'Z') ? (uint8_t)(c + 32) : c;
 }
 
-/* s[0:n] (a run of word characters) holds the lower-case ASCII text lit, anywhere */
+/* s[0:n] is the lower-case ASCII text lit, ASCII case folded */
+static int memcmp_folded(const uint8_t *s, const char *lit, size_t n)
+{
+    size_t i;
+
+    for (i = 0; i < n; i++)
+        if (lower(s[i]) != (uint8_t)lit[i])
+            return 0;
+    return 1;
+}
+
+/* s[0:n] holds the lower-case ASCII text lit, anywhere, ASCII case folded */
 static int contains_folded(const uint8_t *s, size_t n, const char *lit)
 {
     size_t m = strlen(lit), i, j;
@@ -237,8 +248,93 @@ static int session_tag(const uint8_t *tag, size_t n)
     return 0;
 }
 
-/* A pooled client's Query the relay may pass: one string ending at the frame's end, no trigger. */
-static int plain_query(const uint8_t *body, size_t n)
+static int space_char(uint8_t c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v';
+}
+
+/* The next word of text[*pos:len] after whitespace, lower case into w (at most 11 bytes, NUL
+ * ended); its length, 0 if none, -1 if it is longer or is followed by a character that is
+ * neither whitespace nor ';' (then the text is not a bare transaction command). */
+static int next_word(const uint8_t *text, size_t len, size_t *pos, char *w)
+{
+    size_t p = *pos;
+    int n = 0;
+
+    while (p < len && space_char(text[p]))
+        p++;
+    while (p < len && word_char(text[p])) {
+        if (n == 11)
+            return -1;
+        w[n++] = (char)lower(text[p++]);
+    }
+    w[n] = 0;
+    if (p < len && !space_char(text[p]) && text[p] != ';')
+        return -1;
+    *pos = p;
+    return n;
+}
+
+int pgmp_sql_control(const char *chars, size_t len)
+{
+    const uint8_t *text = (const uint8_t *)chars;
+    char w1[12], w2[12], w3[12];
+    size_t pos = 0;
+    int kind;
+
+    if (next_word(text, len, &pos, w1) <= 0)
+        return 0;
+    if (strcmp(w1, "begin") == 0 || strcmp(w1, "start") == 0)
+        kind = 'b';
+    else if (strcmp(w1, "commit") == 0 || strcmp(w1, "end") == 0)
+        kind = 'c';
+    else if (strcmp(w1, "rollback") == 0 || strcmp(w1, "abort") == 0)
+        kind = 'r';
+    else
+        return 0;
+    if (next_word(text, len, &pos, w2) < 0)
+        return 0;
+    if (w1[0] == 's' ? strcmp(w2, "transaction") != 0
+                     : (w2[0] != 0 && strcmp(w2, "work") != 0 && strcmp(w2, "transaction") != 0))
+        return 0;
+    while (pos < len && space_char(text[pos]))
+        pos++;
+    if (pos < len && text[pos] == ';')
+        pos++;
+    if (next_word(text, len, &pos, w3) != 0 || pos != len)
+        return 0;                                    /* more than one statement, or options */
+    return kind;
+}
+
+int pgmp_sql_dml(const char *chars, size_t len)
+{
+    const uint8_t *text = (const uint8_t *)chars, *semi;
+    size_t pos = 0, start, n;
+
+    while (pos < len && space_char(text[pos]))
+        pos++;
+    start = pos;
+    while (pos < len && word_char(text[pos]))
+        pos++;
+    n = pos - start;
+    if (!((n == 6 && (memcmp_folded(text + start, "update", 6) || memcmp_folded(text + start, "insert", 6) ||
+                      memcmp_folded(text + start, "delete", 6)))))
+        return 0;
+    semi = memchr(text, ';', len);                   /* one statement: a ';' only at the end */
+    if (semi != NULL) {
+        for (pos = (size_t)(semi - text) + 1; pos < len; pos++)
+            if (!space_char(text[pos]))
+                return 0;
+    }
+    /* functions that leave session state, found by name anywhere (as the prefilter does) */
+    return !contains_folded(text, len, "advisory_lock") && !contains_folded(text, len, "set_config");
+}
+
+/* A pooled client's Query the relay may pass: 'Q' for one string ending at the frame's end with
+ * no trigger word or for one INSERT, UPDATE or DELETE (pgmp_sql_dml: its SET, TEMP, ... are not
+ * session commands), 'b', 'c' or 'r' for a bare BEGIN, COMMIT or ROLLBACK (pgmp_sql_control), 0
+ * for one Python must see. */
+static int query_kind(const uint8_t *body, size_t n)
 {
     const uint8_t *nul;
 
@@ -247,7 +343,9 @@ static int plain_query(const uint8_t *body, size_t n)
     nul = memchr(body, 0, n);
     if (nul != body + n - 1)
         return 0;
-    return !pgmp_sql_trigger((const char *)body, n - 1);
+    if (!pgmp_sql_trigger((const char *)body, n - 1) || pgmp_sql_dml((const char *)body, n - 1))
+        return 'Q';
+    return pgmp_sql_control((const char *)body, n - 1);
 }
 
 void pgmp_relay_walk(const uint8_t *buf, size_t len, const uint8_t *flags, uint32_t max_len, int side,
@@ -275,11 +373,13 @@ void pgmp_relay_walk(const uint8_t *buf, size_t len, const uint8_t *flags, uint3
                 break;                               /* too long for its type: Python refuses it */
             if (side == 0) {
                 if (type == 'Q' || type == 'F' || type == 'S') {
-                    if (count > 0 && type != kind)
-                        break;                       /* one kind of request per record */
-                    if (pooled && (type != 'Q' || !plain_query(buf + pos + 5, declared - 4)))
+                    int32_t k = type;
+
+                    if (pooled && (type != 'Q' || (k = query_kind(buf + pos + 5, declared - 4)) == 0))
                         break;
-                    kind = type;
+                    if (count > 0 && k != kind)
+                        break;                       /* one kind of request per record */
+                    kind = k;
                     count++;
                     if (type == 'S')
                         sync = 2;

@@ -24,7 +24,8 @@ enum {
     PGMP_R_SENT = 4,     /* buf[0:sent] went to the peer */
     PGMP_R_GOOD = 5,     /* buf[sent:good] did not: queue it for the peer; buf[good:n] is Python's to process */
     PGMP_R_COUNT = 6,    /* requests (client side) or ReadyForQuery frames (server side) in buf[0:good] */
-    PGMP_R_KIND = 7,     /* client: the requests' type byte; server: the last ReadyForQuery's status */
+    PGMP_R_KIND = 7,     /* client: the requests' type byte (pooled: 'Q', 'b', 'c' or 'r', see below);
+                          * server: the last ReadyForQuery's status */
     PGMP_R_SYNC = 8,     /* client: 1 Parse/Bind/Execute after the last Sync, 2 a Sync after them, 0 neither */
     PGMP_R_PEER = 9,     /* the socket the bytes went to */
     PGMP_R_SIZE = 10
@@ -42,7 +43,9 @@ void pgmp_relay_free(pgmp_relay *r);
  * Returns 0, or -1 when out of memory.
  *
  * In pooled mode a client's counted type is a Query whose text is one NUL-terminated string
- * free of the words that may change session state (pgmp_sql_trigger); a server's counted types
+ * free of the words that may change session state (pgmp_sql_trigger) or one INSERT, UPDATE or
+ * DELETE (pgmp_sql_dml), kind 'Q', or a bare
+ * transaction command (pgmp_sql_control), kind 'b', 'c' or 'r'; a server's counted types
  * pass unless a CommandComplete's tag is a session command's (SET, RESET, DISCARD, LISTEN,
  * PREPARE, LOAD, DEALLOCATE): what Python must see stops the walk. */
 int pgmp_relay_arm(pgmp_relay *r, int fd, int peer, const uint8_t *flags, uint32_t max_len, int side,
@@ -86,5 +89,16 @@ void pgmp_relay_walk(const uint8_t *buf, size_t len, const uint8_t *flags, uint3
  * finds it (ASCII case folded; a word is a whole run of [A-Za-z0-9_]; advisory_lock and set_config
  * anywhere); 0 if the Query is an ordinary one. */
 int pgmp_sql_trigger(const char *text, size_t len);
+
+/* 'b', 'c' or 'r' if text[0:len] is one bare transaction command (BEGIN, BEGIN WORK/TRANSACTION,
+ * START TRANSACTION; COMMIT or END, with WORK/TRANSACTION; ROLLBACK or ABORT, with WORK/TRANSACTION;
+ * ASCII case folded, whitespace around, one ';' at most, nothing else); 0 otherwise. In pooled mode
+ * the relay passes such a Query and reports it as its request kind, for the Link's effects. */
+int pgmp_sql_control(const char *text, size_t len);
+
+/* 1 if text[0:len] is one INSERT, UPDATE or DELETE (its first word, ASCII case folded; a ';' only
+ * at the end; no advisory_lock or set_config anywhere): a statement sql.py finds no session effect
+ * in, whatever trigger words (SET, TEMP, ...) it holds. 0 otherwise. */
+int pgmp_sql_dml(const char *text, size_t len);
 
 #endif

@@ -143,7 +143,8 @@ class ClientConnection(Endpoint):
             srv = self.server
             if srv.held:
                 self.pool.reuse_held(srv, True)
-            link.queries_relayed(count)            # only plain Queries pass C in pooled mode
+            link.queries_relayed(count, kind)      # only plain Queries (or a bare BEGIN, COMMIT,
+                                                   # ROLLBACK) pass C in pooled mode
             return
         for _ in range(count):
             link.client_frame(kind)

@@ -131,6 +131,18 @@ def sql_trigger(text: bytes) -> bool:
     return bool(lib.pgmp_sql_trigger(bytes(text), len(text)))
 
 
+def sql_control(text: bytes) -> int:
+    """The C relay's bare transaction command test (pgmp_sql_control): "b", "c", "r" as ints, or 0."""
+    from pgmp._scan import ffi, lib
+    return lib.pgmp_sql_control(bytes(text), len(text))
+
+
+def sql_dml(text: bytes) -> bool:
+    """The C relay's one-INSERT/UPDATE/DELETE test (pgmp_sql_dml), for tests."""
+    from pgmp._scan import ffi, lib
+    return bool(lib.pgmp_sql_dml(bytes(text), len(text)))
+
+
 def available() -> bool:
     """The C relay is used: the C helper is built and picked (PGMP_IMPL is not "python")."""
     return _scanner.IMPL == "c"

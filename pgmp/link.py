@@ -62,6 +62,10 @@ KEEP, RELEASE, REFUSE_BLOCK = 0, 1, 2
 REUSE, RESET, CLOSE = 0, 1, 2
 
 _Q, _S, _F, _P, _B, _E = 81, 83, 70, 80, 66, 69
+# The C relay's kinds of a bare transaction command (pgmp_sql_control) and their effects, as
+# session_effects() finds them in such a text.
+_CONTROL_EFFECTS = {98: _session_effects(b"begin"), 99: _session_effects(b"commit"),
+                    114: _session_effects(b"rollback")}
 _IDLE = 73
 # CommandComplete tags that change session state: if one comes for a request whose text
 # pgmp could not read (streamed through), the client is pinned rather than guessed about.
@@ -182,14 +186,16 @@ class Link:
         return pl.client_frame(kind, payload if payload is not None else b"",
                                self.server.statements)
 
-    def queries_relayed(self, count: int) -> None:
+    def queries_relayed(self, count: int, kind: int = _Q) -> None:
         """``count`` Query frames the C relay passed (pgmp.crelay), each whole, well formed and, in
-        pooled mode, free of the words that may change session state: as client_frame for each."""
+        pooled mode, free of the words that may change session state (``kind`` "Q") or one bare
+        BEGIN, COMMIT or ROLLBACK ("b", "c", "r"): as client_frame for each."""
         self._stamp()
         self.outstanding += count
         batches = self.batches
+        effects = _CONTROL_EFFECTS[kind] if kind != _Q else ()
         for _ in range(count):
-            batches.append([_Q, (), False])
+            batches.append([_Q, effects, False])
         if self.pipeline is not None:
             self.pipeline.queries_sent(count)
 

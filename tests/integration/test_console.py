@@ -409,9 +409,12 @@ def test_reload_and_set(pg, pgmp):
             console(proxy, user=NOBODY)
         adm.execute("SET stats_users = 'md5_user,plain_user'")
         assert [r["value"] for r in show(adm, "CONFIG") if r["key"] == "stats_users"] == ["md5_user,plain_user"]
-        for _ in range(4):
-            with console(proxy, user=NOBODY) as watcher:
-                show(watcher, "POOLS")
+        for _ in range(4):                          # on every worker
+            try:
+                with console(proxy, user=NOBODY) as watcher:
+                    show(watcher, "POOLS")
+            except psycopg.OperationalError as exc:
+                raise AssertionError(f"a worker refused the new stats_users: {exc}\n{proxy.log()}") from None
         with pytest.raises(psycopg.errors.InvalidParameterValue, match="SET failed"):
             adm.execute("SET listen_port = 7000")
         with pytest.raises(psycopg.errors.InvalidParameterValue, match="SET failed"):

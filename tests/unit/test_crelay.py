@@ -507,7 +507,7 @@ class PooledSide(Side):
 
     def relay_counted(self, count, kind, sync):
         link = self.link
-        (link.queries_relayed(count) if self.side == 0 else link.ready_relayed(count, kind))
+        (link.queries_relayed(count, kind) if self.side == 0 else link.ready_relayed(count, kind))
 
     def relay_check(self):
         from pgmp.server import RELAY_LIMITS
@@ -541,7 +541,9 @@ def pooled_state(link: Link):
 
 
 _QUERIES = [b"select 1\0", b"SELECT abalance FROM pgbench_accounts WHERE aid = 42;\0", b"set x = 1\0",
-            b"begin\0", b"commit\0", b"\0", b"select pg_advisory_lock(1)\0"]
+            b"begin\0", b"commit\0", b"\0", b"select pg_advisory_lock(1)\0", b"END;\0", b"rollback work\0",
+            b" START TRANSACTION ;\0", b"begin isolation level serializable\0", b"BEGIN;;\0", b"abort\0",
+            b"UPDATE t SET x = x + 1 WHERE y = 2;\0", b"update t set x = 1; set y = 2\0", b"insert into temp values (1)\0"]
 # (a Query that is not one string ends the session in Python: test_pooled_walk_passes_only_plain_queries)
 _TAGS = [b"SELECT 1\0", b"SET\0", b"BEGIN\0", b"COMMIT\0", b"DISCARD ALL\0", b"UPDATE 1\0"]
 
@@ -616,7 +618,7 @@ def test_a_held_server_s_events_are_python_s_and_its_client_s_first_bytes_unhold
     (rec,) = records(r.poll(ep.fileno(), 1))
     assert rec[0] == server and rec[2] == 1 and a_out.recv(100) == z
     r.hold(server, True)
-    a_out.send(frame(b"Q", b"begin\0"))                     # read by C for Python: not free either
+    a_out.send(frame(b"Q", b"set x = 1\0"))                 # read by C for Python: not free either
     (rec,) = records(r.poll(ep.fileno(), 1))
     assert rec[2] == 1 and rec[5] == 0 and not r.held(server)
     r.hold(server, True)
@@ -652,3 +654,79 @@ def test_a_client_s_bytes_are_not_relayed_to_a_held_server_that_has_input_pendin
     for s in (a_out, a_in, b_in):
         s.close()
     ep.close()
+
+
+# ---- bare transaction commands (pgmp_sql_control) ----------------------------------------------
+
+@pytest.mark.parametrize("text, kind", [
+    (b"BEGIN", "b"), (b"begin;", "b"), (b" Begin Work ; \n", "b"), (b"begin transaction", "b"),
+    (b"START TRANSACTION;", "b"), (b"COMMIT", "c"), (b"end", "c"), (b"END WORK;", "c"),
+    (b"commit transaction", "c"), (b"ROLLBACK", "r"), (b"abort;", "r"), (b"rollback work", "r"),
+    (b"start", None), (b"begin isolation level serializable", None), (b"commit and chain", None),
+    (b"begin; select 1", None), (b"begin;;", None), (b"begin -- x", None), (b"begin /* x */", None),
+    (b"end if", None), (b"rollback to savepoint a", None), (b"begin\xc2\xa0", None), (b"", None),
+    (b"transaction", None), (b"begin work work", None),
+])
+def test_bare_transaction_commands(text, kind):
+    got = crelay.sql_control(text)
+    assert got == (ord(kind) if kind else 0), text
+    if kind:
+        from pgmp.link import _CONTROL_EFFECTS
+        from pgmp.protocol.sql import session_effects
+        assert session_effects(text) == _CONTROL_EFFECTS[got]
+
+
+_CONTROL_WORDS = ["begin", "start", "commit", "end", "rollback", "abort", "work", "transaction", "and",
+                  "chain", "isolation", "savepoint", "select", "1", ";", ";;", "--", "/*", "*/", "\xc2\xa0"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(words=st.lists(st.sampled_from(_CONTROL_WORDS), min_size=1, max_size=4),
+       gaps=st.lists(st.sampled_from(["", " ", "\n", "\t  "]), min_size=5, max_size=5),
+       upper=st.lists(st.booleans(), min_size=4, max_size=4))
+def test_c_passes_a_transaction_command_only_where_its_effects_are_the_bare_ones(words, gaps, upper):
+    """Where C calls a Query a bare BEGIN, COMMIT or ROLLBACK, sql.py finds exactly that effect in it."""
+    from pgmp.link import _CONTROL_EFFECTS
+    from pgmp.protocol.sql import session_effects
+    parts = [w.upper() if u else w for w, u in zip(words, upper)]
+    text = (gaps[0] + "".join(p + g for p, g in zip(parts, gaps[1:]))).encode("utf-8", "surrogateescape")
+    kind = crelay.sql_control(text)
+    if kind:
+        assert session_effects(text) == _CONTROL_EFFECTS[kind], text
+
+
+def test_pooled_walk_counts_a_bare_transaction_command_as_its_own_kind():
+    client_flags, _ = _pooled_flags()
+    begin, q = frame(b"Q", b"BEGIN;\0"), frame(b"Q", b"select 1\0")
+    assert crelay.walk(begin, client_flags, 1 << 30, 0, pooled=True) == (len(begin), 1, ord("b"), 0)
+    assert crelay.walk(begin + q, client_flags, 1 << 30, 0, pooled=True) == (len(begin), 1, ord("b"), 0)
+    assert crelay.walk(q + begin, client_flags, 1 << 30, 0, pooled=True) == (len(q), 1, ord("Q"), 0)
+    commit = frame(b"Q", b"commit\0")
+    assert crelay.walk(commit + commit, client_flags, 1 << 30, 0, pooled=True) == (2 * len(commit), 2, ord("c"), 0)
+
+
+_DML_PARTS = ["update", "UPDATE", "insert", "Delete", "t", "set", "SET", "x", "=", "1", "temp", "create", "do",
+              "begin", "listen", "'", "'a;b'", '"', "$$", "--", "/*", "*/", "\n", ";", "; set y = 2",
+              "pg_advisory_lock(1)", "set_config('a', 'b', false)", "(", ")", "\xc2\xa0", "e'\\''", "returning"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(parts=st.lists(st.sampled_from(_DML_PARTS), min_size=1, max_size=10),
+       gaps=st.lists(st.sampled_from(["", " ", "\n"]), min_size=11, max_size=11))
+def test_c_passes_an_insert_update_or_delete_only_where_sql_py_finds_no_effect(parts, gaps):
+    from pgmp.protocol.sql import session_effects
+    text = (gaps[0] + "".join(p + g for p, g in zip(parts, gaps[1:]))).encode("utf-8", "surrogateescape")
+    if crelay.sql_dml(text):
+        assert session_effects(text) == (), text
+
+
+@pytest.mark.parametrize("text, dml", [
+    (b"UPDATE pgbench_accounts SET abalance = abalance + -42 WHERE aid = 7;", True),
+    (b"  insert into t values (1) ; ", True), (b"delete from t where x in (select 1)", True),
+    (b"update t set x = 1; set y = 2", False), (b"update t set x = pg_advisory_lock(1)", False),
+    (b"update t set x = set_config('a', 'b', false)", False), (b"/* c */ update t set x = 1", False),
+    (b"update_log set x = 1", False), (b"updates", False), (b"set x = 1", False), (b"", False),
+    (b"with a as (update t set x = 1 returning x) select * from a", False),
+])
+def test_insert_update_delete(text, dml):
+    assert crelay.sql_dml(text) is dml, text
