@@ -18,7 +18,11 @@
  *   2. invariants: reported frames lie inside buf[0:consumed], in order, contiguous with
  *      unreported ones, each frame's length equals its length word + 1; counts agree;
  *   3. incremental scan, as the relay does it: buf[0:split] then the rest resumed at
- *      `consumed` (again while `full`), reports the same frames as one scan of it all.
+ *      `consumed` (again while `full`), reports the same frames as one scan of it all;
+ *   4. the C relay's walk (pgmp_relay_walk) over buf[start:], both sides, plain and pooled:
+ *      what it passes ends on a frame boundary inside the buffer, and it counts no more
+ *      frames than it passes; the pooled Query tests (pgmp_sql_trigger, _control, _dml)
+ *      over the same bytes as text, where only ASan and UBSan judge.
  * Each range is copied to a heap block of exactly its size, so ASan sees any read past it.
  */
 #include <stdint.h>
@@ -27,6 +31,7 @@
 #include <string.h>
 
 #include "pgmp_scan.h"
+#include "pgmp_relay.h"
 
 #define CHECK(cond) do { if (!(cond)) { \
         fprintf(stderr, "fuzz_scan: check failed at %s:%d: %s\n", __FILE__, __LINE__, #cond); \
@@ -279,6 +284,41 @@ static void check_incremental(const uint8_t *buf, size_t len, size_t split, cons
     free(parts.items);
 }
 
+/* ---- the C relay's walk (pgmp_relay.c) ---- */
+
+static void check_walk(const uint8_t *src, size_t len, const uint8_t *flags, uint32_t max_len)
+{
+    uint8_t *copy = malloc(len ? len : 1), *counted = malloc(256);
+    int32_t rec[PGMP_R_SIZE];
+    uint32_t limits[256];
+
+    CHECK(copy != NULL && counted != NULL);
+    memcpy(copy, src, len);
+    for (int i = 0; i < 256; i++) {
+        counted[i] = flags[i] | (strchr("QSFPBETCIZ", i) != NULL && i ? PGMP_F_COUNT : 0);
+        limits[i] = 64 + (uint32_t)i * 16;
+    }
+    for (int side = 0; side < 2; side++) {
+        for (int pooled = 0; pooled < 2; pooled++) {
+            pgmp_relay_walk(copy, len, counted, max_len, side, pooled, pooled ? limits : NULL, rec);
+            size_t good = (size_t)rec[PGMP_R_GOOD], pos = 0, frames = 0;
+            CHECK(good <= len && rec[PGMP_R_COUNT] >= 0);
+            while (pos < good) {                         /* good is a frame boundary */
+                CHECK(good - pos >= 5);
+                pos += (size_t)be32(copy + pos + 1) + 1;
+                frames++;
+            }
+            CHECK(pos == good && (size_t)rec[PGMP_R_COUNT] <= frames);
+        }
+    }
+    int t = pgmp_sql_trigger((const char *)copy, len), c = pgmp_sql_control((const char *)copy, len);
+    int d = pgmp_sql_dml((const char *)copy, len);
+    CHECK((t == 0 || t == 1) && (c == 0 || c == 'b' || c == 'c' || c == 'r') && (d == 0 || d == 1));
+    CHECK(c == 0 || t == 1);                         /* a transaction command has a trigger word */
+    free(counted);
+    free(copy);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     enum { HEAD = 10 };
@@ -333,6 +373,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     /* 3: the same bytes arriving in two reads */
     check_incremental(buf + start, len - start, split, flags, max_len, frames, capacity);
+
+    /* 4: the relay's walk and its Query tests, on an exact-size copy */
+    check_walk(buf + start, len - start, flags, max_len);
 
     free(ref.frames);
     free(frames);

@@ -31,7 +31,7 @@ WORK_DIR = FUZZ_DIR / ".work"
 OPEN_BUGS = CRASH_DIR / "OPEN"
 
 C_HARNESS = "scan"
-C_SOURCES = [REPO_ROOT / "csrc" / "fuzz_scan.c", REPO_ROOT / "csrc" / "pgmp_scan.c"]
+C_SOURCES = [REPO_ROOT / "csrc" / "fuzz_scan.c", REPO_ROOT / "csrc" / "pgmp_scan.c", REPO_ROOT / "csrc" / "pgmp_relay.c"]
 C_MAX_LEN = 65536
 CFLAGS = ["-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=all", "-g", "-O1",
           "-Wall", "-Wextra", "-Werror"]
@@ -91,9 +91,10 @@ def clang() -> str:
 
 
 def build_c_harness(work: Path = WORK_DIR) -> Path:
-    """csrc/fuzz_scan.c + csrc/pgmp_scan.c with libFuzzer, ASan and UBSan; rebuilt when a source changed."""
+    """csrc/fuzz_scan.c + pgmp_scan.c + pgmp_relay.c with libFuzzer, ASan and UBSan; rebuilt when a source changed."""
     binary = work / "build" / "fuzz_scan"
-    stamp = hashlib.sha256(b"".join(p.read_bytes() for p in C_SOURCES + [REPO_ROOT / "csrc" / "pgmp_scan.h"])
+    headers = [REPO_ROOT / "csrc" / h for h in ("pgmp_scan.h", "pgmp_relay.h", "pgmp_frame.h")]
+    stamp = hashlib.sha256(b"".join(p.read_bytes() for p in C_SOURCES + headers)
                            + " ".join(CFLAGS).encode()).hexdigest()
     stamp_file = binary.with_suffix(".stamp")
     if binary.exists() and stamp_file.exists() and stamp_file.read_text() == stamp:
