@@ -385,10 +385,10 @@ def asyncpg_clients(mes: list[Me], timeout: float) -> None:
 
 # ---- the soak -------------------------------------------------------------------------------------------
 
-def soak(pg, pgmp, pooldb, table, role, clients: int, seconds: float) -> None:
+def soak(pg, pgmp, pooldb, table, role, clients: int, seconds: float, pool_size: int = POOL_SIZE) -> None:
     no_servers_left(pg, pooldb)
     pg.psql(f"GRANT ALL ON {table} TO {role}", user=pooldb.user, db=pooldb.name)
-    proxy = start(pgmp, pooldb, size=POOL_SIZE, max_client_conn=clients + 100, query_wait_timeout=30)
+    proxy = start(pgmp, pooldb, size=pool_size, max_client_conn=clients + 100, query_wait_timeout=30)
     workers = wait_for(lambda: psutil.Process(proxy.pid).children(), timeout=10, message="pgmp has no worker")
     seed = int(os.environ.get("PGMP_SOAK_SEED") or random.randrange(1 << 32))
     run = Soak(proxy, pooldb, table, role, seconds, seed)
@@ -407,8 +407,8 @@ def soak(pg, pgmp, pooldb, table, role, clients: int, seconds: float) -> None:
     assert proxy.alive, f"pgmp exited with {proxy.poll()}:\n{proxy.log()[-3000:]}"
     assert psutil.Process(proxy.pid).children() == workers, "pgmp's worker was replaced: did it crash?"
     assert select_one(proxy, pooldb) == 1
-    wait_for(lambda: server_count(pg, pooldb) <= POOL_SIZE, timeout=15,
-             message=lambda: f"{server_count(pg, pooldb)} servers of the role remain, pool size {POOL_SIZE}")
+    wait_for(lambda: server_count(pg, pooldb) <= pool_size, timeout=15,
+             message=lambda: f"{server_count(pg, pooldb)} servers of the role remain, pool size {pool_size}")
     with direct(pg, pooldb) as conn:
         left = conn.execute(f"SELECT count(*) FROM {table} WHERE who LIKE 'raw%' OR x = -1").fetchone()[0]
     assert left == 0, f"{left} rows of abandoned COPYs or transactions were committed"
@@ -419,6 +419,12 @@ def soak(pg, pgmp, pooldb, table, role, clients: int, seconds: float) -> None:
 
 def test_soak_40_clients_for_10_seconds(pg, pgmp, pooldb, table, other_role):
     soak(pg, pgmp, pooldb, table, other_role, clients=40, seconds=10)
+
+
+def test_soak_with_a_server_for_nearly_every_client(pg, pgmp, pooldb, table, other_role):
+    """Most servers stay held by their last client between transactions (Pool.hold); the clients that
+    find none take a held one: holding, handing over and the clients' hang-ups all at once."""
+    soak(pg, pgmp, pooldb, table, other_role, clients=12, seconds=8, pool_size=10)
 
 
 @pytest.mark.slow
