@@ -834,8 +834,10 @@ class Master:
                           data={"changed": live, "generation": self.generation})
 
         current = [w for w in self.workers.values() if not w.draining]
+        # (also to workers still booting: they forked with the configuration before this one, and
+        # would keep it)
         self._ask_workers("reload", None, {"path": path, "text": text, "overrides": self.overrides},
-                          targets=current, on_done=done)
+                          targets=current, on_done=done, booting=True)
 
     def _new_generation(self):
         cfg = self.config
