@@ -151,6 +151,13 @@ class ClientConnection(Endpoint):
         if sync:
             link.unsynced = sync == 1
 
+    def relay_uncounted(self):
+        srv = self.server
+        if srv is not None and srv.held and self.relay_peer is srv:
+            # no request among them (a Flush, stray CopyData): Python has seen the read, so the
+            # server is free to take again; C cleared its mark when it read them
+            self.loop.crelay.hold(srv.fd, True)
+
     def relay_orphaned(self):
         self.fail(PgmpError(errors.CONNECTION_FAILURE, "server connection lost",
                             detail="pgmp relayed bytes after the session's server had changed"))

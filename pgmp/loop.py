@@ -718,6 +718,8 @@ class Endpoint:
         self.rx += n
         if count or sync:
             self.relay_counted(count, kind, sync)
+        elif good:
+            self.relay_uncounted()
         if sent < good and not peer.closed:
             peer.queue(loop.relay_view[sent:good])
             if peer.congested:
@@ -740,6 +742,10 @@ class Endpoint:
     def relay_counted(self, count: int, kind: int, sync: int) -> None:
         """The C relay passed ``count`` counted frames (requests or ReadyForQuery): tell the Link."""
         raise NotImplementedError
+
+    def relay_uncounted(self) -> None:
+        """The C relay passed frames of this endpoint's that it does not count (no request, no
+        ReadyForQuery)."""
 
     def relay_check(self) -> None:
         """After Python handled an event: arm or disarm this endpoint's pair in the C relay."""

@@ -254,22 +254,24 @@ class Pool:
         if not relayed and srv.relay_peer is not None:
             self.worker.loop.crelay.hold(srv.fd, False)
 
-    def _take_held(self):
-        """A held server another client may have now, unlinked from its client; or None.
+    def _free(self, srv) -> bool:
+        """Held ``srv`` may be taken from its client now.
 
-        During a batch of the C relay a held server whose mark C cleared has a request of its
-        client on the way, in a record still to be applied: that one is not free."""
-        crelay = self.worker.loop.crelay
-        for srv in self.held:
-            client = srv.client
-            if client.relay_peer is srv and not crelay.held(srv.fd):
-                continue
-            if client.leftover is not None or client.skip or srv.skip or srv.unsent or srv.cancel_pending:
-                continue
-            break
-        else:
-            return None
-        self.unhold(srv)
+        Not while a batch of the C relay has read bytes of its client that Python has yet to see
+        (C cleared its mark: their record is still to come, and may hold a request already sent
+        to the server), nor while anything of the pair waits in Python's buffers. Every taking of
+        a held server asks this: a control message (PAUSE, RECONNECT, a stop) or a host check can
+        arrive in the same batch as such a record, ahead of it."""
+        client = srv.client
+        if client.relay_peer is srv and not self.worker.loop.crelay.held(srv.fd):
+            return False
+        return not (client.leftover is not None or client.skip or srv.skip or srv.unsent or srv.cancel_pending)
+
+    def _take_held(self):
+        """A held server another client may have now, unlinked from its client; or None."""
+        srv = next((s for s in self.held if self._free(s)), None)
+        if srv is not None:
+            self.unhold(srv)
         return srv
 
     def unhold(self, srv) -> None:
@@ -290,11 +292,12 @@ class Pool:
         return True
 
     def release_held(self) -> None:
-        """Every held server back to the ordinary path (release): the janitor's checks, pause,
-        reconnect, a stop."""
+        """Every held server that is free (_free) back to the ordinary path (release): pause,
+        reconnect, a stop. One that is not is in use already; its transaction's end releases it."""
         for srv in list(self.held):
-            self.unhold(srv)
-            self.release(srv)
+            if self._free(srv):
+                self.unhold(srv)
+                self.release(srv)
 
     def forget(self, client) -> None:
         try:
@@ -425,7 +428,7 @@ class Pool:
                 self.idle.remove(srv)
                 srv.close(why)
         for srv in list(self.held):
-            why = self.unfit(srv)
+            why = self._free(srv) and self.unfit(srv)
             if why:
                 self.unhold(srv)
                 srv.close(why)
@@ -613,7 +616,8 @@ class Pool:
             late = min((t for t in (cfg.server_idle_timeout, cfg.server_check_delay if cfg.server_check_query else 0)
                         if t > 0), default=0)
             for srv in list(self.held):
-                if self.waiting or (late and now - srv.last_used > late) or worker.server_expired(srv):
+                if (self.waiting or (late and now - srv.last_used > late) or worker.server_expired(srv)) \
+                        and self._free(srv):
                     self.unhold(srv)
                     self.release(srv)
         for srv in list(self.idle):

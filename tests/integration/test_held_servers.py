@@ -9,12 +9,19 @@ PGMP_IMPL=python nothing is held, and every test here must pass the same way.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import psycopg
 
 from pgmp.protocol import scanner
-from tests.integration.test_pooling import dsn, no_servers_left, pooldb, server_count, start  # noqa: F401
-from tests.support import wait_for
+from tests.integration.test_pooling import dsn, no_servers_left, pooldb, raw_login, server_count, start  # noqa: F401
+from tests.integration import rawpg
+from tests.integration.test_lifecycle import client_bytes_queued, worker_pid
+from tests.support import run, wait_for
+from tests.support.proxy import pgmp_env
 
 ADMIN = "scram_user"
 HOLDS = scanner.IMPL == "c"          # only the C relay holds servers
@@ -125,3 +132,46 @@ def test_server_idle_timeout_closes_a_held_server_and_the_client_goes_on(pg, pgm
                  message=lambda: f"the idle server was not closed:\n{proxy.log()}")
         assert "server_idle_timeout" in proxy.log()
         assert backend(conn) != first
+
+
+def _control_queued(pid: int) -> bool:
+    """True when a unix socket of process ``pid`` (the worker's control channel) has bytes unread."""
+    out = run(["ss", "-x", "-p", "-H"], timeout=10).stdout
+    return any(f"pid={pid}," in line and int(line.split()[2]) > 0 for line in out.splitlines())
+
+
+def test_pause_in_the_batch_of_a_query_to_a_held_server_waits_for_it(pg, pgmp, pooldb):
+    """A PAUSE (a control message) and a client's Query to its held server in one epoll batch, the
+    PAUSE first: C relays the Query, and only then does Python see the PAUSE. The held server is in
+    use by then; PAUSE must not take it back (which lost the Query and left its client waiting)."""
+    no_servers_left(pg, pooldb)
+    proxy = start(pgmp, pooldb, size=2, admin_users=[ADMIN])
+    with raw_login(proxy.host, proxy.port, pooldb) as conn:
+        pid = raw_backend(conn)                     # its server is held now
+        worker = worker_pid(proxy)
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            pause = subprocess.Popen([sys.executable, "-m", "pgmp", "pause", pooldb.name, "-c",
+                                      str(proxy.config_path), "--timeout", "20"], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env=pgmp_env())
+            wait_for(lambda: _control_queued(worker), timeout=10, message="the PAUSE never reached the worker")
+            conn.send(rawpg.query("select pg_backend_pid()"))
+            wait_for(lambda: client_bytes_queued(proxy.port, conn.sock.getsockname()[1]), timeout=5,
+                     message="the client's query never reached pgmp's socket")
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        try:
+            answer = conn.read_until(b"Z", timeout=15)
+        finally:
+            out, _ = pause.communicate(timeout=30)
+        assert [rawpg.data_row(m.payload) for m in answer if m.type == b"D"] == [[str(pid)]], answer
+        assert pause.returncode == 0 and "paused" in out, out
+        assert "relayed bytes" not in proxy.log(), proxy.log()[-3000:]
+        pgmp.cli("resume", pooldb.name, "-c", proxy.config_path, check=True)
+        assert raw_backend(conn) == pid
+
+
+def raw_backend(conn) -> int:
+    conn.send(rawpg.query("select pg_backend_pid()"))
+    rows = [rawpg.data_row(m.payload) for m in conn.read_until(b"Z") if m.type == b"D"]
+    return int(rows[0][0])
