@@ -14,7 +14,7 @@ from pgmp.errors import AuthenticationFailed, ClientProtocolError, PgmpError
 from pgmp.loop import Endpoint
 from pgmp.protocol import messages, startup
 from pgmp.protocol.scanner import ERR_SHORT, ERR_TYPE, Scanner, make_flags
-from pgmp.link import REUSE, Link
+from pgmp.link import CLOSE, REUSE, Link
 from pgmp.prepared import Pipeline
 from pgmp.relay import ASSEMBLE, FORWARD, REPLACE, STOP, WAIT, relay
 from pgmp.session import ClientState, check_transition, client_settings, login_parameters
@@ -790,6 +790,8 @@ class ClientConnection(Endpoint):
         if self.closed:
             return
         srv = self.server
+        # held, but C has read bytes of ours this batch (a request may be on the server already)
+        unseen = srv is not None and srv.held and not self.pool.held_free(srv)
         self.server = None
         was = self.state
         self.state = ClientState.CLOSED
@@ -807,6 +809,8 @@ class ClientConnection(Endpoint):
                 self.pool.stats.bytes_in += self.rx
             if srv is not None:
                 verdict, why = self.link.leave(self.skip > 0, srv.swallow > 0)
+                if unseen:
+                    verdict, why = CLOSE, "client left as its request reached the server"
                 self.link.detach()
                 self.pool.release(srv, verdict, why)
         if reason and self.worker.config.log_disconnections and was is not ClientState.STARTUP:

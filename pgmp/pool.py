@@ -254,7 +254,7 @@ class Pool:
         if not relayed and srv.relay_peer is not None:
             self.worker.loop.crelay.hold(srv.fd, False)
 
-    def _free(self, srv) -> bool:
+    def held_free(self, srv) -> bool:
         """Held ``srv`` may be taken from its client now.
 
         Not while a batch of the C relay has read bytes of its client that Python has yet to see
@@ -269,7 +269,7 @@ class Pool:
 
     def _take_held(self):
         """A held server another client may have now, unlinked from its client; or None."""
-        srv = next((s for s in self.held if self._free(s)), None)
+        srv = next((s for s in self.held if self.held_free(s)), None)
         if srv is not None:
             self.unhold(srv)
         return srv
@@ -292,10 +292,10 @@ class Pool:
         return True
 
     def release_held(self) -> None:
-        """Every held server that is free (_free) back to the ordinary path (release): pause,
+        """Every held server that is free (held_free) back to the ordinary path (release): pause,
         reconnect, a stop. One that is not is in use already; its transaction's end releases it."""
         for srv in list(self.held):
-            if self._free(srv):
+            if self.held_free(srv):
                 self.unhold(srv)
                 self.release(srv)
 
@@ -428,7 +428,7 @@ class Pool:
                 self.idle.remove(srv)
                 srv.close(why)
         for srv in list(self.held):
-            why = self._free(srv) and self.unfit(srv)
+            why = self.held_free(srv) and self.unfit(srv)
             if why:
                 self.unhold(srv)
                 srv.close(why)
@@ -617,7 +617,7 @@ class Pool:
                         if t > 0), default=0)
             for srv in list(self.held):
                 if (self.waiting or (late and now - srv.last_used > late) or worker.server_expired(srv)) \
-                        and self._free(srv):
+                        and self.held_free(srv):
                     self.unhold(srv)
                     self.release(srv)
         for srv in list(self.idle):
