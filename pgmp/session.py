@@ -113,6 +113,8 @@ def settings_query(wanted: dict[str, str], applied: dict[str, str], reported: di
     role), then the settings are applied (again the session user first). ``applied``
     is updated to what the query establishes.
     """
+    if applied == wanted:
+        return None                         # the common case: the server has the client's settings
     resets = sorted((name for name in applied if name not in wanted), key=_order)
     for name in resets:
         del applied[name]
