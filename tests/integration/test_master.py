@@ -640,7 +640,9 @@ def test_pidfile_refuses_a_second_start_and_ignores_a_stale_one(pgmp, tmp_path):
     dead.wait()
     pidfile.write_text(f"{dead.pid}\n")                       # stale: that process is gone
     proxy = pgmp.start(config={"pidfile": str(pidfile)})
-    assert int(pidfile.read_text()) == proxy.pid
+    # the listening sockets accept before the pidfile is written (see Master.start): wait for it
+    wait_for(lambda: pidfile.read_text().strip() == str(proxy.pid), timeout=10,
+             message=lambda: f"pidfile still holds {pidfile.read_text()!r}, pgmp is pid {proxy.pid}")
 
     second = cli("start", "-c", proxy.config_path, timeout=20)
     assert second.returncode == 1, second
