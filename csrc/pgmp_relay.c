@@ -167,17 +167,6 @@ static uint8_t lower(uint8_t c)
     return (c >= 'A' && c <= 'Z') ? (uint8_t)(c + 32) : c;
 }
 
-/* s[0:n] is the lower-case ASCII text lit, ASCII case folded */
-static int memcmp_folded(const uint8_t *s, const char *lit, size_t n)
-{
-    size_t i;
-
-    for (i = 0; i < n; i++)
-        if (lower(s[i]) != (uint8_t)lit[i])
-            return 0;
-    return 1;
-}
-
 /* s[0:n] holds the lower-case ASCII text lit, anywhere, ASCII case folded */
 static int contains_folded(const uint8_t *s, size_t n, const char *lit)
 {
@@ -309,16 +298,11 @@ int pgmp_sql_control(const char *chars, size_t len)
 int pgmp_sql_dml(const char *chars, size_t len)
 {
     const uint8_t *text = (const uint8_t *)chars, *semi;
-    size_t pos = 0, start, n;
+    char w[12];
+    size_t pos = 0;
 
-    while (pos < len && space_char(text[pos]))
-        pos++;
-    start = pos;
-    while (pos < len && word_char(text[pos]))
-        pos++;
-    n = pos - start;
-    if (!((n == 6 && (memcmp_folded(text + start, "update", 6) || memcmp_folded(text + start, "insert", 6) ||
-                      memcmp_folded(text + start, "delete", 6)))))
+    if (next_word(text, len, &pos, w) != 6 ||
+        (strcmp(w, "update") != 0 && strcmp(w, "insert") != 0 && strcmp(w, "delete") != 0))
         return 0;
     semi = memchr(text, ';', len);                   /* one statement: a ';' only at the end */
     if (semi != NULL) {

@@ -704,16 +704,12 @@ class Endpoint:
     def relayed(self, n: int, sent: int, good: int, count: int, kind: int, sync: int, peer_fd: int) -> bool:
         """A record of the C relay (see pgmp.crelay); False if the pair changed since it was armed."""
         peer = self.relay_peer
-        loop = self.loop
         if peer is None or peer.fd != peer_fd or self.closed:
             if good or self.closed:
                 return False
             # Nothing of it went to the old peer: the bytes are Python's, as if it had read them now.
             self.rx += n
-            loop.scratch[0:n] = loop.relay_view[0:n]
-            self.on_data(loop.view, n)
-            if not self.closed:
-                self.relay_check()
+            self._relayed_to_python(0, n)
             return True
         self.rx += n
         if count or sync:
@@ -721,15 +717,20 @@ class Endpoint:
         elif good:
             self.relay_uncounted()
         if sent < good and not peer.closed:
-            peer.queue(loop.relay_view[sent:good])
+            peer.queue(self.loop.relay_view[sent:good])
             if peer.congested:
                 peer.hold_until_drained(self)
         if good < n and not self.closed:
-            loop.scratch[0:n - good] = loop.relay_view[good:n]
-            self.on_data(loop.view, n - good)
-            if not self.closed:
-                self.relay_check()
+            self._relayed_to_python(good, n)
         return True
+
+    def _relayed_to_python(self, start: int, n: int) -> None:
+        """The relay buffer's [start:n] is for on_data: through the scratch buffer, as a read."""
+        loop = self.loop
+        loop.scratch[0:n - start] = loop.relay_view[start:n]
+        self.on_data(loop.view, n - start)
+        if not self.closed:
+            self.relay_check()
 
     def queue(self, data) -> None:
         """Bytes the C relay could not send: to the unsent queue, before anything sent later."""

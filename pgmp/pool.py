@@ -247,8 +247,7 @@ class Pool:
     def reuse_held(self, srv, relayed: bool) -> None:
         """The client of held ``srv`` sent a request: in use again (``relayed``: through C, which
         cleared its mark itself)."""
-        del self.held[srv]
-        srv.held = False
+        self._drop_hold(srv)
         srv.last_used = self.worker.loop.clock()
         self.stats.assign_count += 1
         if not relayed and srv.relay_peer is not None:
@@ -277,11 +276,14 @@ class Pool:
     def unhold(self, srv) -> None:
         """End ``srv``'s hold: its client goes idle, without a server, as at an ordinary release
         (also as a held server closes: its client is not told)."""
-        del self.held[srv]
-        srv.held = False
+        self._drop_hold(srv)
         client = srv.client
         srv.client = None
         client.unlink_held(srv)
+
+    def _drop_hold(self, srv) -> None:
+        del self.held[srv]
+        srv.held = False
 
     def evict(self, reason: str) -> bool:
         """Close an idle (or held) server to make room for another pool; False if none is free."""
@@ -525,8 +527,7 @@ class Pool:
         """
         srv.client = None
         if srv.held:                        # its client left between transactions
-            del self.held[srv]
-            srv.held = False
+            self._drop_hold(srv)
         if verdict == CLOSE:
             srv.close(why or "client left with the server busy")
             return
