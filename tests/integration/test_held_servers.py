@@ -160,15 +160,23 @@ def test_pause_in_the_batch_of_a_query_to_a_held_server_waits_for_it(pg, pgmp, p
                      message="the client's query never reached pgmp's socket")
         finally:
             os.kill(worker, signal.SIGCONT)
-        try:
-            answer = conn.read_until(b"Z", timeout=15)
-        finally:
-            out, _ = pause.communicate(timeout=30)
-        assert [rawpg.data_row(m.payload) for m in answer if m.type == b"D"] == [[str(pid)]], answer
+        out, _ = pause.communicate(timeout=30)
         assert pause.returncode == 0 and "paused" in out, out
+        if HOLDS:
+            # The Query crossed C before Python saw the PAUSE: PAUSE waited for its answer.
+            answer = conn.read_until(b"Z", timeout=15)
+            pgmp.cli("resume", pooldb.name, "-c", proxy.config_path, check=True)
+        else:
+            # Nothing is held: whichever Python read first wins. If the PAUSE did, the Query
+            # waits for RESUME; either way it is answered, once.
+            pgmp.cli("resume", pooldb.name, "-c", proxy.config_path, check=True)
+            answer = conn.read_until(b"Z", timeout=15)
+        rows = [rawpg.data_row(m.payload) for m in answer if m.type == b"D"]
+        assert len(rows) == 1 and rows[0][0].isdigit(), answer
+        if HOLDS:
+            assert rows == [[str(pid)]], answer
         assert "relayed bytes" not in proxy.log(), proxy.log()[-3000:]
-        pgmp.cli("resume", pooldb.name, "-c", proxy.config_path, check=True)
-        assert raw_backend(conn) == pid
+        assert raw_backend(conn) > 0
 
 
 def raw_backend(conn) -> int:
