@@ -21,7 +21,7 @@
  *      `consumed` (again while `full`), reports the same frames as one scan of it all;
  *   4. the C relay's walk (pgmp_relay_walk) over buf[start:], both sides, plain and pooled:
  *      what it passes ends on a frame boundary inside the buffer, and it counts no more
- *      frames than it passes; the pooled Query tests (pgmp_sql_trigger, _control, _dml)
+ *      frames than it passes (a pooled client's batches have a valid shape); the pooled Query tests (pgmp_sql_trigger, _control, _dml)
  *      over the same bytes as text, where only ASan and UBSan judge.
  * Each range is copied to a heap block of exactly its size, so ASan sees any read past it.
  */
@@ -295,7 +295,7 @@ static void check_walk(const uint8_t *src, size_t len, const uint8_t *flags, uin
     CHECK(copy != NULL && counted != NULL);
     memcpy(copy, src, len);
     for (int i = 0; i < 256; i++) {
-        counted[i] = flags[i] | (strchr("QSFPBETCIZ", i) != NULL && i ? PGMP_F_COUNT : 0);
+        counted[i] = flags[i] | (strchr("QSFPBDETCIZ12tns", i) != NULL && i ? PGMP_F_COUNT : 0);
         limits[i] = 64 + (uint32_t)i * 16;
     }
     for (int side = 0; side < 2; side++) {
@@ -309,6 +309,8 @@ static void check_walk(const uint8_t *src, size_t len, const uint8_t *flags, uin
                 frames++;
             }
             CHECK(pos == good && (size_t)rec[PGMP_R_COUNT] <= frames);
+            if (side == 0 && pooled && rec[PGMP_R_KIND] >= PGMP_KIND_BATCH)   /* unnamed batches: Parse first */
+                CHECK(rec[PGMP_R_KIND] < PGMP_KIND_BATCH + 32 && (rec[PGMP_R_KIND] & PGMP_BATCH_PARSE));
         }
     }
     int t = pgmp_sql_trigger((const char *)copy, len), c = pgmp_sql_control((const char *)copy, len);

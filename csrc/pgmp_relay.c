@@ -332,15 +332,206 @@ static int query_kind(const uint8_t *body, size_t n)
     return pgmp_sql_control((const char *)body, n - 1);
 }
 
+static uint32_t be16(const uint8_t *p)
+{
+    return ((uint32_t)p[0] << 8) | (uint32_t)p[1];
+}
+
+/* A statement text the relay may pass in pooled mode: no word that may change session state, or
+ * one INSERT, UPDATE or DELETE (as query_kind's 'Q'). */
+static int plain_text(const uint8_t *text, size_t n)
+{
+    return !pgmp_sql_trigger((const char *)text, n) || pgmp_sql_dml((const char *)text, n);
+}
+
+/* An unnamed Parse's body that frontend.check_message accepts, with a plain text. */
+static int plain_parse(const uint8_t *b, size_t n)
+{
+    const uint8_t *nul;
+    size_t q;
+
+    if (n < 1 || b[0] != 0)
+        return 0;                                    /* a named statement: Python renames it */
+    nul = memchr(b + 1, 0, n - 1);
+    if (nul == NULL)
+        return 0;
+    q = (size_t)(nul - b) + 1;                       /* after the text's NUL: the type count */
+    if (n - q < 2 || n - q - 2 != 4 * (size_t)be16(b + q))
+        return 0;
+    return plain_text(b + 1, (size_t)(nul - b) - 1);
+}
+
+/* A Bind of the unnamed statement to the unnamed portal that frontend.check_message accepts,
+ * with parameter format codes 0 or 1 only (anything else is Python's, and the server's). */
+static int plain_bind(const uint8_t *b, size_t n)
+{
+    size_t p = 2, nf, np, nr, i;
+
+    if (n < 4 || b[0] != 0 || b[1] != 0)
+        return 0;
+    nf = be16(b + p);
+    p += 2;
+    if ((n - p) / 2 < nf)
+        return 0;
+    for (i = 0; i < nf; i++)
+        if (be16(b + p + 2 * i) > 1)
+            return 0;
+    p += 2 * nf;
+    if (n - p < 2)
+        return 0;
+    np = be16(b + p);
+    p += 2;
+    if (nf > 1 && nf != np)
+        return 0;
+    for (i = 0; i < np; i++) {
+        uint32_t l;
+
+        if (n - p < 4)
+            return 0;
+        l = be32(b + p);
+        p += 4;
+        if (l == 0xffffffffu)
+            continue;                                /* NULL */
+        if (l > 0x7fffffffu || n - p < l)
+            return 0;
+        p += l;
+    }
+    if (n - p < 2)
+        return 0;
+    nr = be16(b + p);
+    p += 2;
+    return n - p == 2 * nr;
+}
+
+/* An unnamed extended-protocol batch at buf[pos:len], whole up to its Sync: Parse, an optional
+ * Describe of the statement, then optionally Bind, Describe of the portal, Execute, in that
+ * order, each at most once, Flushes anywhere. Returns its shape (PGMP_BATCH_* bits) and sets *end
+ * after the Sync, or 0 when the batch is not one the relay passes (then none of it is passed). */
+static int plain_batch(const uint8_t *buf, size_t len, size_t pos, const uint8_t *flags, uint32_t max_len,
+                       const uint32_t *limits, size_t *end)
+{
+    int shape = 0, stage = 0;
+
+    while (len - pos >= 5) {
+        uint8_t type = buf[pos];
+        uint8_t flag = flags[type];
+        uint32_t declared = be32(buf + pos + 1);
+        const uint8_t *body = buf + pos + 5;
+        size_t n;
+
+        if (pgmp_check_header(flag, declared, max_len) != PGMP_ERR_NONE || declared - 4 > len - pos - 5)
+            return 0;                                /* bad, or not whole in this read */
+        n = declared - 4;
+        pos += (size_t)declared + 1;
+        if (!(flag & PGMP_F_REPORT))
+            continue;                                /* a Flush: it passes here as anywhere */
+        if (!(flag & PGMP_F_COUNT) || (limits != NULL && declared > limits[type]))
+            return 0;
+        switch (type) {
+        case 'P':
+            if (stage != 0 || !plain_parse(body, n))
+                return 0;
+            stage = 1;
+            shape |= PGMP_BATCH_PARSE;
+            break;
+        case 'D':
+            if (n != 2 || body[1] != 0)
+                return 0;
+            if (body[0] == 'S' && stage == 1) {
+                stage = 2;
+                shape |= PGMP_BATCH_DESC_STMT;
+            } else if (body[0] == 'P' && stage == 3) {
+                stage = 4;
+                shape |= PGMP_BATCH_DESC_PORTAL;
+            } else {
+                return 0;
+            }
+            break;
+        case 'B':
+            if ((stage != 1 && stage != 2) || !plain_bind(body, n))
+                return 0;
+            stage = 3;
+            shape |= PGMP_BATCH_BIND;
+            break;
+        case 'E':
+            if ((stage != 3 && stage != 4) || n != 5 || body[0] != 0)
+                return 0;
+            stage = 5;
+            shape |= PGMP_BATCH_EXECUTE;
+            break;
+        case 'S':
+            if (stage == 0 || n != 0)
+                return 0;
+            *end = pos;
+            return shape;
+        default:
+            return 0;
+        }
+    }
+    return 0;
+}
+
+/* Pooled mode, server side: the answer at buf[pos:len] up to its ReadyForQuery. Returns the
+ * ReadyForQuery's status and sets *end after it when the answer is whole here and every reported
+ * frame in it may pass (counted, within its limit, no session command's tag, a well-formed
+ * ReadyForQuery); else -1 and *end at the first frame that stopped it. */
+static int plain_answer(const uint8_t *buf, size_t len, size_t pos, const uint8_t *flags, uint32_t max_len,
+                        const uint32_t *limits, size_t *end)
+{
+    while (len - pos >= 5) {
+        uint8_t type = buf[pos];
+        uint8_t flag = flags[type];
+        uint32_t declared = be32(buf + pos + 1);
+
+        if (pgmp_check_header(flag, declared, max_len) != PGMP_ERR_NONE || declared - 4 > len - pos - 5)
+            break;
+        if (flag & PGMP_F_REPORT) {
+            if (!(flag & PGMP_F_COUNT) || (limits != NULL && declared > limits[type]))
+                break;
+            if (type == 'Z') {
+                if (declared != 5)
+                    break;
+                *end = pos + 6;
+                return buf[pos + 5];
+            }
+            if (type == 'C' && session_tag(buf + pos + 5, declared - 4))
+                break;
+        }
+        pos += (size_t)declared + 1;
+    }
+    *end = pos;
+    return -1;
+}
+
 void pgmp_relay_walk(const uint8_t *buf, size_t len, const uint8_t *flags, uint32_t max_len, int side,
                      int pooled, const uint32_t *limits, int32_t *rec)
 {
-    size_t pos = 0;
+    size_t pos = 0, rest = len;
     int32_t count = 0, kind = -1, sync = 0;
 
     if (max_len > PGMP_LEN_MAX)
         max_len = PGMP_LEN_MAX;
-    while (len - pos >= 5) {
+    if (pooled && side == 1) {
+        /* Python's Pipeline pops what a frame answers only when the frame is seen, so an answer
+         * passes whole, through its ReadyForQuery (ready_relayed pops all it answered), or only
+         * its leading frames that answer nothing (DataRow, NoticeResponse, ...) */
+        for (;;) {
+            size_t stop;
+            int status = plain_answer(buf, len, pos, flags, max_len, limits, &stop);
+
+            if (status >= 0) {
+                pos = stop;
+                count++;
+                kind = status;
+                continue;
+            }
+            while (pos < stop && !(flags[buf[pos]] & PGMP_F_REPORT))
+                pos += (size_t)be32(buf + pos + 1) + 1;
+            break;
+        }
+        rest = pos;                                  /* the walk below has nothing left to see */
+    }
+    while (rest - pos >= 5) {
         uint8_t type = buf[pos];
         uint8_t flag = flags[type];
         uint32_t declared = be32(buf + pos + 1);
@@ -348,26 +539,45 @@ void pgmp_relay_walk(const uint8_t *buf, size_t len, const uint8_t *flags, uint3
         /* a header the scanner would refuse: Python's relay reports it */
         if (pgmp_check_header(flag, declared, max_len) != PGMP_ERR_NONE)
             break;
-        if (declared - 4 > len - pos - 5)
+        if (declared - 4 > rest - pos - 5)
             break;                                   /* partial: Python streams or keeps it */
         if (flag & PGMP_F_REPORT) {
             if (!(flag & PGMP_F_COUNT))
                 break;
             if (limits != NULL && declared > limits[type])
                 break;                               /* too long for its type: Python refuses it */
+            if (side == 0 && pooled) {
+                int32_t k;
+                size_t end = 0;
+
+                if (type == 'Q') {
+                    if ((k = query_kind(buf + pos + 5, declared - 4)) == 0)
+                        break;
+                    end = pos + (size_t)declared + 1;
+                } else if (type == 'P') {
+                    int shape = plain_batch(buf, len, pos, flags, max_len, limits, &end);
+                    if (shape == 0)
+                        break;
+                    k = PGMP_KIND_BATCH + shape;
+                } else {
+                    break;
+                }
+                if (count > 0 && k != kind)
+                    break;                           /* one kind of request per record */
+                kind = k;
+                count++;
+                pos = end;
+                continue;
+            }
             if (side == 0) {
                 if (type == 'Q' || type == 'F' || type == 'S') {
-                    int32_t k = type;
-
-                    if (pooled && (type != 'Q' || (k = query_kind(buf + pos + 5, declared - 4)) == 0))
-                        break;
-                    if (count > 0 && k != kind)
+                    if (count > 0 && type != kind)
                         break;                       /* one kind of request per record */
-                    kind = k;
+                    kind = type;
                     count++;
                     if (type == 'S')
                         sync = 2;
-                } else if (!pooled && (type == 'P' || type == 'B' || type == 'E')) {
+                } else if (type == 'P' || type == 'B' || type == 'E') {
                     sync = 1;
                 } else {
                     break;
@@ -377,9 +587,7 @@ void pgmp_relay_walk(const uint8_t *buf, size_t len, const uint8_t *flags, uint3
                     break;
                 count++;
                 kind = buf[pos + 5];
-            } else if (!pooled) {
-                break;
-            } else if (type == 'C' && session_tag(buf + pos + 5, declared - 4)) {
+            } else {
                 break;
             }
         }

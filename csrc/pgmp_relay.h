@@ -24,11 +24,24 @@ enum {
     PGMP_R_SENT = 4,     /* buf[0:sent] went to the peer */
     PGMP_R_GOOD = 5,     /* buf[sent:good] did not: queue it for the peer; buf[good:n] is Python's to process */
     PGMP_R_COUNT = 6,    /* requests (client side) or ReadyForQuery frames (server side) in buf[0:good] */
-    PGMP_R_KIND = 7,     /* client: the requests' type byte (pooled: 'Q', 'b', 'c' or 'r', see below);
-                          * server: the last ReadyForQuery's status */
+    PGMP_R_KIND = 7,     /* client: the requests' type byte (pooled: 'Q', 'b', 'c' or 'r', or
+                          * PGMP_KIND_BATCH + a batch's shape, see below); server: the last
+                          * ReadyForQuery's status */
     PGMP_R_SYNC = 8,     /* client: 1 Parse/Bind/Execute after the last Sync, 2 a Sync after them, 0 neither */
     PGMP_R_PEER = 9,     /* the socket the bytes went to */
     PGMP_R_SIZE = 10
+};
+
+/* Pooled mode: a record's requests may be unnamed extended-protocol batches, each whole up to its
+ * Sync (the Sync is the request), all of one shape: kind = PGMP_KIND_BATCH + these bits, in the
+ * order the messages come (Parse first, always). */
+enum {
+    PGMP_KIND_BATCH = 256,
+    PGMP_BATCH_PARSE = 1,        /* an unnamed Parse whose text passes as a Query's would */
+    PGMP_BATCH_BIND = 2,         /* a Bind of the unnamed statement to the unnamed portal */
+    PGMP_BATCH_DESC_PORTAL = 4,  /* Describe of the unnamed portal (after the Bind) */
+    PGMP_BATCH_DESC_STMT = 8,    /* Describe of the unnamed statement (after the Parse, before any Bind) */
+    PGMP_BATCH_EXECUTE = 16      /* Execute of the unnamed portal (after the Bind) */
 };
 
 typedef struct pgmp_relay pgmp_relay;
@@ -45,9 +58,14 @@ void pgmp_relay_free(pgmp_relay *r);
  * In pooled mode a client's counted type is a Query whose text is one NUL-terminated string
  * free of the words that may change session state (pgmp_sql_trigger) or one INSERT, UPDATE or
  * DELETE (pgmp_sql_dml), kind 'Q', or a bare
- * transaction command (pgmp_sql_control), kind 'b', 'c' or 'r'; a server's counted types
- * pass unless a CommandComplete's tag is a session command's (SET, RESET, DISCARD, LISTEN,
- * PREPARE, LOAD, DEALLOCATE): what Python must see stops the walk. */
+ * transaction command (pgmp_sql_control), kind 'b', 'c' or 'r', or an unnamed extended batch
+ * (PGMP_KIND_BATCH) whose Parse text would pass as such a Query's 'Q' and whose messages are
+ * well formed as pgmp.protocol.frontend checks them, whole in the read; a server's answer passes
+ * whole, through its ReadyForQuery, when its reported frames are all counted and no
+ * CommandComplete's tag is a session command's (SET, RESET, DISCARD, LISTEN, PREPARE, LOAD,
+ * DEALLOCATE); of an answer not whole in the read, or with a frame Python must see, only the
+ * leading frames that are not reported pass (Python's Pipeline pops what a reported frame
+ * answers when it sees it). */
 int pgmp_relay_arm(pgmp_relay *r, int fd, int peer, const uint8_t *flags, uint32_t max_len, int side,
                    int pooled, const uint32_t *limits);
 /* Disarm fd: Python handles its events again. */

@@ -28,8 +28,10 @@ SMALL_TYPES = b"CDEHSXcf"
 # The C relay passes requests and Parse/Bind/Execute itself and counts them for the Link.
 READY_FLAGS = make_flags(report=b"QSFcfXPBE", small=SMALL_TYPES, valid=FRONTEND_TYPES, count=b"QSFPBE")
 # Transaction and statement mode also follow the extended protocol message by message; the C
-# relay passes a Query itself when its text has no word that may change session state.
-POOLED_FLAGS = make_flags(report=b"QSFcfXPBCDE", small=SMALL_TYPES, valid=FRONTEND_TYPES, count=b"Q")
+# relay passes a Query itself when its text has no word that may change session state, and an
+# unnamed Parse/Bind/Describe/Execute batch, whole up to its Sync, whose text has none either
+# (pgmp_relay.h's PGMP_KIND_BATCH).
+POOLED_FLAGS = make_flags(report=b"QSFcfXPBCDE", small=SMALL_TYPES, valid=FRONTEND_TYPES, count=b"QPBDES")
 # Close and Describe are small; a named Parse is assembled (its text is the statement's key);
 # a Bind and an unnamed Parse stream, with only their heads rewritten (on_partial).
 POOLED_WHOLE = bytes(1 if i in b"CD" else 0 for i in range(256))
@@ -116,7 +118,8 @@ class ClientConnection(Endpoint):
     # -- the C relay (pgmp.crelay) ---------------------------------------------------
     def relay_check(self):
         """Arm this client and its server in the C relay while their traffic is plain relaying
-        (session mode; in transaction mode, simple Queries), with nothing held back on either side;
+        (session mode; in transaction mode, simple Queries and unnamed extended batches), with nothing
+        held back on either side;
         disarm otherwise."""
         srv = self.server
         if self.loop.crelay is None:

@@ -5,10 +5,15 @@ built and PGMP_IMPL is not "python". A pair of plaintext endpoints in plain
 traffic is *armed*: both sockets, each with the other as its peer and the
 flags table of its current scanner. In session mode that is any traffic with
 nothing held back; in transaction mode (``pooled``) only while nothing but
-simple Queries is in flight (Link.c_relay_ok), and C then passes only a Query
-whose text has no word that may change session state (pgmp_sql_trigger) and
-the answer's RowDescription, CommandComplete (not a session command's) and
-ReadyForQuery, each within its type's length limit (Limits). An event on an
+simple Queries and unnamed extended batches is in flight (Link.c_relay_ok).
+C then passes only a Query whose text has no word that may change session
+state (pgmp_sql_trigger; or one INSERT, UPDATE, DELETE, or a bare BEGIN,
+COMMIT, ROLLBACK), an unnamed Parse/Bind/Describe/Execute batch whole up to
+its Sync whose text passes the same test (its shape is the record's kind,
+from which Link.queries_relayed appends what Pipeline.client_frame would), and
+a whole answer through its ReadyForQuery whose frames answer what was sent
+(no ErrorResponse, no session command's CommandComplete, each within its
+type's length limit, Limits): Pipeline.answered pops what it answered. An event on an
 armed socket is then handled in C: recv into the loop's relay buffer, a walk
 over the frames, send of the leading frames Python need not see (types
 without F_REPORT, and the F_COUNT ones: requests and ReadyForQuery are

@@ -25,7 +25,7 @@ import logging
 
 from pgmp import errors
 from pgmp.errors import PgmpError, ServerProtocolError
-from pgmp.prepared import Pipeline, ServerStatements
+from pgmp.prepared import BATCH_KIND, BATCH_PARSE, Pipeline, ServerStatements
 from pgmp.protocol import frontend
 from pgmp.protocol.sql import session_effects as _session_effects
 from pgmp.session import settings_query
@@ -67,6 +67,10 @@ _Q, _S, _F, _P, _B, _E = 81, 83, 70, 80, 66, 69
 _CONTROL_EFFECTS = {98: _session_effects(b"begin"), 99: _session_effects(b"commit"),
                     114: _session_effects(b"rollback")}
 _IDLE = 73
+# The unnamed statement's text after a batch the C relay passed: C found in it no word that may
+# change session state (or it is one INSERT, UPDATE or DELETE), so a later Bind of it has no
+# effects, as for the empty text.
+_PLAIN_TEXT = b""
 # CommandComplete tags that change session state: if one comes for a request whose text
 # pgmp could not read (streamed through), the client is pinned rather than guessed about.
 _SESSION_TAGS = (b"SET\0", b"RESET\0", b"DISCARD", b"LISTEN\0", b"PREPARE\0", b"LOAD\0")
@@ -189,10 +193,21 @@ class Link:
     def queries_relayed(self, count: int, kind: int = _Q) -> None:
         """``count`` Query frames the C relay passed (pgmp.crelay), each whole, well formed and, in
         pooled mode, free of the words that may change session state (``kind`` "Q") or one bare
-        BEGIN, COMMIT or ROLLBACK ("b", "c", "r"): as client_frame for each."""
+        BEGIN, COMMIT or ROLLBACK ("b", "c", "r"): as client_frame for each. In pooled mode
+        ``kind`` BATCH_KIND + shape: ``count`` unnamed extended batches, each whole through its
+        Sync, its Parse text free of those words too."""
         self._stamp()
         self.outstanding += count
         batches = self.batches
+        if kind >= BATCH_KIND:
+            # as client_frame for each message: the Sync is the request; the batch's effects,
+            # those of a plain text, are none; the unnamed statement's text is such a text
+            for _ in range(count):
+                batches.append([_S, [], False])
+            if kind & BATCH_PARSE:
+                self.unnamed_text = _PLAIN_TEXT
+            self.pipeline.batches_sent(count, kind - BATCH_KIND)
+            return
         effects = _CONTROL_EFFECTS[kind] if kind != _Q else ()
         for _ in range(count):
             batches.append([_Q, effects, False])
@@ -207,11 +222,12 @@ class Link:
         return self.after_ready()
 
     def c_relay_ok(self) -> bool:
-        """Pooled mode: only simple Queries are in flight and nothing of the extended protocol is
-        open, so the C relay may carry the pair (statement mode is left to Python: it refuses
-        transaction blocks at their ReadyForQuery)."""
+        """Pooled mode: only whole requests whose answers need no rewriting are in flight (simple
+        Queries, unnamed extended batches) and nothing of the extended protocol is open, so the C
+        relay may carry the pair (statement mode is left to Python: it refuses transaction blocks at
+        their ReadyForQuery)."""
         return (not self.statement_mode and not self.unsynced and not self.copy_in and not self.open_failed
-                and self.open_effects is not None and not self.open_effects and self.pipeline.only_queries())
+                and self.open_effects is not None and not self.open_effects and self.pipeline.c_relay_ok())
 
     def client_head(self, kind: int, head: bytes, length: int):
         """The head of a Bind or Parse too large to assemble (pooled mode): see Pipeline.bind_head."""

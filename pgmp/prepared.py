@@ -35,6 +35,19 @@ CLOSE_COMPLETE = frame(b"3")
 # Server frames that end (or may end) a response: the only ones the pipeline looks at.
 RESPONSE_TYPES = b"123tTnCIsEZGV"
 
+# The shape of an unnamed batch the C relay passed (pgmp_relay.h's PGMP_BATCH_* bits).
+BATCH_PARSE, BATCH_BIND, BATCH_DESC_PORTAL, BATCH_DESC_STMT, BATCH_EXECUTE = 1, 2, 4, 8, 16
+BATCH_KIND = 256                       # a record's request kind: BATCH_KIND + shape
+# What such a batch's messages are owed, in the order they come (Parse, Describe statement,
+# Bind, Describe portal, Execute, Sync).
+_BATCH_ENTRIES = [
+    [(code, None, None) for bit, code in ((BATCH_PARSE, R_PARSE), (BATCH_DESC_STMT, R_DESC_STMT),
+                                          (BATCH_BIND, R_BIND), (BATCH_DESC_PORTAL, R_DESC_PORTAL),
+                                          (BATCH_EXECUTE, R_EXEC)) if shape & bit] + [(R_SYNC, None, None)]
+    for shape in range(32)]
+# What unnamed messages are owed, popped in turn by a whole answer (Pipeline.answered).
+_PLAIN_EXTENDED = frozenset((R_PARSE, R_BIND, R_DESC_STMT, R_DESC_PORTAL, R_EXEC))
+
 
 class StatementCache:
     """Per worker: one server-side name per distinct statement (text and parameter types), least
@@ -277,17 +290,34 @@ class Pipeline:
         if not self.skipping:
             self.expect.extend([(R_QUERY, None, None)] * count)
 
+    def batches_sent(self, count: int, shape: int) -> None:
+        """``count`` unnamed extended batches of one ``shape`` (BATCH_* bits) went to the server
+        unchanged (the C relay): as client_frame for each of their messages."""
+        if not self.skipping:
+            self.expect.extend(_BATCH_ENTRIES[shape] * count)
+
     def answered(self, count: int) -> None:
-        """``count`` ReadyForQuery frames went to the client unchanged (the C relay): as server_frame."""
+        """``count`` whole answers went to the client unchanged, each through its ReadyForQuery
+        (the C relay): as server_frame for each of their frames. Such an answer holds no error and
+        no frame of pgmp's own, so each of its frames answers the message at the head in turn."""
         exp = self.expect
         for _ in range(count):
+            while exp and exp[0][0] in _PLAIN_EXTENDED:
+                exp.popleft()
             if not exp or exp[0][0] not in (R_SYNC, R_QUERY, R_FUNC):
                 break
             exp.popleft()
 
-    def only_queries(self) -> bool:
-        """Nothing but simple Queries is owed an answer, and no error is being skipped past."""
-        return not self.skipping and all(e[0] == R_QUERY for e in self.expect)
+    def c_relay_ok(self) -> bool:
+        """All the client is owed are answers to its own Queries and unnamed extended messages,
+        unchanged (no statement of pgmp's to confirm, no made-up response, no Close), and no error
+        is being skipped past: the C relay may pass those answers (see answered())."""
+        if self.skipping:
+            return False
+        for code, data, _u in self.expect:
+            if data is not None or (code != R_QUERY and code != R_SYNC and code not in _PLAIN_EXTENDED):
+                return False
+        return True
 
     def synthetic_ready(self) -> bytes:
         """Made-up responses owed before anything the server still has to answer: send them now."""

@@ -107,9 +107,11 @@ NORMAL_FLAGS = make_flags(report=b"ZGSE", count=b"Z")
 # Login and internal queries: every frame is pgmp's own.
 ALL_FLAGS = make_flags(report=_ALL)
 # Transaction/statement mode: every frame that ends a response, for the client's Pipeline.
-# The C relay passes RowDescription, CommandComplete (but a session command's), EmptyQueryResponse
-# and ReadyForQuery itself while only simple Queries are in flight (Link.c_relay_ok).
-POOLED_FLAGS = make_flags(report=b"ZGS" + RESPONSE_TYPES, count=b"TCIZ")
+# While only simple Queries and unnamed extended batches are in flight (Link.c_relay_ok), the C
+# relay passes a whole answer itself, through its ReadyForQuery, when it holds only these counted
+# frames (ParseComplete, BindComplete, ParameterDescription, RowDescription, NoData, CommandComplete
+# but a session command's, EmptyQueryResponse, PortalSuspended) besides the unreported ones.
+POOLED_FLAGS = make_flags(report=b"ZGS" + RESPONSE_TYPES, count=b"12tTnCIsZ")
 # No type is assembled unasked: on_partial decides, by the limits above.
 NO_WHOLE = bytes(256)
 

@@ -473,17 +473,36 @@ def test_pooled_walk_server_side():
     d = frame(b"D", b"\0\1\0\0\0\0011")
     c = frame(b"C", b"SELECT 1\0")
     z = frame(b"Z", b"I")
+
+    def walk(data, lim=limits):
+        return crelay.walk(data, server_flags, 1 << 30, 1, True, lim)
+
     answer = t + d + c + z
-    assert crelay.walk(answer, server_flags, 1 << 30, 1, True, limits) == (len(answer), 1, ord("I"), 0)
+    assert walk(answer) == (len(answer), 1, ord("I"), 0)
+    assert walk(answer * 3) == (3 * len(answer), 3, ord("I"), 0)
+    # an unnamed batch's answer: ParseComplete, BindComplete, RowDescription/NoData, ..., ReadyForQuery
+    ext = frame(b"1") + frame(b"2") + t + d + c + frame(b"Z", b"T")
+    assert walk(ext + answer) == (len(ext + answer), 2, ord("I"), 0)
+    described = frame(b"1") + frame(b"t", b"\0\1\0\0\0\x17") + frame(b"n") + frame(b"Z", b"I")
+    assert walk(described) == (len(described), 1, ord("I"), 0)
+    suspended = frame(b"2") + d + frame(b"s") + frame(b"Z", b"T")
+    assert walk(suspended) == (len(suspended), 1, ord("T"), 0)
     for tag in (b"SET\0", b"RESET\0", b"DISCARD ALL\0", b"DEALLOCATE ALL\0", b"LISTEN\0", b"PREPARE\0", b"LOAD\0"):
-        head = t + d
-        assert crelay.walk(head + frame(b"C", tag) + z, server_flags, 1 << 30, 1, True, limits)[0] == len(head)
+        # a session command's answer is Python's from its first reported frame: only a leading
+        # DataRow passes (Python's Pipeline pops what a reported frame answers when it sees it)
+        assert walk(t + d + frame(b"C", tag) + z)[0] == 0
+        assert walk(answer + d + frame(b"C", tag) + z)[:2] == (len(answer + d), 1)
     for other in (frame(b"E", b"SERROR\0\0"), frame(b"S", b"a\0b\0"), frame(b"G", b"\0\0\0"),
-                  frame(b"1"), frame(b"Z", b"II")):
-        assert crelay.walk(c + other + z, server_flags, 1 << 30, 1, True, limits)[0] == len(c)
+                  frame(b"3"), frame(b"Z", b"II")):
+        assert walk(d + c + other + z) == (len(d), 0, -1, 0)
+        assert walk(answer + c + other + z) == (len(answer), 1, ord("I"), 0)
+    # an answer not whole in the read: its leading unreported frames only
+    assert walk(answer + d + d + t + d) == (len(answer + d + d), 1, ord("I"), 0)
+    assert walk(answer + frame(b"1") + frame(b"2")) == (len(answer), 1, ord("I"), 0)
+    assert walk(answer + d + z[:3])[0] == len(answer + d)
     long_c = frame(b"C", b"x" * (RELAY_LIMITS[ord("C")] - 4) + b"\0")     # one byte over its type's limit
-    assert crelay.walk(long_c + z, server_flags, 1 << 30, 1, True, limits)[0] == 0
-    assert crelay.walk(long_c + z, server_flags, 1 << 30, 1, True, None)[1] == 1
+    assert walk(long_c + z)[0] == 0
+    assert walk(long_c + z, None)[1] == 1
 
 
 # -- transaction mode: the C relay against the Python relay, with the pooled Link and Pipeline ----
@@ -592,6 +611,237 @@ def test_plain_queries_and_their_answers_are_relayed_in_c_in_transaction_mode():
     answer = frame(b"T", b"\0\0") + frame(b"D", b"\0\0") + frame(b"C", b"SELECT 1\0") + frame(b"Z", b"I")
     _, state, in_c = run_pooled_pair(True, 1, [answer * 3], 1 << 16, 3)
     assert in_c == 3 * len(answer) and state[0][0] == 0 and state[2] == []
+
+
+# -- transaction mode: unnamed extended batches --------------------------------------------------
+
+def parse(text: bytes = b"select 1", types: int = 0, name: bytes = b"") -> bytes:
+    return frame(b"P", name + b"\0" + text + b"\0" + struct.pack("!H", types) + b"\0\0\0\x17" * types)
+
+
+def bind(params=(b"42",), formats=(), result_formats=(), portal=b"", name=b"") -> bytes:
+    body = portal + b"\0" + name + b"\0" + struct.pack("!H", len(formats))
+    body += b"".join(struct.pack("!h", f) for f in formats) + struct.pack("!H", len(params))
+    for p in params:
+        body += struct.pack("!i", -1) if p is None else struct.pack("!i", len(p)) + p
+    return frame(b"B", body + struct.pack("!H", len(result_formats))
+                 + b"".join(struct.pack("!h", f) for f in result_formats))
+
+
+def describe(what: bytes = b"P", name: bytes = b"") -> bytes:
+    return frame(b"D", what + name + b"\0")
+
+
+def execute(portal: bytes = b"", rows: int = 0) -> bytes:
+    return frame(b"E", portal + b"\0" + struct.pack("!I", rows))
+
+
+SYNC, FLUSH = frame(b"S"), frame(b"H")
+_PGBENCH = parse(b"SELECT abalance FROM pgbench_accounts WHERE aid = $1;", 1) + bind() + describe() + execute() + SYNC
+
+
+@pytest.mark.parametrize("batch, shape", [
+    (_PGBENCH, 1 | 2 | 4 | 16),
+    (parse() + bind(()) + execute() + SYNC, 1 | 2 | 16),
+    (parse() + describe(b"S") + SYNC, 1 | 8),
+    (parse() + SYNC, 1),
+    (parse() + bind(()) + SYNC, 1 | 2),
+    (parse() + describe(b"S") + bind(()) + describe() + execute(rows=10) + SYNC, 1 | 2 | 4 | 8 | 16),
+    (parse(b"UPDATE t SET x = $1 WHERE y = 2", 1) + bind() + execute() + SYNC, 1 | 2 | 16),
+    (parse() + FLUSH + bind((None, b"", b"x" * 300), formats=(1,)) + FLUSH + execute() + SYNC, 1 | 2 | 16),
+    (parse() + bind((b"1", b"2"), formats=(0, 1), result_formats=(1, 0, 7)) + execute() + SYNC, 1 | 2 | 16),
+])
+def test_pooled_walk_passes_whole_unnamed_batches(batch, shape):
+    client_flags, _ = _pooled_flags()
+    kind = 256 + shape
+    assert crelay.walk(batch, client_flags, 1 << 30, 0, pooled=True) == (len(batch), 1, kind, 0)
+    assert crelay.walk(batch * 3, client_flags, 1 << 30, 0, pooled=True) == (3 * len(batch), 3, kind, 0)
+    q = frame(b"Q", b"select 1\0")
+    # one kind of request per record; a batch not whole in the read is Python's from its start
+    assert crelay.walk(batch + q, client_flags, 1 << 30, 0, pooled=True) == (len(batch), 1, kind, 0)
+    assert crelay.walk(q + batch, client_flags, 1 << 30, 0, pooled=True) == (len(q), 1, ord("Q"), 0)
+    for cut in range(1, len(batch)):
+        assert crelay.walk(batch + batch[:cut], client_flags, 1 << 30, 0, pooled=True) == (len(batch), 1, kind, 0)
+
+
+@pytest.mark.parametrize("batch", [
+    parse(name=b"s1") + bind(name=b"s1") + execute() + SYNC,              # named statements: Python renames
+    parse() + bind(name=b"s1") + execute() + SYNC,
+    parse() + bind(portal=b"c1") + execute(b"c1") + SYNC,                 # a named portal
+    parse(b"set search_path = x") + bind(()) + execute() + SYNC,          # a session command
+    parse(b"begin") + bind(()) + execute() + SYNC,
+    parse(b"select pg_advisory_lock(1)") + bind(()) + execute() + SYNC,
+    parse() + bind(()) + execute(),                                       # no Sync in the read
+    bind(()) + execute() + SYNC,                                          # the statement of an earlier batch
+    parse() + execute() + SYNC,                                           # Execute without its Bind
+    parse() + bind(()) + describe(b"S") + execute() + SYNC,               # out of order
+    parse() + bind(()) + execute() + execute() + SYNC,                    # twice
+    parse() + parse() + SYNC,
+    parse() + describe(b"P") + SYNC,
+    parse() + describe(b"S", b"s1") + SYNC,
+    parse() + frame(b"C", b"S\0") + SYNC,                                # a Close
+    parse() + frame(b"Q", b"select 1\0") + SYNC,
+    parse() + frame(b"F", b"\0\0\0\1\0\0\0\0\0\0") + SYNC,
+    parse() + frame(b"X"),
+    parse() + frame(b"S", b"x"),                                          # malformed, as frontend.check_message finds them
+    frame(b"P", b"\0select 1\0\0\1") + SYNC,
+    frame(b"P", b"\0select 1\0\0\0x") + SYNC,
+    frame(b"P", b"\0select 1") + SYNC,
+    parse() + frame(b"B", b"\0\0\0\2\0\0\0\0\0\1\0\0\0\0\0\0") + SYNC,          # 2 formats, 1 parameter
+    parse() + frame(b"B", b"\0\0\0\0\0\1\xff\xff\xff\xfe\0\0") + SYNC,               # a length below -1
+    parse() + frame(b"B", b"\0\0\0\0\0\1\0\0\0\5ab\0\0") + SYNC,                     # runs past the end
+    parse() + bind() + frame(b"E", b"\0\0\0\0\0x") + SYNC,
+    parse() + bind((b"1",), formats=(2,)) + execute() + SYNC,             # a format code the server refuses
+    parse() + frame(b"D", b"P") + SYNC,
+    parse() + frame(b"D", b"X\0") + SYNC,
+])
+def test_pooled_walk_leaves_other_batches_to_python(batch):
+    client_flags, _ = _pooled_flags()
+    assert crelay.walk(batch, client_flags, 1 << 30, 0, pooled=True) == (0, 0, -1, 0)
+    q = frame(b"Q", b"select 1\0")
+    assert crelay.walk(q + batch, client_flags, 1 << 30, 0, pooled=True) == (len(q), 1, ord("Q"), 0)
+
+
+def extended_link(frames: bytes) -> Link:
+    """A pooled Link that has seen the client's ``frames`` (whole) through the Python path."""
+    link = pooled_link(0)
+    pos = 0
+    while pos < len(frames):
+        end = pos + 1 + struct.unpack_from("!I", frames, pos + 1)[0]
+        link.client_frame(frames[pos], frames[pos + 5:end])
+        pos = end
+    return link
+
+
+def run_extended_server(use_c: bool, client_frames: bytes, chunks: list[bytes], read_size: int):
+    return run_sides(use_c, 1, chunks, read_size, PooledSide, _pooled_flags(), extended_link(client_frames),
+                     pooled_state, recheck=True)
+
+
+def test_a_batch_passed_in_c_leaves_the_link_as_python_does():
+    """pgbench -M extended's transaction, whole, then its answer: both in C, the Link and the
+    Pipeline as the Python relay leaves them."""
+    py_state, c_state = [run_pooled_pair(use_c, 0, [_PGBENCH * 4], 1 << 16, 0) for use_c in (False, True)]
+    assert py_state[2] == 0 and c_state[2] == 4 * len(_PGBENCH)
+    assert c_state[1] == py_state[1] and c_state[1][0][0] == 4 and len(c_state[1][2]) == 20
+    t = frame(b"T", b"\0\1abalance\0" + bytes(18))
+    answer = frame(b"1") + frame(b"2") + t + frame(b"D", b"\0\1\0\0\0\0011") + frame(b"C", b"SELECT 1\0") \
+        + frame(b"Z", b"I")
+    py_state, c_state = [run_extended_server(use_c, _PGBENCH * 3, [answer * 3], 1 << 16) for use_c in (False, True)]
+    assert py_state[2] == 0 and c_state[2] == 3 * len(answer)
+    assert c_state[1] == py_state[1] and c_state[1][0][0] == 0 and c_state[1][2] == []
+
+
+_BATCH_TEXTS = [b"select 1", b"SELECT abalance FROM pgbench_accounts WHERE aid = $1;", b"set x = 1", b"begin",
+                b"UPDATE t SET x = $1 WHERE y = 2", b"select pg_advisory_lock(1)", b"", b"discard all"]
+# The messages of a batch, in order: P (Parse), s (Describe statement), B, p (Describe portal), E.
+_SHAPES = ["P", "PB", "PBE", "PBpE", "PsBpE", "Ps", "PsB", "BE", "BpE", "E", ""]
+
+
+@st.composite
+def extended_units(draw, max_units=12):
+    """A client's requests: simple Queries and extended batches (some C passes, some not, a few
+    with their Sync in a later unit), as (frames, what the server answers: "Q" or the shape)."""
+    units = []
+    for _ in range(draw(st.integers(1, max_units))):
+        if draw(st.integers(0, 3)) == 0:
+            units.append((frame(b"Q", draw(st.sampled_from(_QUERIES))), "Q"))
+            continue
+        shape = draw(st.sampled_from(_SHAPES))
+        text = draw(st.sampled_from(_BATCH_TEXTS))
+        out = []
+        for m in shape:
+            if m == "P":
+                out.append(parse(text, draw(st.integers(0, 2))))
+            elif m == "s":
+                out.append(describe(b"S"))
+            elif m == "B":
+                params = draw(st.lists(st.sampled_from([b"1", b"", None, b"x" * 200]), max_size=3))
+                out.append(bind(params, formats=draw(st.sampled_from([(), (0,), (1,)]))))
+            elif m == "p":
+                out.append(describe(b"P"))
+            else:
+                out.append(execute(rows=draw(st.sampled_from([0, 0, 5]))))
+            if draw(st.integers(0, 9)) == 0:
+                out.append(FLUSH)
+        if draw(st.integers(0, 11)) != 0:
+            out.append(SYNC)
+            units.append((b"".join(out), shape + "S"))
+        else:
+            units.append((b"".join(out), shape))
+    return units
+
+
+@st.composite
+def extended_answers(draw, units):
+    """What PostgreSQL answers to ``units``: each message in turn, an ErrorResponse at times (then
+    nothing more up to the Sync), ReadyForQuery at each Query and Sync."""
+    out = []
+    rows = lambda: [frame(b"D", b"\0\1\0\0\0\1" + b"7") for _ in range(draw(st.integers(0, 3)))]
+    error = frame(b"E", b"SERROR\0C42000\0Mx\0\0")
+    failed = False
+    for _frames, shape in units:
+        if shape == "Q":
+            kind = draw(st.sampled_from(["rows", "C", "I", "E"]))
+            if kind == "rows":
+                out += [frame(b"T", b"\0\1a\0" + bytes(18))] + rows() + [frame(b"C", draw(st.sampled_from(_TAGS)))]
+            elif kind == "C":
+                out.append(frame(b"C", draw(st.sampled_from(_TAGS))))
+            else:
+                out.append(error if kind == "E" else frame(b"I"))
+            if draw(st.integers(0, 9)) == 0:
+                out.append(frame(b"N", b"SNOTICE\0Mn\0\0"))
+            out.append(frame(b"Z", draw(st.sampled_from([b"I", b"T", b"E"]))))
+            continue
+        for m in shape:
+            if failed and m != "S":
+                continue                              # the server skips to the Sync
+            if m != "S" and draw(st.integers(0, 14)) == 0:
+                out.append(error)
+                failed = True
+                continue
+            if m == "P":
+                out.append(frame(b"1"))
+            elif m == "s":
+                out.append(frame(b"t", b"\0\1\0\0\0\x17"))
+                out.append(draw(st.sampled_from([frame(b"T", b"\0\1a\0" + bytes(18)), frame(b"n")])))
+            elif m == "B":
+                out.append(frame(b"2"))
+            elif m == "p":
+                out.append(draw(st.sampled_from([frame(b"T", b"\0\1a\0" + bytes(18)), frame(b"n")])))
+            elif m == "E":
+                out += rows()
+                out.append(draw(st.sampled_from([frame(b"C", draw(st.sampled_from(_TAGS))), frame(b"I"),
+                                                 frame(b"s")])))
+            else:
+                out.append(frame(b"Z", draw(st.sampled_from([b"I", b"T", b"E"]))))
+                failed = False
+    return b"".join(out)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_c_relay_agrees_with_the_python_relay_on_extended_batches_client_side(data):
+    units = data.draw(extended_units())
+    stream, chunks = split(data.draw, b"".join(f for f, _ in units))
+    read_size = data.draw(st.sampled_from([1 << 16, 700]))
+    py_bytes, py_state, _ = run_pooled_pair(False, 0, chunks, read_size, 0)
+    c_bytes, c_state, _ = run_pooled_pair(True, 0, chunks, read_size, 0)
+    assert py_bytes == stream and c_bytes == stream
+    assert c_state == py_state
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_c_relay_agrees_with_the_python_relay_on_extended_batches_server_side(data):
+    units = [u for u in data.draw(extended_units()) if u[1] == "Q" or u[1].endswith("S")]
+    client = b"".join(f for f, _ in units)
+    stream, chunks = split(data.draw, data.draw(extended_answers(units)))
+    read_size = data.draw(st.sampled_from([1 << 16, 700]))
+    py_bytes, py_state, _ = run_extended_server(False, client, chunks, read_size)
+    c_bytes, c_state, _ = run_extended_server(True, client, chunks, read_size)
+    assert py_bytes == stream and c_bytes == stream
+    assert c_state == py_state
 
 
 # ---- held servers (pgmp.pool.Pool.hold) ------------------------------------------------------
