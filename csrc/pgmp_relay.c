@@ -337,6 +337,25 @@ static uint32_t be16(const uint8_t *p)
     return ((uint32_t)p[0] << 8) | (uint32_t)p[1];
 }
 
+/* The frame at buf[pos:len], if its header passes the scanner's checks and it is whole here: 1,
+ * with its flag and length word in *flag and *declared; else 0 (bad or partial: Python's). */
+static int whole_frame(const uint8_t *buf, size_t len, size_t pos, const uint8_t *flags, uint32_t max_len,
+                       uint8_t *flag, uint32_t *declared)
+{
+    if (len - pos < 5)
+        return 0;
+    *flag = flags[buf[pos]];
+    *declared = be32(buf + pos + 1);
+    return pgmp_check_header(*flag, *declared, max_len) == PGMP_ERR_NONE && *declared - 4 <= len - pos - 5;
+}
+
+/* A reported frame the relay may pass: a counted type within its length limit (a longer one is
+ * Python's, which refuses it). */
+static int counted(uint8_t type, uint8_t flag, uint32_t declared, const uint32_t *limits)
+{
+    return (flag & PGMP_F_COUNT) && (limits == NULL || declared <= limits[type]);
+}
+
 /* A statement text the relay may pass in pooled mode: no word that may change session state, or
  * one INSERT, UPDATE or DELETE (as query_kind's 'Q'). */
 static int plain_text(const uint8_t *text, size_t n)
@@ -411,21 +430,18 @@ static int plain_batch(const uint8_t *buf, size_t len, size_t pos, const uint8_t
                        const uint32_t *limits, size_t *end)
 {
     int shape = 0, stage = 0;
+    uint8_t flag;
+    uint32_t declared;
 
-    while (len - pos >= 5) {
+    while (whole_frame(buf, len, pos, flags, max_len, &flag, &declared)) {
         uint8_t type = buf[pos];
-        uint8_t flag = flags[type];
-        uint32_t declared = be32(buf + pos + 1);
         const uint8_t *body = buf + pos + 5;
-        size_t n;
+        size_t n = declared - 4;
 
-        if (pgmp_check_header(flag, declared, max_len) != PGMP_ERR_NONE || declared - 4 > len - pos - 5)
-            return 0;                                /* bad, or not whole in this read */
-        n = declared - 4;
         pos += (size_t)declared + 1;
         if (!(flag & PGMP_F_REPORT))
             continue;                                /* a Flush: it passes here as anywhere */
-        if (!(flag & PGMP_F_COUNT) || (limits != NULL && declared > limits[type]))
+        if (!counted(type, flag, declared, limits))
             return 0;
         switch (type) {
         case 'P':
@@ -468,7 +484,7 @@ static int plain_batch(const uint8_t *buf, size_t len, size_t pos, const uint8_t
             return 0;
         }
     }
-    return 0;
+    return 0;                                        /* bad, or not whole in this read */
 }
 
 /* Pooled mode, server side: the answer at buf[pos:len] up to its ReadyForQuery. Returns the
@@ -478,15 +494,14 @@ static int plain_batch(const uint8_t *buf, size_t len, size_t pos, const uint8_t
 static int plain_answer(const uint8_t *buf, size_t len, size_t pos, const uint8_t *flags, uint32_t max_len,
                         const uint32_t *limits, size_t *end)
 {
-    while (len - pos >= 5) {
-        uint8_t type = buf[pos];
-        uint8_t flag = flags[type];
-        uint32_t declared = be32(buf + pos + 1);
+    uint8_t flag;
+    uint32_t declared;
 
-        if (pgmp_check_header(flag, declared, max_len) != PGMP_ERR_NONE || declared - 4 > len - pos - 5)
-            break;
+    while (whole_frame(buf, len, pos, flags, max_len, &flag, &declared)) {
+        uint8_t type = buf[pos];
+
         if (flag & PGMP_F_REPORT) {
-            if (!(flag & PGMP_F_COUNT) || (limits != NULL && declared > limits[type]))
+            if (!counted(type, flag, declared, limits))
                 break;
             if (type == 'Z') {
                 if (declared != 5)
@@ -503,49 +518,45 @@ static int plain_answer(const uint8_t *buf, size_t len, size_t pos, const uint8_
     return -1;
 }
 
+/* Pooled mode, server side: how far the relay passes buf[0:len]. Python's Pipeline pops what a
+ * frame answers only when it sees the frame, so an answer passes whole, through its ReadyForQuery
+ * (Pipeline.answered pops all it answered), or only its leading frames that answer nothing
+ * (DataRow, NoticeResponse, ...). */
+static size_t plain_answers(const uint8_t *buf, size_t len, const uint8_t *flags, uint32_t max_len,
+                            const uint32_t *limits, int32_t *count, int32_t *kind)
+{
+    size_t pos = 0, stop;
+    int status;
+
+    while ((status = plain_answer(buf, len, pos, flags, max_len, limits, &stop)) >= 0) {
+        pos = stop;
+        ++*count;
+        *kind = status;
+    }
+    while (pos < stop && !(flags[buf[pos]] & PGMP_F_REPORT))
+        pos += (size_t)be32(buf + pos + 1) + 1;
+    return pos;
+}
+
 void pgmp_relay_walk(const uint8_t *buf, size_t len, const uint8_t *flags, uint32_t max_len, int side,
                      int pooled, const uint32_t *limits, int32_t *rec)
 {
-    size_t pos = 0, rest = len;
+    size_t pos = 0;
     int32_t count = 0, kind = -1, sync = 0;
+    uint8_t flag;
+    uint32_t declared;
 
     if (max_len > PGMP_LEN_MAX)
         max_len = PGMP_LEN_MAX;
-    if (pooled && side == 1) {
-        /* Python's Pipeline pops what a frame answers only when the frame is seen, so an answer
-         * passes whole, through its ReadyForQuery (ready_relayed pops all it answered), or only
-         * its leading frames that answer nothing (DataRow, NoticeResponse, ...) */
-        for (;;) {
-            size_t stop;
-            int status = plain_answer(buf, len, pos, flags, max_len, limits, &stop);
-
-            if (status >= 0) {
-                pos = stop;
-                count++;
-                kind = status;
-                continue;
-            }
-            while (pos < stop && !(flags[buf[pos]] & PGMP_F_REPORT))
-                pos += (size_t)be32(buf + pos + 1) + 1;
-            break;
-        }
-        rest = pos;                                  /* the walk below has nothing left to see */
-    }
-    while (rest - pos >= 5) {
+    if (pooled && side == 1)
+        pos = plain_answers(buf, len, flags, max_len, limits, &count, &kind);
+    while ((!pooled || side == 0) && whole_frame(buf, len, pos, flags, max_len, &flag, &declared)) {
+        /* (a bad header is the scanner's to report, a partial frame Python's to stream or keep) */
         uint8_t type = buf[pos];
-        uint8_t flag = flags[type];
-        uint32_t declared = be32(buf + pos + 1);
 
-        /* a header the scanner would refuse: Python's relay reports it */
-        if (pgmp_check_header(flag, declared, max_len) != PGMP_ERR_NONE)
-            break;
-        if (declared - 4 > rest - pos - 5)
-            break;                                   /* partial: Python streams or keeps it */
         if (flag & PGMP_F_REPORT) {
-            if (!(flag & PGMP_F_COUNT))
+            if (!counted(type, flag, declared, limits))
                 break;
-            if (limits != NULL && declared > limits[type])
-                break;                               /* too long for its type: Python refuses it */
             if (side == 0 && pooled) {
                 int32_t k;
                 size_t end = 0;

@@ -25,7 +25,7 @@ import logging
 
 from pgmp import errors
 from pgmp.errors import PgmpError, ServerProtocolError
-from pgmp.prepared import BATCH_KIND, BATCH_PARSE, Pipeline, ServerStatements
+from pgmp.prepared import BATCH_KIND, Pipeline, ServerStatements
 from pgmp.protocol import frontend
 from pgmp.protocol.sql import session_effects as _session_effects
 from pgmp.session import settings_query
@@ -204,8 +204,7 @@ class Link:
             # those of a plain text, are none; the unnamed statement's text is such a text
             for _ in range(count):
                 batches.append([_S, [], False])
-            if kind & BATCH_PARSE:
-                self.unnamed_text = _PLAIN_TEXT
+            self.unnamed_text = _PLAIN_TEXT           # every such batch starts with its Parse
             self.pipeline.batches_sent(count, kind - BATCH_KIND)
             return
         effects = _CONTROL_EFFECTS[kind] if kind != _Q else ()

@@ -47,6 +47,8 @@ _BATCH_ENTRIES = [
     for shape in range(32)]
 # What unnamed messages are owed, popped in turn by a whole answer (Pipeline.answered).
 _PLAIN_EXTENDED = frozenset((R_PARSE, R_BIND, R_DESC_STMT, R_DESC_PORTAL, R_EXEC))
+# What the C relay may answer (Pipeline.c_relay_ok): those, and the ends of requests.
+_C_ANSWERABLE = _PLAIN_EXTENDED | {R_SYNC, R_QUERY}
 
 
 class StatementCache:
@@ -312,12 +314,7 @@ class Pipeline:
         """All the client is owed are answers to its own Queries and unnamed extended messages,
         unchanged (no statement of pgmp's to confirm, no made-up response, no Close), and no error
         is being skipped past: the C relay may pass those answers (see answered())."""
-        if self.skipping:
-            return False
-        for code, data, _u in self.expect:
-            if data is not None or (code != R_QUERY and code != R_SYNC and code not in _PLAIN_EXTENDED):
-                return False
-        return True
+        return not self.skipping and all(data is None and code in _C_ANSWERABLE for code, data, _u in self.expect)
 
     def synthetic_ready(self) -> bytes:
         """Made-up responses owed before anything the server still has to answer: send them now."""
