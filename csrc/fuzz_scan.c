@@ -288,31 +288,52 @@ static void check_incremental(const uint8_t *buf, size_t len, size_t split, cons
 
 static void check_walk(const uint8_t *src, size_t len, const uint8_t *flags, uint32_t max_len)
 {
-    uint8_t *copy = malloc(len ? len : 1), *counted = malloc(256);
+    size_t cap = len + PGMP_REWRITE_ROOM;
+    uint8_t *copy = malloc(cap), *counted = malloc(256);
     int32_t rec[PGMP_R_SIZE];
     uint32_t limits[256];
+    pgmp_binds *binds = pgmp_binds_new();
+    static const char *const names[][2] = {{"s1", "pgmp_1"}, {"P0_1", "pgmp_22"},
+                                           {"a", "pgmp_1234567890123456789"}, {"long_client_name", "p"}};
 
-    CHECK(copy != NULL && counted != NULL);
-    memcpy(copy, src, len);
+    CHECK(copy != NULL && counted != NULL && binds != NULL);
+    pgmp_binds_reset(binds, 0);
+    for (int i = 0; i < 4; i++)
+        CHECK(pgmp_binds_add(binds, (const uint8_t *)names[i][0], strlen(names[i][0]),
+                             (const uint8_t *)names[i][1], strlen(names[i][1])) == i);
+    pgmp_binds_enable(binds, 1);
     for (int i = 0; i < 256; i++) {
         counted[i] = flags[i] | (strchr("QSFPBDETCIZ12tns", i) != NULL && i ? PGMP_F_COUNT : 0);
         limits[i] = 64 + (uint32_t)i * 16;
     }
     for (int side = 0; side < 2; side++) {
-        for (int pooled = 0; pooled < 2; pooled++) {
-            pgmp_relay_walk(copy, len, counted, max_len, side, pooled, pooled ? limits : NULL, rec);
-            size_t good = (size_t)rec[PGMP_R_GOOD], pos = 0, frames = 0;
-            CHECK(good <= len && rec[PGMP_R_COUNT] >= 0);
+        for (int pooled = 0; pooled < 3; pooled++) {
+            /* pooled 2: the pooled walk with a binds table, which rewrites what it passes */
+            memcpy(copy, src, len);
+            pgmp_relay_walk(copy, len, cap, counted, max_len, side, pooled != 0, pooled ? limits : NULL,
+                            pooled == 2 ? binds : NULL, rec);
+            size_t n = (size_t)rec[PGMP_R_N], good = (size_t)rec[PGMP_R_GOOD], pos = 0, frames = 0;
+            int32_t kind = rec[PGMP_R_KIND];
+            CHECK(n <= cap && good <= n && rec[PGMP_R_COUNT] >= 0);
+            CHECK(pooled == 2 || (n == len && memcmp(copy, src, len) == 0));    /* no rewrite without binds */
+            CHECK(n - good <= len && memcmp(copy + good, src + len - (n - good), n - good) == 0);  /* Python's rest */
             while (pos < good) {                         /* good is a frame boundary */
                 CHECK(good - pos >= 5);
                 pos += (size_t)be32(copy + pos + 1) + 1;
                 frames++;
             }
             CHECK(pos == good && (size_t)rec[PGMP_R_COUNT] <= frames);
-            if (side == 0 && pooled && rec[PGMP_R_KIND] >= PGMP_KIND_BATCH)   /* unnamed batches: Parse first */
-                CHECK(rec[PGMP_R_KIND] < PGMP_KIND_BATCH + 32 && (rec[PGMP_R_KIND] & PGMP_BATCH_PARSE));
+            if (side == 0 && pooled && kind >= PGMP_KIND_BATCH) {
+                int shape = (kind - PGMP_KIND_BATCH) & (PGMP_BATCH_CONTROL * 4 - 1);
+                if (shape & PGMP_BATCH_NAMED)        /* a named batch: a Bind of an entry, no Parse */
+                    CHECK(pooled == 2 && (kind >> PGMP_KIND_STMT_SHIFT) < 4 && !(shape & PGMP_BATCH_PARSE)
+                          && (shape & PGMP_BATCH_BIND) && shape < PGMP_BATCH_CONTROL);
+                else                                 /* unnamed: Parse first, one index only */
+                    CHECK((kind >> PGMP_KIND_STMT_SHIFT) == 0 && (shape & PGMP_BATCH_PARSE));
+            }
         }
     }
+    pgmp_binds_free(binds);
     int t = pgmp_sql_trigger((const char *)copy, len), c = pgmp_sql_control((const char *)copy, len);
     int d = pgmp_sql_dml((const char *)copy, len);
     CHECK((t == 0 || t == 1) && (c == 0 || c == 'b' || c == 'c' || c == 'r') && (d == 0 || d == 1));

@@ -26,13 +26,161 @@ typedef struct {
     int32_t blocked;         /* Python has unsent bytes for this socket */
     int32_t held;            /* a server between its client's transactions (pgmp_relay_hold) */
     uint32_t touched;        /* the poll round that last relayed from or to it */
+    pgmp_binds *binds;       /* a pooled client's named statements on its server, or NULL */
 } slot;
 
 struct pgmp_relay {
     slot *slots;
     size_t cap;
     uint32_t round;          /* poll rounds, for slot.touched */
+    uint32_t epoch;          /* statement-name epoch (pgmp_relay_retire) */
+    uint8_t *tmp;            /* room to rewrite a read in (tmp_cap bytes), made on first use */
+    size_t tmp_cap;
 };
+
+struct bind_entry {
+    uint32_t name_off, name_len, sname_off, sname_len, hash;
+};
+
+struct pgmp_binds {
+    uint8_t *arena;          /* the names, back to back */
+    size_t used, arena_cap;
+    struct bind_entry *ents;
+    size_t n, ents_cap;
+    int32_t *index;          /* open addressing over ents, -1 empty; index_cap a power of 2 */
+    size_t index_cap;
+    int ok;
+    uint32_t epoch;
+};
+
+static uint32_t name_hash(const uint8_t *p, size_t n)
+{
+    uint32_t h = 2166136261u;
+    size_t i;
+
+    for (i = 0; i < n; i++)
+        h = (h ^ p[i]) * 16777619u;
+    return h;
+}
+
+pgmp_binds *pgmp_binds_new(void)
+{
+    return calloc(1, sizeof(pgmp_binds));
+}
+
+void pgmp_binds_free(pgmp_binds *t)
+{
+    if (t != NULL) {
+        free(t->arena);
+        free(t->ents);
+        free(t->index);
+        free(t);
+    }
+}
+
+void pgmp_binds_reset(pgmp_binds *t, uint32_t epoch)
+{
+    size_t i;
+
+    t->used = 0;
+    t->n = 0;
+    for (i = 0; i < t->index_cap; i++)
+        t->index[i] = -1;
+    t->ok = 0;
+    t->epoch = epoch;
+}
+
+void pgmp_binds_enable(pgmp_binds *t, int ok)
+{
+    t->ok = ok != 0;
+}
+
+int pgmp_binds_enabled(const pgmp_binds *t)
+{
+    return t->ok;
+}
+
+/* The entry of name[0:n], or -1. */
+static int binds_find(const pgmp_binds *t, const uint8_t *name, size_t n)
+{
+    uint32_t h;
+    size_t i, mask;
+
+    if (t->n == 0 || n > 0xffffffffu)
+        return -1;
+    h = name_hash(name, n);
+    mask = t->index_cap - 1;
+    for (i = h & mask; t->index[i] >= 0; i = (i + 1) & mask) {
+        const struct bind_entry *e = &t->ents[t->index[i]];
+        if (e->hash == h && e->name_len == n && memcmp(t->arena + e->name_off, name, n) == 0)
+            return t->index[i];
+    }
+    return -1;
+}
+
+static void binds_place(pgmp_binds *t, int32_t k)
+{
+    size_t mask = t->index_cap - 1, i;
+
+    for (i = t->ents[k].hash & mask; t->index[i] >= 0; i = (i + 1) & mask)
+        ;
+    t->index[i] = k;
+}
+
+int pgmp_binds_add(pgmp_binds *t, const uint8_t *name, size_t name_len, const uint8_t *sname, size_t sname_len)
+{
+    struct bind_entry *e;
+    int k;
+
+    if ((k = binds_find(t, name, name_len)) >= 0)
+        return k;
+    if (name_len + sname_len > 0x7fffffffu - t->used || t->n >= 0x7ffffff)
+        return -1;
+    if (t->used + name_len + sname_len > t->arena_cap) {
+        size_t want = t->arena_cap ? t->arena_cap : 256;
+        uint8_t *a;
+        while (want < t->used + name_len + sname_len)
+            want *= 2;
+        if ((a = realloc(t->arena, want)) == NULL)
+            return -1;
+        t->arena = a;
+        t->arena_cap = want;
+    }
+    if (t->n == t->ents_cap) {
+        size_t want = t->ents_cap ? 2 * t->ents_cap : 8;
+        struct bind_entry *a = realloc(t->ents, want * sizeof(*a));
+        if (a == NULL)
+            return -1;
+        t->ents = a;
+        t->ents_cap = want;
+    }
+    if (2 * (t->n + 1) > t->index_cap) {
+        size_t want = t->index_cap ? 2 * t->index_cap : 16, i;
+        int32_t *a = malloc(want * sizeof(*a));
+        if (a == NULL)
+            return -1;
+        free(t->index);
+        t->index = a;
+        t->index_cap = want;
+        for (i = 0; i < want; i++)
+            a[i] = -1;
+        for (i = 0; i < t->n; i++)
+            binds_place(t, (int32_t)i);
+    }
+    e = &t->ents[t->n];
+    e->name_off = (uint32_t)t->used;
+    e->name_len = (uint32_t)name_len;
+    memcpy(t->arena + t->used, name, name_len);
+    t->used += name_len;
+    e->sname_off = (uint32_t)t->used;
+    e->sname_len = (uint32_t)sname_len;
+    memcpy(t->arena + t->used, sname, sname_len);
+    t->used += sname_len;
+    e->hash = name_hash(name, name_len);
+    k = (int)t->n++;
+    binds_place(t, k);
+    return k;
+}
 
 static void clear_slot(slot *s)
 {
@@ -45,6 +193,7 @@ static void clear_slot(slot *s)
     s->blocked = 0;
     s->held = 0;
     s->touched = 0;
+    s->binds = NULL;
 }
 
 pgmp_relay *pgmp_relay_new(void)
@@ -56,6 +205,7 @@ void pgmp_relay_free(pgmp_relay *r)
 {
     if (r != NULL) {
         free(r->slots);
+        free(r->tmp);
         free(r);
     }
 }
@@ -104,6 +254,24 @@ int pgmp_relay_arm(pgmp_relay *r, int fd, int peer, const uint8_t *flags, uint32
     s->pooled = pooled != 0;
     s->limits = limits;
     return 0;
+}
+
+void pgmp_relay_binds(pgmp_relay *r, int fd, pgmp_binds *t)
+{
+    slot *s = get_slot(r, fd);
+
+    if (s != NULL && s->peer >= 0 && s->side == 0 && s->pooled)
+        s->binds = t;
+}
+
+uint32_t pgmp_relay_epoch(pgmp_relay *r)
+{
+    return r->epoch;
+}
+
+void pgmp_relay_retire(pgmp_relay *r)
+{
+    r->epoch++;
 }
 
 void pgmp_relay_disarm(pgmp_relay *r, int fd)
@@ -314,22 +482,23 @@ int pgmp_sql_dml(const char *chars, size_t len)
     return !contains_folded(text, len, "advisory_lock") && !contains_folded(text, len, "set_config");
 }
 
-/* A pooled client's Query the relay may pass: 'Q' for one string ending at the frame's end with
- * no trigger word or for one INSERT, UPDATE or DELETE (pgmp_sql_dml: its SET, TEMP, ... are not
- * session commands), 'b', 'c' or 'r' for a bare BEGIN, COMMIT or ROLLBACK (pgmp_sql_control), 0
- * for one Python must see. */
+/* A statement text the relay may pass in pooled mode: 'Q' for one with no trigger word or for one
+ * INSERT, UPDATE or DELETE (pgmp_sql_dml: its SET, TEMP, ... are not session commands), 'b', 'c'
+ * or 'r' for a bare BEGIN, COMMIT or ROLLBACK (pgmp_sql_control), 0 for one Python must see. */
+static int text_kind(const uint8_t *text, size_t n)
+{
+    if (!pgmp_sql_trigger((const char *)text, n) || pgmp_sql_dml((const char *)text, n))
+        return 'Q';
+    return pgmp_sql_control((const char *)text, n);
+}
+
+/* A pooled client's Query the relay may pass: its text_kind when it is one string ending at the
+ * frame's end, else 0. */
 static int query_kind(const uint8_t *body, size_t n)
 {
-    const uint8_t *nul;
-
-    if (n == 0)
+    if (n == 0 || memchr(body, 0, n) != body + n - 1)
         return 0;
-    nul = memchr(body, 0, n);
-    if (nul != body + n - 1)
-        return 0;
-    if (!pgmp_sql_trigger((const char *)body, n - 1) || pgmp_sql_dml((const char *)body, n - 1))
-        return 'Q';
-    return pgmp_sql_control((const char *)body, n - 1);
+    return text_kind(body, n - 1);
 }
 
 static uint32_t be16(const uint8_t *p)
@@ -356,14 +525,8 @@ static int counted(uint8_t type, uint8_t flag, uint32_t declared, const uint32_t
     return (flag & PGMP_F_COUNT) && (limits == NULL || declared <= limits[type]);
 }
 
-/* A statement text the relay may pass in pooled mode: no word that may change session state, or
- * one INSERT, UPDATE or DELETE (as query_kind's 'Q'). */
-static int plain_text(const uint8_t *text, size_t n)
-{
-    return !pgmp_sql_trigger((const char *)text, n) || pgmp_sql_dml((const char *)text, n);
-}
-
-/* An unnamed Parse's body that frontend.check_message accepts, with a plain text. */
+/* An unnamed Parse's body that frontend.check_message accepts: its text's kind as text_kind
+ * finds it ('Q', 'b', 'c', 'r'), or 0. */
 static int plain_parse(const uint8_t *b, size_t n)
 {
     const uint8_t *nul;
@@ -377,66 +540,84 @@ static int plain_parse(const uint8_t *b, size_t n)
     q = (size_t)(nul - b) + 1;                       /* after the text's NUL: the type count */
     if (n - q < 2 || n - q - 2 != 4 * (size_t)be16(b + q))
         return 0;
-    return plain_text(b + 1, (size_t)(nul - b) - 1);
+    return text_kind(b + 1, (size_t)(nul - b) - 1);
 }
 
-/* A Bind of the unnamed statement to the unnamed portal that frontend.check_message accepts,
- * with parameter format codes 0 or 1 only (anything else is Python's, and the server's). */
-static int plain_bind(const uint8_t *b, size_t n)
+/* A Bind to the unnamed portal that frontend.check_message accepts, with parameter format codes
+ * 0 or 1 only (anything else is Python's, and the server's): the length of its statement name
+ * (0: the unnamed statement), or -1. */
+static long plain_bind(const uint8_t *b, size_t n)
 {
-    size_t p = 2, nf, np, nr, i;
+    const uint8_t *nul;
+    size_t p, nf, np, nr, i;
 
-    if (n < 4 || b[0] != 0 || b[1] != 0)
-        return 0;
+    if (n < 2 || b[0] != 0)
+        return -1;
+    if ((nul = memchr(b + 1, 0, n - 1)) == NULL)
+        return -1;
+    p = (size_t)(nul - b) + 1;
+    if (n - p < 2)
+        return -1;
     nf = be16(b + p);
     p += 2;
     if ((n - p) / 2 < nf)
-        return 0;
+        return -1;
     for (i = 0; i < nf; i++)
         if (be16(b + p + 2 * i) > 1)
-            return 0;
+            return -1;
     p += 2 * nf;
     if (n - p < 2)
-        return 0;
+        return -1;
     np = be16(b + p);
     p += 2;
     if (nf > 1 && nf != np)
-        return 0;
+        return -1;
     for (i = 0; i < np; i++) {
         uint32_t l;
 
         if (n - p < 4)
-            return 0;
+            return -1;
         l = be32(b + p);
         p += 4;
         if (l == 0xffffffffu)
             continue;                                /* NULL */
         if (l > 0x7fffffffu || n - p < l)
-            return 0;
+            return -1;
         p += l;
     }
     if (n - p < 2)
-        return 0;
+        return -1;
     nr = be16(b + p);
     p += 2;
-    return n - p == 2 * nr;
+    return n - p == 2 * nr ? (long)(nul - b) - 1 : -1;
 }
 
-/* An unnamed extended-protocol batch at buf[pos:len], whole up to its Sync: Parse, an optional
- * Describe of the statement, then optionally Bind, Describe of the portal, Execute, in that
- * order, each at most once, Flushes anywhere. Returns its shape (PGMP_BATCH_* bits) and sets *end
- * after the Sync, or 0 when the batch is not one the relay passes (then none of it is passed). */
+/* A named batch's Bind to rewrite: the frame's offset, its statement name's length, the entry. */
+struct rewrite {
+    size_t frame;
+    uint32_t name_len;
+    int32_t entry;
+};
+
+/* An extended-protocol batch at buf[pos:len] the relay passes, whole up to its Sync. Either an
+ * unnamed one: Parse, an optional Describe of the statement, then optionally Bind, Describe of
+ * the portal, Execute; or, with binds, a named one: a Bind of a statement in the table, then
+ * optionally Describe of the portal and Execute. In that order, each at most once, Flushes
+ * anywhere. Returns its shape (PGMP_BATCH_* bits, a transaction command's PGMP_BATCH_CONTROL
+ * bits) and sets *end after the Sync, and for a named one *rw, or 0 when the batch is not one
+ * the relay passes (then none of it is passed). */
 static int plain_batch(const uint8_t *buf, size_t len, size_t pos, const uint8_t *flags, uint32_t max_len,
-                       const uint32_t *limits, size_t *end)
+                       const uint32_t *limits, const pgmp_binds *binds, size_t *end, struct rewrite *rw)
 {
-    int shape = 0, stage = 0;
+    int shape = 0, stage = 0, k;
+    long name_len;
     uint8_t flag;
     uint32_t declared;
 
     while (whole_frame(buf, len, pos, flags, max_len, &flag, &declared)) {
         uint8_t type = buf[pos];
         const uint8_t *body = buf + pos + 5;
-        size_t n = declared - 4;
+        size_t n = declared - 4, at = pos;
 
         pos += (size_t)declared + 1;
         if (!(flag & PGMP_F_REPORT))
@@ -445,10 +626,12 @@ static int plain_batch(const uint8_t *buf, size_t len, size_t pos, const uint8_t
             return 0;
         switch (type) {
         case 'P':
-            if (stage != 0 || !plain_parse(body, n))
+            if (stage != 0 || (k = plain_parse(body, n)) == 0)
                 return 0;
             stage = 1;
             shape |= PGMP_BATCH_PARSE;
+            if (k != 'Q')
+                shape |= PGMP_BATCH_CONTROL * (k == 'b' ? 1 : k == 'c' ? 2 : 3);
             break;
         case 'D':
             if (n != 2 || body[1] != 0)
@@ -464,8 +647,19 @@ static int plain_batch(const uint8_t *buf, size_t len, size_t pos, const uint8_t
             }
             break;
         case 'B':
-            if ((stage != 1 && stage != 2) || !plain_bind(body, n))
+            if ((name_len = plain_bind(body, n)) < 0)
                 return 0;
+            if (stage == 0 && name_len > 0 && binds != NULL) {
+                /* a statement the client prepared: passed only as its server has it */
+                if ((k = binds_find(binds, body + 1, (size_t)name_len)) < 0)
+                    return 0;
+                rw->frame = at;
+                rw->name_len = (uint32_t)name_len;
+                rw->entry = k;
+                shape |= PGMP_BATCH_NAMED;
+            } else if ((stage != 1 && stage != 2) || name_len != 0) {
+                return 0;
+            }
             stage = 3;
             shape |= PGMP_BATCH_BIND;
             break;
@@ -538,16 +732,52 @@ static size_t plain_answers(const uint8_t *buf, size_t len, const uint8_t *flags
     return pos;
 }
 
-void pgmp_relay_walk(const uint8_t *buf, size_t len, const uint8_t *flags, uint32_t max_len, int side,
-                     int pooled, const uint32_t *limits, int32_t *rec)
+
+/* Write the named batches' Binds with their server names: buf[0:len] becomes buf[0:len + growth]
+ * through tmp (cap bytes). */
+static void rewrite_binds(uint8_t *buf, size_t len, const struct rewrite *rw, int k, const pgmp_binds *binds,
+                          uint8_t *tmp)
+{
+    size_t from = rw[0].frame, out = 0;
+    int i;
+
+    for (i = 0; i < k; i++) {
+        const struct bind_entry *e = &binds->ents[rw[i].entry];
+        size_t name_at = rw[i].frame + 6;            /* type, length word, the unnamed portal's NUL */
+        uint32_t declared = be32(buf + rw[i].frame + 1) - rw[i].name_len + e->sname_len;
+        size_t head = out + (rw[i].frame - from);
+
+        memcpy(tmp + out, buf + from, name_at - from);
+        out += name_at - from;
+        tmp[head + 1] = (uint8_t)(declared >> 24);
+        tmp[head + 2] = (uint8_t)(declared >> 16);
+        tmp[head + 3] = (uint8_t)(declared >> 8);
+        tmp[head + 4] = (uint8_t)declared;
+        memcpy(tmp + out, binds->arena + e->sname_off, e->sname_len);
+        out += e->sname_len;
+        from = name_at + rw[i].name_len;
+    }
+    memcpy(tmp + out, buf + from, len - from);
+    out += len - from;
+    memcpy(buf + rw[0].frame, tmp, out);
+}
+
+/* The walk; tmp: cap bytes of room to rewrite in, or NULL (then no named batch passes). */
+static void walk(uint8_t *buf, size_t len, size_t cap, const uint8_t *flags, uint32_t max_len, int side,
+                 int pooled, const uint32_t *limits, const pgmp_binds *binds, uint8_t *tmp, int32_t *rec)
 {
     size_t pos = 0;
+    long long growth = 0;
     int32_t count = 0, kind = -1, sync = 0;
     uint8_t flag;
     uint32_t declared;
+    struct rewrite rw[PGMP_REWRITES_MAX];
+    int nrw = 0;
 
     if (max_len > PGMP_LEN_MAX)
         max_len = PGMP_LEN_MAX;
+    if (binds != NULL && (!binds->ok || tmp == NULL || cap < len))
+        binds = NULL;
     if (pooled && side == 1)
         pos = plain_answers(buf, len, flags, max_len, limits, &count, &kind);
     while ((!pooled || side == 0) && whole_frame(buf, len, pos, flags, max_len, &flag, &declared)) {
@@ -565,11 +795,23 @@ void pgmp_relay_walk(const uint8_t *buf, size_t len, const uint8_t *flags, uint3
                     if ((k = query_kind(buf + pos + 5, declared - 4)) == 0)
                         break;
                     end = pos + (size_t)declared + 1;
-                } else if (type == 'P') {
-                    int shape = plain_batch(buf, len, pos, flags, max_len, limits, &end);
+                } else if (type == 'P' || type == 'B') {
+                    int shape = plain_batch(buf, len, pos, flags, max_len, limits,
+                                            nrw < PGMP_REWRITES_MAX ? binds : NULL, &end, &rw[nrw]);
                     if (shape == 0)
                         break;
                     k = PGMP_KIND_BATCH + shape;
+                    if (shape & PGMP_BATCH_NAMED) {
+                        size_t sname_len = binds->ents[rw[nrw].entry].sname_len;
+                        k += rw[nrw].entry << PGMP_KIND_STMT_SHIFT;
+                        if (count > 0 && k != kind)
+                            break;
+                        long long d = (long long)sname_len - (long long)rw[nrw].name_len;
+                        if (d > (long long)(cap - len) - growth)
+                            break;                   /* no room left: the rest is Python's */
+                        growth += d;
+                        nrw++;
+                    }
                 } else {
                     break;
                 }
@@ -604,12 +846,26 @@ void pgmp_relay_walk(const uint8_t *buf, size_t len, const uint8_t *flags, uint3
         }
         pos += (size_t)declared + 1;
     }
+    if (nrw > 0) {
+        rewrite_binds(buf, len, rw, nrw, binds, tmp);
+        len = (size_t)((long long)len + growth);
+        pos = (size_t)((long long)pos + growth);
+    }
     rec[PGMP_R_N] = (int32_t)len;
     rec[PGMP_R_SENT] = (int32_t)len;
     rec[PGMP_R_GOOD] = (int32_t)pos;
     rec[PGMP_R_COUNT] = count;
     rec[PGMP_R_KIND] = kind;
     rec[PGMP_R_SYNC] = sync;
+}
+
+void pgmp_relay_walk(uint8_t *buf, size_t len, size_t cap, const uint8_t *flags, uint32_t max_len, int side,
+                     int pooled, const uint32_t *limits, const pgmp_binds *binds, int32_t *rec)
+{
+    uint8_t *tmp = binds != NULL ? malloc(cap > 0 ? cap : 1) : NULL;
+
+    walk(buf, len, cap, flags, max_len, side, pooled, limits, binds, tmp, rec);
+    free(tmp);
 }
 
 static size_t send_all(int fd, const uint8_t *buf, size_t len)
@@ -638,6 +894,7 @@ static int step(pgmp_relay *r, slot *s, int fd, uint32_t events, uint8_t *buf, s
     slot *peer;
     ssize_t n;
     size_t good;
+    pgmp_binds *binds;
 
     rec[PGMP_R_FD] = fd;
     rec[PGMP_R_EVENTS] = (int32_t)events;
@@ -668,13 +925,29 @@ static int step(pgmp_relay *r, slot *s, int fd, uint32_t events, uint8_t *buf, s
     }
     if (cap > 0x7fffffff)
         cap = 0x7fffffff;
+    if (cap <= PGMP_REWRITE_ROOM)
+        return 0;
+    binds = s->binds;
+    if (binds != NULL && (!binds->ok || binds->epoch != r->epoch))
+        binds = NULL;
+    if (binds != NULL && r->tmp_cap < cap) {
+        uint8_t *t = realloc(r->tmp, cap);
+        if (t == NULL) {
+            binds = NULL;      /* no room to rewrite in: named batches are Python's */
+        } else {
+            r->tmp = t;
+            r->tmp_cap = cap;
+        }
+    }
     do {
-        n = recv(fd, buf, cap, 0);
+        n = recv(fd, buf, cap - PGMP_REWRITE_ROOM, 0);
     } while (n < 0 && errno == EINTR);
     if (n <= 0)
         return 0;              /* EOF, an error or nothing after all: Python reads and sees which */
     peer->held = 0;            /* its client's bytes, for it or for Python: in use again */
-    pgmp_relay_walk(buf, (size_t)n, s->flags, s->max_len, s->side, s->pooled, s->limits, rec);
+    walk(buf, (size_t)n, cap, s->flags, s->max_len, s->side, s->pooled, s->limits, binds, r->tmp, rec);
+    if (s->binds != NULL && rec[PGMP_R_COUNT] > 0 && rec[PGMP_R_KIND] < PGMP_KIND_BATCH)
+        s->binds->ok = 0;      /* a Query passed: it might drop statements (Python enables it again) */
     rec[PGMP_R_PEER] = s->peer;
     good = (size_t)rec[PGMP_R_GOOD];
     rec[PGMP_R_SENT] = (int32_t)(good ? send_all(s->peer, buf, good) : 0);

@@ -20,7 +20,7 @@ enum {
     PGMP_R_FD = 0,       /* the socket */
     PGMP_R_EVENTS = 1,   /* the epoll mask */
     PGMP_R_CODE = 2,     /* PGMP_EV_* */
-    PGMP_R_N = 3,        /* bytes received into buf[0:n]; 0: EOF or error, Python reads again to see which */
+    PGMP_R_N = 3,        /* bytes in buf[0:n] (received, then as rewritten); 0: EOF or error, Python reads again */
     PGMP_R_SENT = 4,     /* buf[0:sent] went to the peer */
     PGMP_R_GOOD = 5,     /* buf[sent:good] did not: queue it for the peer; buf[good:n] is Python's to process */
     PGMP_R_COUNT = 6,    /* requests (client side) or ReadyForQuery frames (server side) in buf[0:good] */
@@ -41,8 +41,35 @@ enum {
     PGMP_BATCH_BIND = 2,         /* a Bind of the unnamed statement to the unnamed portal */
     PGMP_BATCH_DESC_PORTAL = 4,  /* Describe of the unnamed portal (after the Bind) */
     PGMP_BATCH_DESC_STMT = 8,    /* Describe of the unnamed statement (after the Parse, before any Bind) */
-    PGMP_BATCH_EXECUTE = 16      /* Execute of the unnamed portal (after the Bind) */
+    PGMP_BATCH_EXECUTE = 16,     /* Execute of the unnamed portal (after the Bind) */
+    PGMP_BATCH_NAMED = 32,       /* the batch starts with a Bind of a named statement found in the
+                                  * client's binds table (below), rewritten to its server name; the
+                                  * entry's index is kind >> PGMP_KIND_STMT_SHIFT */
+    PGMP_BATCH_CONTROL = 64,     /* 2 bits: an unnamed Parse's text is a bare transaction command
+                                  * (pgmp_sql_control): 1 BEGIN, 2 COMMIT, 3 ROLLBACK, times this */
+    PGMP_KIND_STMT_SHIFT = 9
 };
+
+/* The relay receives at most cap - PGMP_REWRITE_ROOM bytes per read: the rest of the buffer is
+ * room for the Bind heads it rewrites (a server name longer than the client's). */
+enum { PGMP_REWRITE_ROOM = 4096, PGMP_REWRITES_MAX = 64 };
+
+/* A pooled client's named statements as its current server has them: client name -> server name
+ * (pgmp.prepared's pgmp_<n>). Python fills it for the pair it arms (Link.bound_statements) and
+ * enables it while no simple Query is unanswered (one might be a DISCARD ALL); C disables it
+ * when it passes a Query itself. A table made in an older epoch (pgmp_relay_retire: a statement
+ * name left the worker's cache) is not used. */
+typedef struct pgmp_binds pgmp_binds;
+
+pgmp_binds *pgmp_binds_new(void);
+void pgmp_binds_free(pgmp_binds *t);
+/* Empty the table, disabled, for the relay's current epoch. */
+void pgmp_binds_reset(pgmp_binds *t, uint32_t epoch);
+/* Add name -> sname; returns the entry's index, or -1 when out of memory. A name added twice
+ * keeps its first entry. */
+int pgmp_binds_add(pgmp_binds *t, const uint8_t *name, size_t name_len, const uint8_t *sname, size_t sname_len);
+void pgmp_binds_enable(pgmp_binds *t, int ok);
+int pgmp_binds_enabled(const pgmp_binds *t);
 
 typedef struct pgmp_relay pgmp_relay;
 
@@ -59,8 +86,10 @@ void pgmp_relay_free(pgmp_relay *r);
  * free of the words that may change session state (pgmp_sql_trigger) or one INSERT, UPDATE or
  * DELETE (pgmp_sql_dml), kind 'Q', or a bare
  * transaction command (pgmp_sql_control), kind 'b', 'c' or 'r', or an unnamed extended batch
- * (PGMP_KIND_BATCH) whose Parse text would pass as such a Query's 'Q' and whose messages are
- * well formed as pgmp.protocol.frontend checks them, whole in the read; a server's answer passes
+ * (PGMP_KIND_BATCH) whose Parse text would pass as such a Query's (PGMP_BATCH_CONTROL for a
+ * transaction command), or a batch binding a named statement of the client's binds table
+ * (PGMP_BATCH_NAMED, its Bind rewritten to the server name), messages well formed as
+ * pgmp.protocol.frontend checks them, whole in the read; a server's answer passes
  * whole, through its ReadyForQuery, when its reported frames are all counted and no
  * CommandComplete's tag is a session command's (SET, RESET, DISCARD, LISTEN, PREPARE, LOAD,
  * DEALLOCATE); of an answer not whole in the read, or with a frame Python must see, only the
@@ -68,6 +97,12 @@ void pgmp_relay_free(pgmp_relay *r);
  * answers when it sees it). */
 int pgmp_relay_arm(pgmp_relay *r, int fd, int peer, const uint8_t *flags, uint32_t max_len, int side,
                    int pooled, const uint32_t *limits);
+/* Give the armed client fd its binds table (NULL: none); disarming takes it away. The table
+ * must outlive the arming. */
+void pgmp_relay_binds(pgmp_relay *r, int fd, pgmp_binds *t);
+/* The relay's statement-name epoch, and a new one (every binds table made before is stale). */
+uint32_t pgmp_relay_epoch(pgmp_relay *r);
+void pgmp_relay_retire(pgmp_relay *r);
 /* Disarm fd: Python handles its events again. */
 void pgmp_relay_disarm(pgmp_relay *r, int fd);
 /* Python holds unsent bytes for fd (1) or no longer (0): the relay must not send to it meanwhile. */
@@ -84,7 +119,9 @@ int pgmp_relay_held(pgmp_relay *r, int fd);
 
 /*
  * One epoll_wait on epfd (timeout in ms), then for each event on an armed socket whose peer is
- * not blocked: recv into buf[0:cap], walk the frames, send the leading frames that need no
+ * not blocked: recv into buf[0:cap - PGMP_REWRITE_ROOM], walk the frames (rewriting the Binds
+ * of named batches in buf, whose bytes then move: the record's N is after that), send the
+ * leading frames that need no
  * decision to the peer, and describe it in a record. Once one record leaves bytes for Python
  * (good < n), buf is Python's: the later events of the batch get PGMP_EV_PYTHON records, and so
  * does a second event of a pair already relayed in this batch, so that Python has taken in the
@@ -99,9 +136,11 @@ int pgmp_relay_poll(pgmp_relay *r, int epfd, int timeout_ms, uint8_t *buf, size_
 int pgmp_relay_step(pgmp_relay *r, int fd, uint32_t events, uint8_t *buf, size_t cap, int32_t *rec);
 
 /* The frame walk alone over buf[0:len] (no IO), as the relay does it: fills rec's GOOD, COUNT,
- * KIND and SYNC (SENT and N are set to len). For the tests that hold it against the Python relay. */
-void pgmp_relay_walk(const uint8_t *buf, size_t len, const uint8_t *flags, uint32_t max_len, int side,
-                     int pooled, const uint32_t *limits, int32_t *rec);
+ * KIND and SYNC (SENT and N are set to the length after rewriting). With binds (an enabled table,
+ * or NULL) the named batches it passes are rewritten in buf, which must hold cap bytes: buf[0:N]
+ * is then what the relay would have. For the tests that hold it against the Python relay. */
+void pgmp_relay_walk(uint8_t *buf, size_t len, size_t cap, const uint8_t *flags, uint32_t max_len, int side,
+                     int pooled, const uint32_t *limits, const pgmp_binds *binds, int32_t *rec);
 
 /* 1 if text[0:len] holds a word that may change session state, as pgmp.protocol.sql's _TRIGGER
  * finds it (ASCII case folded; a word is a whole run of [A-Za-z0-9_]; advisory_lock and set_config

@@ -15,7 +15,7 @@ from pgmp.loop import Endpoint
 from pgmp.protocol import messages, startup
 from pgmp.protocol.scanner import ERR_SHORT, ERR_TYPE, Scanner, make_flags
 from pgmp.link import CLOSE, REUSE, Link
-from pgmp.prepared import Pipeline
+from pgmp.prepared import BATCH_KIND, BATCH_NAMED, KIND_STMT_SHIFT, Pipeline
 from pgmp.relay import ASSEMBLE, FORWARD, REPLACE, STOP, WAIT, relay
 from pgmp.session import ClientState, check_transition, client_settings, login_parameters
 
@@ -65,7 +65,7 @@ class ClientConnection(Endpoint):
                  "auth", "auth_method", "secret_entry", "link", "key_pid", "key_secret", "timer", "scanner", "flags",
                  "whole", "terminating", "ssl_asked", "gss_asked", "connected_at", "over_limit", "wait_started",
                  "close_at_boundary", "replacement", "cancelled_at", "settings_pending", "logged_in",
-                 "conn_id", "peer_cred", "console", "console_waiting")
+                 "conn_id", "peer_cred", "console", "console_waiting", "binds")
 
     def __init__(self, worker, sock, peer: str, over_limit: bool = False, peer_cred=None):
         super().__init__(worker.loop, sock)
@@ -101,6 +101,7 @@ class ClientConnection(Endpoint):
         self.peer_cred = peer_cred                 # (pid, uid, gid) of a unix socket peer (SO_PEERCRED)
         self.console = None                        # the admin console session (pgmp.console)
         self.console_waiting = False               # its reading paused until the console answers
+        self.binds = None                          # transaction mode: crelay.Binds, once it has statements
         timeout = worker.config.client_login_timeout
         if over_limit:
             timeout = min(timeout, REFUSE_GRACE) if timeout > 0 else REFUSE_GRACE
@@ -131,14 +132,26 @@ class ClientConnection(Endpoint):
                 and not link.copy_in and srv.relay_ready() and not self.closed and not srv.closed
                 and (not link.pooled or link.c_relay_ok())):
             if link.pooled:
-                if self.relay_peer is not srv:
+                armed = self.relay_peer is not srv
+                if armed:
                     self.relay_arm(srv, self.scanner, srv.scanner, 0, True, None, srv.c_limits())
                     if srv.held and self.relay_peer is srv:
                         self.loop.crelay.hold(srv.fd, True)
+                if self.relay_peer is srv and (self.binds is not None or link.pipeline.statements):
+                    self.relay_binds(armed)
             else:
                 self.relay_arm(srv, self.scanner, srv.scanner, 0)
         elif self.relay_peer is not None:
             self.unrelay()
+
+    def relay_binds(self, attach: bool = False):
+        """Transaction mode, armed: the C relay's binds table in step with the Link (crelay.Binds)."""
+        binds = self.binds
+        if binds is None:
+            from pgmp.crelay import Binds
+            binds = self.binds = Binds()
+            attach = True
+        binds.sync(self.loop.crelay, self.fd, self.link, attach)
 
     def relay_counted(self, count, kind, sync):
         link = self.link
@@ -146,8 +159,18 @@ class ClientConnection(Endpoint):
             srv = self.server
             if srv.held:
                 self.pool.reuse_held(srv, True)
-            link.queries_relayed(count, kind)      # only plain Queries (or a bare BEGIN, COMMIT,
-                                                   # ROLLBACK) pass C in pooled mode
+            # in pooled mode only plain Queries, bare BEGIN, COMMIT, ROLLBACK, and extended
+            # batches of unnamed statements or of ones in the binds table pass C
+            binds = self.binds
+            if kind >= BATCH_KIND:
+                link.queries_relayed(count, kind, binds.entries if binds is not None else None)
+                if kind & BATCH_NAMED:                 # rx counted the rewritten Binds: count the client's
+                    name, sname = binds.entries[kind >> KIND_STMT_SHIFT][:2]
+                    self.rx -= count * (len(sname) - len(name))
+            else:
+                link.queries_relayed(count, kind)
+                if binds is not None:
+                    binds.enabled = False          # C disabled the table: a Query is unanswered
             return
         for _ in range(count):
             link.client_frame(kind)

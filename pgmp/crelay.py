@@ -9,8 +9,13 @@ simple Queries and unnamed extended batches is in flight (Link.c_relay_ok).
 C then passes only a Query whose text has no word that may change session
 state (pgmp_sql_trigger; or one INSERT, UPDATE, DELETE, or a bare BEGIN,
 COMMIT, ROLLBACK), an unnamed Parse/Bind/Describe/Execute batch whole up to
-its Sync whose text passes the same test (its shape is the record's kind,
-from which Link.queries_relayed appends what Pipeline.client_frame would), and
+its Sync whose text passes the same test or is such a command (its shape is
+the record's kind, from which Link.queries_relayed appends what
+Pipeline.client_frame would), a Bind/Describe/Execute/Sync batch of a named
+statement in the client's binds table (Binds: the statements its current
+server has, by client name, made by Link.bound_statements and kept in step at
+every relay_check; C rewrites the Bind to the server name in the relay buffer,
+in the room the buffer keeps for it, and the record names the entry), and
 a whole answer through its ReadyForQuery whose frames answer what was sent
 (no ErrorResponse, no session command's CommandComplete, each within its
 type's length limit, Limits): Pipeline.answered pops what it answered. An event on an
@@ -54,6 +59,7 @@ import math
 from pgmp.protocol import scanner as _scanner
 
 REC = 10          # int32 fields per record (PGMP_R_SIZE)
+REWRITE_ROOM = 4096   # PGMP_REWRITE_ROOM: the relay buffer's room for rewritten Bind heads
 MAX_EVENTS = 256
 
 
@@ -109,6 +115,17 @@ class CRelay:
         """``fd`` is armed and still held: C has read none of its client's bytes since the mark."""
         return bool(self._lib.pgmp_relay_held(self._r, fd))
 
+    def binds(self, fd: int, binds: "Binds | None") -> None:
+        """Give the armed pooled client ``fd`` its binds table (None: none)."""
+        self._lib.pgmp_relay_binds(self._r, fd, binds.c if binds is not None else self._ffi.NULL)
+
+    def epoch(self) -> int:
+        return self._lib.pgmp_relay_epoch(self._r)
+
+    def retire(self) -> None:
+        """A statement name left the worker's cache: every binds table made before is stale."""
+        self._lib.pgmp_relay_retire(self._r)
+
 
 class Limits:
     """A per-type table of the largest length word accepted (a tuple of 256 ints, as
@@ -120,13 +137,77 @@ class Limits:
         self.c = ffi.new("uint32_t[256]", [min(v, 0xffffffff) for v in table])
 
 
+class Binds:
+    """One pooled client's named statements as the C relay may bind them on its current server
+    (pgmp_binds): client name -> server name, in C memory, and ``entries``, the same in Python, by
+    the index C reports (Link.bound_statements makes them). ``tag`` says what they were made
+    from; ``enabled`` mirrors the table's flag as far as Python knows (C clears it when it passes
+    a Query)."""
+    __slots__ = ("c", "entries", "tag", "enabled", "_lib")
+
+    def __init__(self):
+        from pgmp._scan import ffi, lib
+        t = lib.pgmp_binds_new()
+        if t == ffi.NULL:
+            raise MemoryError("pgmp_binds_new")
+        self.c = ffi.gc(t, lib.pgmp_binds_free)
+        self._lib = lib
+        self.entries: list = []
+        self.tag = None
+        self.enabled = False
+
+    def fill(self, entries: list, epoch: int, tag) -> bool:
+        """Make the table ``entries`` (client name, server name, ...), disabled; False when C ran
+        out of memory (then it is left empty)."""
+        lib, t = self._lib, self.c
+        lib.pgmp_binds_reset(t, epoch)
+        self.enabled = False
+        self.tag = tag
+        for i, e in enumerate(entries):
+            name, sname = e[0], e[1]
+            if lib.pgmp_binds_add(t, name, len(name), sname, len(sname)) != i:
+                lib.pgmp_binds_reset(t, epoch)
+                self.entries = []
+                return False
+        self.entries = entries
+        return True
+
+    def enable(self, ok: bool) -> None:
+        self._lib.pgmp_binds_enable(self.c, 1 if ok else 0)
+        self.enabled = ok
+
+    def sync(self, relay: CRelay, fd: int, link, attach: bool) -> None:
+        """Bring the table in step with the pooled ``link`` (its statements, its server's, the
+        worker's cache: Link.bound_statements), enabled while no simple Query is unanswered;
+        ``attach``: give it to the client ``fd``'s slot (just armed, or a new table)."""
+        pl = link.pipeline
+        srv = link.server.statements
+        tag = (pl.version, srv, srv.version, pl.cache.evictions)
+        if tag != self.tag:
+            self.fill(link.bound_statements(), relay.epoch(), tag)
+        ok = bool(self.entries) and not pl.query_unanswered()
+        if ok != self.enabled:
+            self.enable(ok)
+        if attach:
+            relay.binds(fd, self)
+
+    def c_enabled(self) -> bool:
+        """The flag as C has it (for tests)."""
+        return bool(self._lib.pgmp_binds_enabled(self.c))
+
+
 def walk(buf: bytes, flags: bytes, max_len: int, side: int, pooled: bool = False,
-         limits: Limits | None = None) -> tuple[int, int, int, int]:
-    """The C relay's frame walk over ``buf`` alone: (good, count, kind, sync), for tests."""
+         limits: Limits | None = None, binds: Binds | None = None):
+    """The C relay's frame walk over ``buf`` alone: (good, count, kind, sync), for tests; with
+    ``binds``, (good, count, kind, bytes): the bytes as the walk rewrote them."""
     from pgmp._scan import ffi, lib
     rec = ffi.new("int32_t[]", REC)
-    lib.pgmp_relay_walk(ffi.from_buffer(buf), len(buf), ffi.from_buffer(flags), max_len, side,
-                        1 if pooled else 0, limits.c if limits is not None else ffi.NULL, rec)
+    room = bytearray(buf) + bytearray(lib.PGMP_REWRITE_ROOM)
+    lib.pgmp_relay_walk(ffi.from_buffer(room), len(buf), len(room), ffi.from_buffer(flags), max_len, side,
+                        1 if pooled else 0, limits.c if limits is not None else ffi.NULL,
+                        binds.c if binds is not None else ffi.NULL, rec)
+    if binds is not None:
+        return rec[5], rec[6], rec[7], bytes(room[:rec[3]])
     return rec[5], rec[6], rec[7], rec[8]
 
 

@@ -25,7 +25,8 @@ import logging
 
 from pgmp import errors
 from pgmp.errors import PgmpError, ServerProtocolError
-from pgmp.prepared import BATCH_KIND, Pipeline, ServerStatements
+from pgmp.prepared import (BATCH_BIND, BATCH_CONTROL, BATCH_KIND, BATCH_NAMED, KIND_STMT_SHIFT, Pipeline,
+                           ServerStatements)
 from pgmp.protocol import frontend
 from pgmp.protocol.sql import session_effects as _session_effects
 from pgmp.session import settings_query
@@ -66,6 +67,10 @@ _Q, _S, _F, _P, _B, _E = 81, 83, 70, 80, 66, 69
 # session_effects() finds them in such a text.
 _CONTROL_EFFECTS = {98: _session_effects(b"begin"), 99: _session_effects(b"commit"),
                     114: _session_effects(b"rollback")}
+# The same for an unnamed Parse's text in a batch (PGMP_BATCH_CONTROL's 1, 2, 3): a text with
+# those effects, for the unnamed statement.
+_CONTROL_TEXTS = (None, b"begin", b"commit", b"rollback")
+_CONTROL_BATCH_EFFECTS = (None, _CONTROL_EFFECTS[98], _CONTROL_EFFECTS[99], _CONTROL_EFFECTS[114])
 _IDLE = 73
 # The unnamed statement's text after a batch the C relay passed: C found in it no word that may
 # change session state (or it is one INSERT, UPDATE or DELETE), so a later Bind of it has no
@@ -190,22 +195,39 @@ class Link:
         return pl.client_frame(kind, payload if payload is not None else b"",
                                self.server.statements)
 
-    def queries_relayed(self, count: int, kind: int = _Q) -> None:
+    def queries_relayed(self, count: int, kind: int = _Q, bound: list | None = None) -> None:
         """``count`` Query frames the C relay passed (pgmp.crelay), each whole, well formed and, in
         pooled mode, free of the words that may change session state (``kind`` "Q") or one bare
         BEGIN, COMMIT or ROLLBACK ("b", "c", "r"): as client_frame for each. In pooled mode
-        ``kind`` BATCH_KIND + shape: ``count`` unnamed extended batches, each whole through its
-        Sync, its Parse text free of those words too."""
+        ``kind`` BATCH_KIND + shape: ``count`` extended batches, each whole through its Sync:
+        unnamed ones, their Parse text free of those words too or one such command
+        (BATCH_CONTROL), or Binds of one named statement, entry ``kind >> KIND_STMT_SHIFT`` of
+        ``bound`` (bound_statements), rewritten to its server name."""
         self._stamp()
         self.outstanding += count
         batches = self.batches
         if kind >= BATCH_KIND:
-            # as client_frame for each message: the Sync is the request; the batch's effects,
-            # those of a plain text, are none; the unnamed statement's text is such a text
-            for _ in range(count):
-                batches.append([_S, [], False])
-            self.unnamed_text = _PLAIN_TEXT           # every such batch starts with its Parse
-            self.pipeline.batches_sent(count, kind - BATCH_KIND)
+            # as client_frame for each message: the Sync is the request; the batch's effects are
+            # those of the statement its Bind binds
+            shape = kind & (BATCH_CONTROL * 4 - 1)
+            if shape & BATCH_NAMED:
+                _name, sname, key, effects = bound[kind >> KIND_STMT_SHIFT]
+                for _ in range(count):
+                    batches.append([_S, list(effects), False])
+                self.pipeline.named_batches_sent(count, shape, sname, key, self.server.statements)
+                return
+            control = shape // BATCH_CONTROL
+            if control and shape & BATCH_BIND:
+                effects = _CONTROL_BATCH_EFFECTS[control]
+                for _ in range(count):
+                    batches.append([_S, list(effects), False])
+            else:
+                for _ in range(count):
+                    batches.append([_S, [], False])
+            # every such batch starts with its Parse: the unnamed statement's text is one with
+            # the same effects as the batch's
+            self.unnamed_text = _CONTROL_TEXTS[control] if control else _PLAIN_TEXT
+            self.pipeline.batches_sent(count, shape & (BATCH_NAMED - 1))
             return
         effects = _CONTROL_EFFECTS[kind] if kind != _Q else ()
         for _ in range(count):
@@ -219,6 +241,23 @@ class Link:
         self.pipeline.answered(count)
         self.server_ready(count, status)
         return self.after_ready()
+
+    def bound_statements(self) -> list:
+        """Pooled mode: the client's named statements that its server has, so that a Bind of one
+        needs no Parse first (ServerStatements.usable): (client name, server name, key, session
+        effects) each, for the C relay's binds table (crelay.Binds). The C relay binds them only
+        while no simple Query is unanswered (Pipeline.query_unanswered)."""
+        pl = self.pipeline
+        if not pl.statements or not pl.enabled:
+            return []
+        usable = self.server.statements.usable
+        names = pl.cache.names
+        out = []
+        for name, key in pl.statements.items():
+            sname = names.get(key)
+            if sname is not None and usable(sname):
+                out.append((name, sname, key, tuple(session_effects(key[:key.index(b"\0")]))))
+        return out
 
     def c_relay_ok(self) -> bool:
         """Pooled mode: only whole requests whose answers need no rewriting are in flight (simple

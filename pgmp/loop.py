@@ -76,10 +76,12 @@ class Loop:
         if relay:
             from pgmp.crelay import CRelay
             # its own buffer: a record's bytes for Python stay there while Python handles the
-            # batch's earlier events, which read into scratch
-            self.relay_buf = bytearray(buffer_size)
+            # batch's earlier events, which read into scratch; C reads at most buffer_size into
+            # it, the rest is room for the Bind heads it rewrites (crelay.REWRITE_ROOM)
+            from pgmp.crelay import REWRITE_ROOM
+            self.relay_buf = bytearray(buffer_size + REWRITE_ROOM)
             self.relay_view = memoryview(self.relay_buf)
-            self.crelay = CRelay(self.relay_buf, buffer_size)
+            self.crelay = CRelay(self.relay_buf, buffer_size + REWRITE_ROOM)
 
     # -- timers --------------------------------------------------------------
     def call_later(self, delay: float, fn, *args) -> Timer:

@@ -35,9 +35,13 @@ CLOSE_COMPLETE = frame(b"3")
 # Server frames that end (or may end) a response: the only ones the pipeline looks at.
 RESPONSE_TYPES = b"123tTnCIsEZGV"
 
-# The shape of an unnamed batch the C relay passed (pgmp_relay.h's PGMP_BATCH_* bits).
+# The shape of a batch the C relay passed (pgmp_relay.h's PGMP_BATCH_* bits): BATCH_NAMED, a
+# Bind of a client's named statement first (the entry's index in the client's binds table is
+# kind >> KIND_STMT_SHIFT); BATCH_CONTROL times 1, 2, 3: an unnamed Parse's text is a bare
+# BEGIN, COMMIT, ROLLBACK.
 BATCH_PARSE, BATCH_BIND, BATCH_DESC_PORTAL, BATCH_DESC_STMT, BATCH_EXECUTE = 1, 2, 4, 8, 16
-BATCH_KIND = 256                       # a record's request kind: BATCH_KIND + shape
+BATCH_NAMED, BATCH_CONTROL, KIND_STMT_SHIFT = 32, 64, 9
+BATCH_KIND = 256                       # a record's request kind: BATCH_KIND + shape (+ index)
 # What such a batch's messages are owed, in the order they come (Parse, Describe statement,
 # Bind, Describe portal, Execute, Sync).
 _BATCH_ENTRIES = [
@@ -66,6 +70,14 @@ class StatementCache:
         self.bytes = 0
         self.max_entries = max_entries
         self.max_bytes = max_bytes
+        self.evictions = 0                     # statements evicted so far
+        self.on_evict = None                   # called at each eviction (the C relay's retire)
+
+    def touch(self, key: bytes) -> None:
+        """``key`` was used again under its name (the C relay bound it): as name_for, if it is
+        still here."""
+        if key in self.names:
+            self.names.move_to_end(key)
 
     def name_for(self, key: bytes) -> bytes:
         names = self.names
@@ -79,17 +91,28 @@ class StatementCache:
         while len(names) > 1 and (len(names) > self.max_entries or self.bytes > self.max_bytes):
             old, _ = names.popitem(last=False)
             self.bytes -= len(old)
+            self.evictions += 1
+            if self.on_evict is not None:
+                self.on_evict()
         return name
 
 
 class ServerStatements:
-    """The statements prepared (or being prepared) on one server, least recently used first."""
-    __slots__ = ("names", "limit")
+    """The statements prepared (or being prepared) on one server, least recently used first.
+
+    ``version`` changes whenever a name comes or goes or its plan goes stale (what a client's
+    binds table in the C relay is made from: crelay.Binds)."""
+    __slots__ = ("names", "limit", "version")
 
     def __init__(self, limit: int):
         # name -> confirmed (True), being prepared (False), or prepared with a stale plan (None)
         self.names: collections.OrderedDict[bytes, bool | None] = collections.OrderedDict()
         self.limit = limit
+        self.version = 0
+
+    def usable(self, name: bytes) -> bool:
+        """A Bind of ``name`` needs no Parse first (as _ensure finds it, no Query ahead)."""
+        return self.names.get(name, None) is not None
 
     def has(self, name: bytes) -> bool:
         if name in self.names:
@@ -99,6 +122,7 @@ class ServerStatements:
 
     def add(self, name: bytes) -> list[bytes]:
         """Mark ``name`` as being prepared; returns the names evicted to stay within the limit."""
+        self.version += 1
         self.names[name] = False
         self.names.move_to_end(name)
         evicted = []
@@ -114,6 +138,18 @@ class ServerStatements:
         """Its plan no longer fits the tables ("cached plan must not change result type")."""
         if name in self.names:
             self.names[name] = None
+            self.version += 1
+
+    def prepare_again(self, name: bytes) -> None:
+        """Closed and prepared again (a stale plan, a DISCARD ALL that may be ahead)."""
+        self.names[name] = False
+        self.version += 1
+
+    def restore(self, name: bytes) -> None:
+        """A Close of pgmp's own was skipped by the server (an error before it): still there."""
+        self.names[name] = True
+        self.names.move_to_end(name, last=False)
+        self.version += 1
 
     def confirm(self, name: bytes) -> None:
         if name in self.names:
@@ -121,9 +157,11 @@ class ServerStatements:
 
     def forget(self, name: bytes) -> None:
         self.names.pop(name, None)
+        self.version += 1
 
     def clear(self) -> None:
         self.names.clear()
+        self.version += 1
 
 
 def _stale_plan(error_frame) -> bool:
@@ -137,8 +175,10 @@ def parse_frame(name: bytes, key: bytes) -> bytes:
 
 
 class Pipeline:
-    """One client's statements and owed responses in transaction or statement mode."""
-    __slots__ = ("cache", "statements", "expect", "skipping", "enabled", "max_size")
+    """One client's statements and owed responses in transaction or statement mode.
+
+    ``version`` changes whenever ``statements`` does (see ServerStatements.version)."""
+    __slots__ = ("cache", "statements", "expect", "skipping", "enabled", "max_size", "version")
 
     def __init__(self, cache: StatementCache, enabled: bool = True, max_size: int = 0):
         self.cache = cache
@@ -147,6 +187,7 @@ class Pipeline:
         self.statements: dict[bytes, bytes] = {}      # client name -> key (text\0 + types)
         self.expect: collections.deque = collections.deque()
         self.skipping = False                          # the server discards until Sync after an error
+        self.version = 0
 
     @property
     def idle(self) -> bool:
@@ -179,6 +220,7 @@ class Pipeline:
                                          "max_prepared_size in pgmp's configuration")
             undo = (name, self.statements.get(name), key)
             self.statements[name] = key
+            self.version += 1
             sname = self.cache.name_for(key)
             if srv.has(sname):
                 if not self._query_ahead():
@@ -221,6 +263,7 @@ class Pipeline:
             if what == b"S" and name and self.enabled:
                 # the server keeps the statement for others; the client's name is gone
                 undo = (name, self.statements.pop(name, None), None)
+                self.version += 1
                 exp.append((SYNTHETIC, CLOSE_COMPLETE, undo))
                 return b""
             exp.append((R_CLOSE, None, None))
@@ -261,7 +304,7 @@ class Pipeline:
             if not self._query_ahead(sname) and not srv.is_stale(sname):
                 return b""
             # see client_frame's Parse; a stale plan is prepared afresh the same way
-            srv.names[sname] = False
+            srv.prepare_again(sname)
             self.expect.append((DROP_CLOSE, sname, None))
             self.expect.append((DROP_PARSE, sname, None))
             return frame(b"C", b"S" + sname + b"\0") + parse_frame(sname, key)
@@ -298,6 +341,25 @@ class Pipeline:
         if not self.skipping:
             self.expect.extend(_BATCH_ENTRIES[shape] * count)
 
+    def named_batches_sent(self, count: int, shape: int, sname: bytes, key: bytes, srv: ServerStatements) -> None:
+        """``count`` batches of one ``shape`` (BATCH_NAMED: a Bind of the client's statement
+        ``key``, then optionally Describe of the portal and Execute, and Sync) went to the server
+        with the Bind rewritten to ``sname``, which the server has (the C relay, from the client's
+        binds table): as client_frame for each of their messages."""
+        self.cache.touch(key)
+        srv.has(sname)
+        entries = [(R_BIND, sname, None)]
+        if shape & BATCH_DESC_PORTAL:
+            entries.append((R_DESC_PORTAL, None, None))
+        if shape & BATCH_EXECUTE:
+            entries.append((R_EXEC, None, None))
+        entries.append((R_SYNC, None, None))
+        self.expect.extend(entries * count)
+
+    def query_unanswered(self) -> bool:
+        """A simple Query is owed an answer (it might DISCARD ALL: see _query_ahead)."""
+        return any(e[0] == R_QUERY for e in self.expect)
+
     def answered(self, count: int) -> None:
         """``count`` whole answers went to the client unchanged, each through its ReadyForQuery
         (the C relay): as server_frame for each of their frames. Such an answer holds no error and
@@ -311,10 +373,12 @@ class Pipeline:
             exp.popleft()
 
     def c_relay_ok(self) -> bool:
-        """All the client is owed are answers to its own Queries and unnamed extended messages,
-        unchanged (no statement of pgmp's to confirm, no made-up response, no Close), and no error
-        is being skipped past: the C relay may pass those answers (see answered())."""
-        return not self.skipping and all(data is None and code in _C_ANSWERABLE for code, data, _u in self.expect)
+        """All the client is owed are answers to its own Queries, unnamed extended messages and
+        Binds, unchanged (no statement of pgmp's to confirm, no made-up response, no Close), and no
+        error is being skipped past: the C relay may pass those answers (see answered(); a Bind's
+        server name matters only to an error, which is Python's)."""
+        return not self.skipping and all(code in _C_ANSWERABLE and (data is None or code == R_BIND)
+                                         for code, data, _u in self.expect)
 
     def synthetic_ready(self) -> bytes:
         """Made-up responses owed before anything the server still has to answer: send them now."""
@@ -367,6 +431,7 @@ class Pipeline:
                 if tag in (b"DISCARD ALL", b"DEALLOCATE ALL"):
                     srv.clear()
                     self.statements.clear()
+                    self.version += 1
                     for c2, d2, u2 in exp:
                         if c2 in (R_PARSE, DROP_PARSE) and d2 is not None:
                             srv.add(d2)
@@ -398,9 +463,9 @@ class Pipeline:
             if code in (R_PARSE, DROP_PARSE) and data is not None:
                 srv.forget(data)
             elif code == DROP_CLOSE:
-                srv.names[data] = True
-                srv.names.move_to_end(data, last=False)
+                srv.restore(data)
             if undo is not None:
+                self.version += 1
                 name, prev, _new = undo
                 if prev is not None:
                     self.statements[name] = prev

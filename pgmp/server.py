@@ -617,7 +617,11 @@ class ServerConnection(Endpoint):
         client = self.client
         link = client.link
         if link.pooled:
-            if link.ready_relayed(count, kind) == RELEASE:
+            verdict = link.ready_relayed(count, kind)
+            binds = client.binds
+            if binds is not None and not binds.enabled and client.relay_peer is self:
+                client.relay_binds()            # the Query that disabled it may be answered now
+            if verdict == RELEASE:
                 self.release_after = True       # relayed() detaches once the record is applied
                 return
         else:

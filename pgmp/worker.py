@@ -232,6 +232,8 @@ class Worker:
         self.resolver = Resolver(self.loop, config.dns_max_ttl, config.dns_nxdomain_ttl)
         self.pools: dict[tuple[str, str], Pool] = {}
         self.statement_cache = StatementCache()
+        if self.loop.crelay is not None:        # an evicted name makes every binds table stale
+            self.statement_cache.on_evict = self.loop.crelay.retire
         self.tracked_parameters = tracked_parameters(config)
         self.paused_dbs: set[str] = set()
         self.paused_all = False
@@ -642,7 +644,19 @@ class Worker:
         self._install_signals()
         self.loop.call_later(0, self._heartbeat)
         self.loop.call_later(1.0, self._janitor)
-        self.loop.run()
+        profile_dir = os.environ.get("PGMP_PROFILE")
+        if profile_dir:
+            # for developers: the worker's loop under cProfile, written out when it stops
+            import cProfile
+            profiler = cProfile.Profile()
+            profiler.runcall(self.loop.run)
+            path = os.path.join(profile_dir, f"worker-{self.slot}-{os.getpid()}.prof")
+            try:
+                profiler.dump_stats(path)
+            except OSError as exc:
+                log.warning("PGMP_PROFILE: cannot write %s: %s", path, exc)
+        else:
+            self.loop.run()
         if self.master is not None and self.config.metrics_listen and not self.master.closed:
             from pgmp.metrics import worker_figures
             self.master.post("metrics", id=0, data=worker_figures(self))   # the last figures, for the totals

@@ -353,6 +353,35 @@ def test_jdbc_style_unnamed_then_named_statement_two_clients_one_server(pgmp, po
         assert types_of(got) == "12DCZ12DCZ" and rows_of(got) == [["u-b"], ["105"]]
 
 
+def test_two_clients_one_statement_name_with_deallocate_and_discard_between_binds(pgmp, pooldb):
+    """Two clients bind their own S_1 (different texts) in turn on one server, as pgbench -M
+    prepared does (Bind, Describe, Execute, Sync: the C relay rewrites such a Bind), while each in
+    turn drops its statements with DEALLOCATE ALL or DISCARD ALL: the one that dropped them gets
+    26000 until it prepares again, the other goes on as if nothing happened."""
+    proxy = start(pgmp, pooldb, size=1)
+    a = raw_login(proxy.host, proxy.port, pooldb)
+    b = raw_login(proxy.host, proxy.port, pooldb)
+    sql = {"a": "select $1::int + 100", "b": "select $1::text || '-b'"}
+    types = {"a": (23,), "b": (25,)}
+    with a, b:
+        conns = {"a": a, "b": b}
+        for who, conn in conns.items():
+            assert types_of(exchange(conn, parse_msg("S_1", sql[who], types[who]), SYNC)) == "1Z"
+        for i in range(30):
+            for who, conn in conns.items():
+                got = exchange(conn, bind_msg("S_1", (str(i),)), describe_msg("P"), execute_msg(), SYNC)
+                want = str(100 + i) if who == "a" else f"{i}-b"
+                assert types_of(got) == "2TDCZ" and rows_of(got) == [[want]], (who, i, got)
+            if i % 10 == 4:
+                dropper = conns["a" if i % 20 == 4 else "b"]
+                command = "DEALLOCATE ALL" if i < 20 else "DISCARD ALL"
+                assert types_of(exchange(dropper, frame(b"Q", command.encode() + b"\0"))) == "CZ"
+                got = exchange(dropper, bind_msg("S_1", ("1",)), describe_msg("P"), execute_msg(), SYNC)
+                assert types_of(got) == "EZ" and got[0].fields["C"] == "26000", got
+                who = "a" if dropper is a else "b"
+                assert types_of(exchange(dropper, parse_msg("S_1", sql[who], types[who]), SYNC)) == "1Z"
+
+
 # ---- how pgmp answers compared with PostgreSQL itself (see tests/unit/test_prepared.py) ----------
 
 def both_ways(pg, proxy, db, script) -> tuple[list, list]:

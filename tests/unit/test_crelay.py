@@ -6,9 +6,11 @@ same bytes as the Python relay and leaves the Link in the same state. The rest
 checks the rules the loop relies on: both ends must be armed for each other, a
 blocked destination and a pair already relayed in the batch go to Python.
 """
+import fcntl
 import select
 import socket
 import struct
+import termios
 import time
 
 import pytest
@@ -19,7 +21,7 @@ from pgmp.client import READY_FLAGS
 from pgmp.link import Link
 from pgmp.loop import Endpoint, Loop
 from pgmp.protocol import scanner
-from pgmp.relay import FORWARD, relay
+from pgmp.relay import FORWARD, REPLACE, relay
 from pgmp.server import NORMAL_FLAGS
 
 try:
@@ -113,7 +115,7 @@ def run_pair(use_c: bool, side: int, chunks: list[bytes], read_size: int, bufsiz
 
 
 def run_sides(use_c, side, chunks, read_size, side_cls, flags, link, state, bufsize=4096, small_buffers=False,
-              recheck=False):
+              recheck=False, rewrites=False):
     """The pair of ``side_cls`` ends (flags: the client's, the server's) on one Link, fed at the
     ``side`` end: (bytes out, state(link), bytes C relayed)."""
     loop = Loop(buffer_size=bufsize, relay=use_c)
@@ -130,7 +132,11 @@ def run_sides(use_c, side, chunks, read_size, side_cls, flags, link, state, bufs
     a.peer, b.peer = b, a
     a.relay_check()
     try:
-        got = pump(loop, a_out, b_out, chunks, read_size, a.relay_check if recheck else None)
+        drained = None
+        if rewrites:
+            unread = lambda sock: struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0]
+            drained = lambda: (unread(a_in) == 0 and not b.outq) or a.closed or b.closed
+        got = pump(loop, a_out, b_out, chunks, read_size, a.relay_check if recheck else None, drained)
         assert a.ended is None and b.ended is None
         return got, state(link), a.relayed_in_c
     finally:
@@ -141,15 +147,20 @@ def run_sides(use_c, side, chunks, read_size, side_cls, flags, link, state, bufs
         loop.close()
 
 
-def pump(loop, a_out, b_out, chunks: list[bytes], read_size: int, after_batch=None) -> bytes:
+def pump(loop, a_out, b_out, chunks: list[bytes], read_size: int, after_batch=None, drained=None) -> bytes:
     """Write ``chunks`` into a_out as fast as the pair takes them, run the loop, read b_out:
-    every byte that came out (``after_batch``: called after each loop round)."""
+    every byte that came out (``after_batch``: called after each loop round). As many bytes come
+    out as went in, unless ``drained`` is given (the pair rewrites what it relays): then until
+    every chunk is written and ``drained()`` holds (the pair has read them and sent all) for a
+    round in which nothing more came out."""
     total = sum(len(c) for c in chunks)
     pending = list(chunks)
     got = bytearray()
     deadline = time.monotonic() + 20
-    while len(got) < total:
+    quiet = 0
+    while len(got) < total if drained is None else quiet < 3:
         assert time.monotonic() < deadline, f"relayed {len(got)} of {total} bytes"
+        before = len(got)
         if pending:
             try:
                 k = a_out.send(pending[0])
@@ -166,6 +177,8 @@ def pump(loop, a_out, b_out, chunks: list[bytes], read_size: int, after_batch=No
             got += b_out.recv(read_size)
         except BlockingIOError:
             pass
+        if drained is not None:
+            quiet = quiet + 1 if not pending and len(got) == before and drained() else 0
     return bytes(got)
 
 
@@ -262,8 +275,8 @@ def test_a_large_stream_under_backpressure():
 # -- the table and the poll rules ------------------------------------------------------------------
 
 def relay_setup():
-    buf = bytearray(8192)
-    r = crelay.CRelay(buf, 4096)
+    buf = bytearray(4096 + crelay.REWRITE_ROOM)
+    r = crelay.CRelay(buf, 4096 + crelay.REWRITE_ROOM)
     ep = select.epoll()
     a_out, a_in = socket.socketpair()
     b_in, b_out = socket.socketpair()
@@ -510,23 +523,41 @@ def test_pooled_walk_server_side():
 class PooledSide(Side):
     """A pooled end: frames go to the Link as ClientConnection/ServerConnection give them in
     transaction mode; the C relay is armed with the pooled rules while Link.c_relay_ok()."""
-    __slots__ = ("limits_ref",)
+    __slots__ = ("limits_ref", "binds")
 
     def __init__(self, loop, sock, flags, link, side, scanner_cls):
         super().__init__(loop, sock, flags, link, side, scanner_cls)
         self.limits_ref = None                         # keeps the C limits table alive while armed
         self.whole = bytes([1]) * 256                  # every reported frame is seen whole
+        self.binds = None                              # the client's crelay.Binds
+        if loop.crelay is not None:                    # as pgmp.worker does
+            link.pipeline.cache.on_evict = loop.crelay.retire
 
     def on_frame(self, kind, view, off, ln):
         if self.side == 0:
-            self.link.client_frame(kind, bytes(view[off + 5:off + ln]))
+            r = self.link.client_frame(kind, bytes(view[off + 5:off + ln]))
         else:
-            self.link.server_frame(kind, view[off:off + ln])
-        return FORWARD
+            r = self.link.server_frame(kind, view[off:off + ln])
+        if r is None:
+            return FORWARD
+        self.replacement = r
+        return REPLACE
 
     def relay_counted(self, count, kind, sync):
         link = self.link
-        (link.queries_relayed(count, kind) if self.side == 0 else link.ready_relayed(count, kind))
+        if self.side == 0:
+            binds = self.binds
+            if kind >= 256:
+                link.queries_relayed(count, kind, binds.entries if binds is not None else None)
+            else:
+                link.queries_relayed(count, kind)
+                if binds is not None:
+                    binds.enabled = False
+            return
+        link.ready_relayed(count, kind)
+        client = self.peer
+        if client.binds is not None and not client.binds.enabled and client.relay_peer is self:
+            client.binds.sync(self.loop.crelay, client.fd, link, False)
 
     def relay_check(self):
         from pgmp.server import RELAY_LIMITS
@@ -537,7 +568,13 @@ class PooledSide(Side):
             limits = crelay.Limits(RELAY_LIMITS)
             self.limits_ref = p.limits_ref = limits
             client, server = (self, p) if self.side == 0 else (p, self)
+            armed = client.relay_peer is not server
             client.relay_arm(server, client.scanner, server.scanner, 0, True, None, limits)
+            if client.relay_peer is server and (client.binds is not None or self.link.pipeline.statements):
+                if client.binds is None:
+                    client.binds = crelay.Binds()
+                    armed = True
+                client.binds.sync(self.loop.crelay, client.fd, self.link, armed)
         else:
             self.unrelay()
 
@@ -648,6 +685,10 @@ _PGBENCH = parse(b"SELECT abalance FROM pgbench_accounts WHERE aid = $1;", 1) + 
     (parse() + bind(()) + SYNC, 1 | 2),
     (parse() + describe(b"S") + bind(()) + describe() + execute(rows=10) + SYNC, 1 | 2 | 4 | 8 | 16),
     (parse(b"UPDATE t SET x = $1 WHERE y = 2", 1) + bind() + execute() + SYNC, 1 | 2 | 16),
+    (parse(b"begin") + bind(()) + execute() + SYNC, 1 | 2 | 16 | 64),            # a transaction command
+    (parse(b"END;") + bind(()) + execute() + SYNC, 1 | 2 | 16 | 128),
+    (parse(b"rollback") + bind(()) + SYNC, 1 | 2 | 192),
+    (parse(b" Start Transaction") + SYNC, 1 | 64),
     (parse() + FLUSH + bind((None, b"", b"x" * 300), formats=(1,)) + FLUSH + execute() + SYNC, 1 | 2 | 16),
     (parse() + bind((b"1", b"2"), formats=(0, 1), result_formats=(1, 0, 7)) + execute() + SYNC, 1 | 2 | 16),
 ])
@@ -669,7 +710,6 @@ def test_pooled_walk_passes_whole_unnamed_batches(batch, shape):
     parse() + bind(name=b"s1") + execute() + SYNC,
     parse() + bind(portal=b"c1") + execute(b"c1") + SYNC,                 # a named portal
     parse(b"set search_path = x") + bind(()) + execute() + SYNC,          # a session command
-    parse(b"begin") + bind(()) + execute() + SYNC,
     parse(b"select pg_advisory_lock(1)") + bind(()) + execute() + SYNC,
     parse() + bind(()) + execute(),                                       # no Sync in the read
     bind(()) + execute() + SYNC,                                          # the statement of an earlier batch
@@ -738,6 +778,13 @@ _BATCH_TEXTS = [b"select 1", b"SELECT abalance FROM pgbench_accounts WHERE aid =
 _SHAPES = ["P", "PB", "PBE", "PBpE", "PsBpE", "Ps", "PsB", "BE", "BpE", "E", ""]
 
 
+def with_sync(draw, out: list[bytes], shape: str) -> tuple[bytes, str]:
+    """A batch's unit: its Sync after it, mostly (then "S" ends the shape), or not yet."""
+    if draw(st.integers(0, 11)) != 0:
+        return b"".join(out) + SYNC, shape + "S"
+    return b"".join(out), shape
+
+
 @st.composite
 def extended_units(draw, max_units=12):
     """A client's requests: simple Queries and extended batches (some C passes, some not, a few
@@ -764,11 +811,7 @@ def extended_units(draw, max_units=12):
                 out.append(execute(rows=draw(st.sampled_from([0, 0, 5]))))
             if draw(st.integers(0, 9)) == 0:
                 out.append(FLUSH)
-        if draw(st.integers(0, 11)) != 0:
-            out.append(SYNC)
-            units.append((b"".join(out), shape + "S"))
-        else:
-            units.append((b"".join(out), shape))
+        units.append(with_sync(draw, out, shape))
     return units
 
 
@@ -980,3 +1023,272 @@ def test_c_passes_an_insert_update_or_delete_only_where_sql_py_finds_no_effect(p
 ])
 def test_insert_update_delete(text, dml):
     assert crelay.sql_dml(text) is dml, text
+
+
+# -- transaction mode: Binds of named statements (the client's binds table) ----------------------
+
+def binds_table(*pairs, enabled=True):
+    b = crelay.Binds()
+    assert b.fill([(name, sname, name + b"\0\0\0", ()) for name, sname in pairs], 0, None)
+    b.enable(enabled)
+    return b
+
+
+def named(name=b"P0_1", params=(b"42",), portal_describe=True, run=True, sync=True) -> bytes:
+    return (bind(params, name=name) + (describe() if portal_describe else b"") + (execute() if run else b"")
+            + (SYNC if sync else b""))
+
+
+def named_kind(entry: int, shape: int = 2 | 4 | 16) -> int:
+    return 256 + 32 + shape + (entry << 9)
+
+
+@pytest.mark.parametrize("client_name, sname", [(b"P0_1", b"pgmp_22"), (b"a", b"pgmp_1234567"),
+                                                 (b"a_long_client_statement_name", b"pgmp_3"), (b"s1", b"pgmp_1")])
+@pytest.mark.parametrize("portal_describe, run", [(True, True), (False, True), (False, False)])
+def test_pooled_walk_rewrites_binds_of_statements_in_the_binds_table(client_name, sname, portal_describe, run):
+    client_flags, _ = _pooled_flags()
+    table = binds_table((b"other", b"pgmp_9"), (client_name, sname))
+    batch = named(client_name, portal_describe=portal_describe, run=run)
+    sent = named(sname, portal_describe=portal_describe, run=run)
+    kind = named_kind(1, 2 | (4 if portal_describe else 0) | (16 if run else 0))
+    walk = lambda buf: crelay.walk(buf, client_flags, 1 << 30, 0, True, None, table)
+    assert walk(batch) == (len(sent), 1, kind, sent)
+    assert walk(batch * 3) == (3 * len(sent), 3, kind, sent * 3)
+    # a batch not whole in the read is Python's from its start, unchanged
+    for cut in range(1, len(batch)):
+        assert walk(batch + batch[:cut]) == (len(sent), 1, kind, sent + batch[:cut])
+        assert walk(batch[:cut]) == (0, 0, -1, batch[:cut])
+    # one kind of request per record: another statement, a Query, an unnamed batch
+    other = named(b"other")
+    q = frame(b"Q", b"select 1\0")
+    assert walk(batch + other) == (len(sent), 1, kind, sent + other)
+    assert walk(other + batch) == (len(named(b"pgmp_9")), 1, named_kind(0), named(b"pgmp_9") + batch)
+    assert walk(q + batch) == (len(q), 1, ord("Q"), q + batch)
+    assert walk(batch + q) == (len(sent), 1, kind, sent + q)
+    assert walk(batch + _PGBENCH) == (len(sent), 1, kind, sent + _PGBENCH)
+
+
+@pytest.mark.parametrize("batch", [
+    named(b"unknown"),                                                    # not in the table: Python's
+    named(b""),                                                           # the unnamed statement, no Parse
+    bind(name=b"P0_1", portal=b"c1") + execute(b"c1") + SYNC,             # a named portal
+    parse() + bind(name=b"P0_1") + execute() + SYNC,                      # after an unnamed Parse
+    parse(name=b"P0_1") + bind(name=b"P0_1") + execute() + SYNC,          # a named Parse: Python renames it
+    describe(b"S", b"P0_1") + named(),                                    # Describe of the statement
+    bind(name=b"P0_1") + describe(b"S", b"P0_1") + execute() + SYNC,
+    named(sync=False),                                                    # no Sync in the read
+    named() [:-5] + bind(name=b"P0_1") + SYNC,                            # twice
+    bind(name=b"P0_1") + execute() + describe() + SYNC,                   # out of order
+    bind(name=b"P0_1") + frame(b"C", b"SP0_1\0") + SYNC,                  # a Close
+    frame(b"B", b"\0P0_1") + SYNC,                                        # malformed
+    frame(b"B", b"\0P0_1\0\0\0\0\1\0\0\0\5ab\0\0") + SYNC,
+    bind((b"1",), formats=(2,), name=b"P0_1") + execute() + SYNC,         # a format code the server refuses
+])
+def test_pooled_walk_leaves_other_named_batches_to_python(batch):
+    client_flags, _ = _pooled_flags()
+    table = binds_table((b"P0_1", b"pgmp_1"))
+    assert crelay.walk(batch, client_flags, 1 << 30, 0, True, None, table) == (0, 0, -1, batch)
+
+
+def test_pooled_walk_binds_named_statements_only_from_an_enabled_table_and_within_its_room():
+    client_flags, _ = _pooled_flags()
+    walk = lambda buf, table: crelay.walk(buf, client_flags, 1 << 30, 0, True, None, table)
+    batch = named()
+    assert walk(batch, None)[:3] == (0, 0, -1)
+    assert walk(batch, binds_table((b"P0_1", b"pgmp_1"), enabled=False)) == (0, 0, -1, batch)
+    # at most 64 rewrites per read (PGMP_REWRITES_MAX), and only as far as the room goes
+    sent = named(b"pgmp_1")
+    assert walk(batch * 70, binds_table((b"P0_1", b"pgmp_1"))) == (64 * len(sent), 64, named_kind(0),
+                                                                   sent * 64 + batch * 6)
+    long_name = b"x" * 104                                     # 100 bytes longer: 40 fit in 4096
+    sent = named(long_name)
+    assert walk(batch * 50, binds_table((b"P0_1", long_name))) == (40 * len(sent), 40, named_kind(0),
+                                                                   sent * 40 + batch * 10)
+
+
+def test_a_query_the_relay_passes_disables_the_binds_table_and_a_new_epoch_stales_it():
+    from pgmp.client import POOLED_FLAGS as client_flags
+    from pgmp.server import POOLED_FLAGS as server_flags
+    buf, r, ep, (a_out, a_in, b_in, b_out) = relay_setup()
+    sc_client, sc_server = CScanner(client_flags), CScanner(server_flags)
+    r.arm(a_in.fileno(), b_in.fileno(), sc_client, 0, True)
+    r.arm(b_in.fileno(), a_in.fileno(), sc_server, 1, True)
+    table = binds_table((b"P0_1", b"pgmp_1"))
+    r.binds(a_in.fileno(), table)
+    batch, sent = named(), named(b"pgmp_1")
+    a_out.send(batch)
+    (rec,) = records(r.poll(ep.fileno(), 1))
+    assert rec[2] == 1 and rec[3:8] == [len(sent), len(sent), len(sent), 1, named_kind(0)]
+    assert b_out.recv(1000) == sent
+    q = frame(b"Q", b"select 1\0")
+    a_out.send(q)
+    (rec,) = records(r.poll(ep.fileno(), 1))
+    assert rec[3:8] == [len(q), len(q), len(q), 1, ord("Q")] and b_out.recv(1000) == q
+    assert not table.c_enabled()                               # the Query might have been a DISCARD ALL
+    a_out.send(batch)
+    (rec,) = records(r.poll(ep.fileno(), 1))
+    assert rec[2] == 1 and rec[3:8] == [len(batch), 0, 0, 0, -1]      # Python's, unchanged
+    assert bytes(buf[:len(batch)]) == batch
+    table.enable(True)
+    r.retire()                                                 # a statement name left the cache
+    a_out.send(batch)
+    (rec,) = records(r.poll(ep.fileno(), 1))
+    assert rec[3:8] == [len(batch), 0, 0, 0, -1]
+    table.fill(table.entries, r.epoch(), None)                 # made again in the new epoch
+    table.enable(True)
+    a_out.send(batch)
+    (rec,) = records(r.poll(ep.fileno(), 1))
+    assert rec[3:8] == [len(sent), len(sent), len(sent), 1, named_kind(0)] and b_out.recv(1000) == sent
+    r.disarm(a_in.fileno())                                    # disarming takes the table away
+    r.arm(a_in.fileno(), b_in.fileno(), sc_client, 0, True)
+    a_out.send(batch)
+    (rec,) = records(r.poll(ep.fileno(), 1))
+    assert rec[3:8] == [len(batch), 0, 0, 0, -1]
+    for s in (a_out, a_in, b_in, b_out):
+        s.close()
+    ep.close()
+
+
+# The client's prepared statements, as a Link has them before the test's stream: texts by name.
+_PREPARED = {b"P0_1": b"SELECT abalance FROM pgbench_accounts WHERE aid = $1;", b"s2": b"select $1",
+             b"tx": b"BEGIN", b"setter": b"set search_path = x", b"end": b"END;"}
+
+
+def prepared_link(limit: int = 100, outstanding: int = 0) -> Link:
+    """A pooled Link whose client prepared _PREPARED on its server (Parse, Sync, then the server's
+    ParseComplete and ReadyForQuery, through the Python path), with ``outstanding`` Queries after."""
+    from pgmp.link import ServerSession
+    from pgmp.prepared import Pipeline, StatementCache
+    from pgmp.stats import PoolStats
+    link = Link(clock=time.monotonic)
+    link.logged_in(time.monotonic, PoolStats(), Pipeline(StatementCache()))
+    link.attach(ServerSession(limit))
+    from pgmp.prepared import DROP_CLOSE, R_SYNC
+    for name, text in _PREPARED.items():
+        link.client_frame(ord("P"), parse(text, 1 if b"$1" in text else 0, name)[5:])
+        link.client_frame(ord("S"), b"")
+        while link.pipeline.expect:                  # ParseComplete, CloseComplete (an eviction), Z
+            code = link.pipeline.expect[0][0]
+            f = frame(b"Z", b"I") if code == R_SYNC else frame(b"3") if code == DROP_CLOSE else frame(b"1")
+            link.server_frame(f[0], f)
+    assert link.pipeline.idle and link.c_relay_ok()
+    for _ in range(outstanding):
+        link.client_frame(ord("Q"), b"select 1\0")
+    return link
+
+
+def prepared_state(link: Link):
+    pl = link.pipeline
+    from pgmp.link import session_effects
+    text = link.unnamed_text                  # (C leaves a text with the same effects: see Link)
+    return (pooled_state(link), list(link.server.statements.names.items()), list(pl.cache.names.items()),
+            list(pl.statements.items()), pl.skipping, None if text is None else tuple(session_effects(text)))
+
+
+def run_prepared_pair(use_c: bool, side: int, chunks: list[bytes], read_size: int, limit: int = 100,
+                      client_frames: bytes = b""):
+    link = prepared_link(limit)
+    pos = 0
+    while pos < len(client_frames):
+        end = pos + 1 + struct.unpack_from("!I", client_frames, pos + 1)[0]
+        link.client_frame(client_frames[pos], client_frames[pos + 5:end])
+        pos = end
+    return run_sides(use_c, side, chunks, read_size, PooledSide, _pooled_flags(), link, prepared_state,
+                     rewrites=True)
+
+
+def test_pgbench_prepared_transactions_cross_c_and_leave_the_link_as_python_does():
+    """pgbench -M prepared's transaction (Bind of its statement, Describe, Execute, Sync), then
+    its answer: both in C, rewritten to the server's name, and the Link, the Pipeline, the
+    server's statements and the worker's cache as the Python relay leaves them."""
+    batch = named()
+    (py_bytes, py_state, py_c), (c_bytes, c_state, c_c) = [
+        run_prepared_pair(use_c, 0, [batch * 4], 1 << 16) for use_c in (False, True)]
+    assert py_bytes == c_bytes == named(b"pgmp_1") * 4
+    assert py_c == 0 and c_c == len(py_bytes)
+    assert c_state == py_state and len(c_state[0][2]) == 16
+    t = frame(b"T", b"\0\1abalance\0" + bytes(18))
+    answer = frame(b"2") + t + frame(b"D", b"\0\1\0\0\0\0011") + frame(b"C", b"SELECT 1\0") + frame(b"Z", b"I")
+    (py_bytes, py_state, py_c), (c_bytes, c_state, c_c) = [
+        run_prepared_pair(use_c, 1, [answer * 3], 1 << 16, client_frames=batch * 3) for use_c in (False, True)]
+    assert py_c == 0 and c_c == 3 * len(answer)
+    assert c_state == py_state and c_state[0][2] == []
+
+
+_NAMES = list(_PREPARED) * 3 + [b"new1", b"new3", b"unknown"]
+
+
+@st.composite
+def named_units(draw, max_units=12):
+    """A client's requests against prepared_link's statements: Binds of them (and of names it
+    never prepared) in batches, Parses and Closes of names, Queries (DISCARD ALL and DEALLOCATE
+    ALL among them), unnamed batches; as (frames, what the server answers: "Q" or the shape)."""
+    units = []
+    for _ in range(draw(st.integers(1, max_units))):
+        pick = draw(st.integers(0, 19))               # mostly Binds (0 first: what hypothesis favours)
+        if pick == 16:
+            text = draw(st.sampled_from(_QUERIES + [b"discard all\0", b"DEALLOCATE ALL\0", b"deallocate s2\0"]))
+            units.append((frame(b"Q", text), "Q"))
+            continue
+        if pick == 17:
+            units.append(draw(extended_units(1))[0])
+            continue
+        name = draw(st.sampled_from(_NAMES))
+        if pick == 18:
+            out, shape = [frame(b"C", b"S" + name + b"\0")], "c"
+        elif pick == 19:                             # a new name each time (a taken one ends the session)
+            out, shape = [parse(b"select 2", 0, b"new%d" % len(units))], "P"
+        else:
+            shape = draw(st.sampled_from(["BpE", "BE", "B", "BpE"]))
+            out = []
+            for m in shape:
+                if m == "B":
+                    out.append(bind(draw(st.sampled_from([(b"1",), (b"x" * 300,), (None,)])), name=name))
+                elif m == "p":
+                    out.append(describe(b"P"))
+                else:
+                    out.append(execute())
+        if draw(st.integers(0, 9)) == 0:
+            out.append(FLUSH)
+        units.append(with_sync(draw, out, shape))
+    return units
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_c_relay_agrees_with_the_python_relay_on_named_statements_client_side(data):
+    units = data.draw(named_units())
+    stream, chunks = split(data.draw, b"".join(f for f, _ in units))
+    read_size = data.draw(st.sampled_from([1 << 16, 700]))
+    limit = data.draw(st.sampled_from([100, 3]))             # 3: fewer than _PREPARED, some evicted
+    py_bytes, py_state, _ = run_prepared_pair(False, 0, chunks, read_size, limit)
+    c_bytes, c_state, _ = run_prepared_pair(True, 0, chunks, read_size, limit)
+    assert c_bytes == py_bytes
+    assert c_state == py_state
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_c_relay_agrees_with_the_python_relay_on_named_statements_server_side(data):
+    units = [u for u in data.draw(named_units()) if u[1] == "Q" or (u[1].endswith("S") and u[1][0] in "BP")]
+    client = b"".join(f for f, _ in units)
+    stream, chunks = split(data.draw, data.draw(extended_answers(units)))
+    read_size = data.draw(st.sampled_from([1 << 16, 700]))
+    py_bytes, py_state, _ = run_prepared_pair(False, 1, chunks, read_size, client_frames=client)
+    c_bytes, c_state, _ = run_prepared_pair(True, 1, chunks, read_size, client_frames=client)
+    assert c_bytes == py_bytes
+    assert c_state == py_state
+
+
+@pytest.mark.parametrize("query", [b"select 1\0", b"DEALLOCATE ALL\0", b"discard all\0"])
+def test_a_bind_behind_an_unanswered_query_is_prepared_again_as_python_does(query):
+    """A Query ahead might drop the statement (DISCARD ALL, DEALLOCATE ALL): the first Bind behind
+    it gets a Close and a Parse of pgmp's first, whether C passed the Query or Python did."""
+    chunks = [frame(b"Q", query), named(), named()]
+    (py_bytes, py_state, _), (c_bytes, c_state, in_c) = [
+        run_prepared_pair(use_c, 0, chunks, 1 << 16) for use_c in (False, True)]
+    assert c_bytes == py_bytes and c_state == py_state
+    assert py_bytes.count(b"C\0\0\0\x0cSpgmp_1\0P") == 1          # prepared again once
+    # (DEALLOCATE is no trigger word: C passes the Query, and its answer's tag goes to Python)
+    assert in_c == (0 if query == b"discard all\0" else len(chunks[0]))
