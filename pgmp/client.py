@@ -728,6 +728,10 @@ class ClientConnection(Endpoint):
             return
         self.resume_reading()
         self.kick()
+        if not self.closed:
+            # arm the pair now: the pool may link it while applying a C record of the server's
+            # (its last client's answer), after which the loop does not look at the pair again
+            self.relay_check()
 
     def _settings_applied(self, srv, error):
         self.settings_pending = False

@@ -23,6 +23,10 @@ class ClientState(enum.Enum):
     CONSOLE = "console"        # logged in to the admin console (pgmp.console): no pool, no server
     CLOSED = "closed"
 
+    # members are singletons compared by identity: hash them so too (Enum's own __hash__ is
+    # Python code, and set_state asks TRANSITIONS twice per state change)
+    __hash__ = object.__hash__
+
 
 _S = ClientState
 TRANSITIONS: dict[ClientState, frozenset[ClientState]] = {
