@@ -203,7 +203,10 @@ class Link:
         unnamed ones, their Parse text free of those words too or one such command
         (BATCH_CONTROL), or Binds of one named statement, entry ``kind >> KIND_STMT_SHIFT`` of
         ``bound`` (bound_statements), rewritten to its server name."""
-        self._stamp()
+        if self.outstanding == 0 and self.clock is not None:      # (_stamp, inline: once per request)
+            self.t_query = now = self.clock()
+            if self.status == _IDLE:
+                self.t_xact = now
         self.outstanding += count
         batches = self.batches
         if kind >= BATCH_KIND:
@@ -230,8 +233,11 @@ class Link:
             self.pipeline.batches_sent(count, shape & (BATCH_NAMED - 1))
             return
         effects = _CONTROL_EFFECTS[kind] if kind != _Q else ()
-        for _ in range(count):
+        if count == 1:
             batches.append([_Q, effects, False])
+        else:
+            for _ in range(count):
+                batches.append([_Q, effects, False])
         if self.pipeline is not None:
             self.pipeline.queries_sent(count)
 
@@ -332,15 +338,20 @@ class Link:
     # -- the server's answers ---------------------------------------------------------------
     def server_ready(self, count: int, status: int) -> None:
         """``count`` ReadyForQuery frames, the last with transaction status ``status``."""
-        self.outstanding -= count
-        if self.outstanding < 0:
-            self.outstanding = 0
+        left = self.outstanding - count
+        self.outstanding = left if left > 0 else 0
         batches = self.batches
-        before = self.status
-        for _ in range(min(count, len(batches))):
-            batch = batches.pop(0)
-            if self.pooled:
-                self._end_batch(batch, before, status)
+        if batches:
+            before = self.status
+            pooled = self.pooled
+            for _ in range(count if count < len(batches) else len(batches)):
+                batch = batches.pop(0)
+                if not pooled:
+                    continue
+                if batch[1] or batch[2] or self.overlay:
+                    self._end_batch(batch, before, status)
+                elif status == _IDLE:
+                    self.savepoint = False          # (_end_batch's _commit, with nothing to commit)
         self.status = status
         self.copy_in = False
         st = self.stats
