@@ -134,7 +134,7 @@ int pgmp_binds_add(pgmp_binds *t, const uint8_t *name, size_t name_len, const ui
 
     if ((k = binds_find(t, name, name_len)) >= 0)
         return k;
-    if (name_len + sname_len > 0x7fffffffu - t->used || t->n >= 0x7ffffff)
+    if (name_len + sname_len > 0x7fffffffu - t->used || t->n >= PGMP_BINDS_MAX)
         return -1;
     if (t->used + name_len + sname_len > t->arena_cap) {
         size_t want = t->arena_cap ? t->arena_cap : 256;

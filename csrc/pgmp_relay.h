@@ -54,6 +54,9 @@ enum {
  * room for the Bind heads it rewrites (a server name longer than the client's). */
 enum { PGMP_REWRITE_ROOM = 4096, PGMP_REWRITES_MAX = 64 };
 
+/* At most this many entries per binds table (an index must fit in a record's kind). */
+enum { PGMP_BINDS_MAX = 4096 };
+
 /* A pooled client's named statements as its current server has them: client name -> server name
  * (pgmp.prepared's pgmp_<n>). Python fills it for the pair it arms (Link.bound_statements) and
  * enables it while no simple Query is unanswered (one might be a DISCARD ALL); C disables it
@@ -65,8 +68,8 @@ pgmp_binds *pgmp_binds_new(void);
 void pgmp_binds_free(pgmp_binds *t);
 /* Empty the table, disabled, for the relay's current epoch. */
 void pgmp_binds_reset(pgmp_binds *t, uint32_t epoch);
-/* Add name -> sname; returns the entry's index, or -1 when out of memory. A name added twice
- * keeps its first entry. */
+/* Add name -> sname; returns the entry's index, or -1 when out of memory or the table holds
+ * PGMP_BINDS_MAX entries. A name added twice keeps its first entry. */
 int pgmp_binds_add(pgmp_binds *t, const uint8_t *name, size_t name_len, const uint8_t *sname, size_t sname_len);
 void pgmp_binds_enable(pgmp_binds *t, int ok);
 int pgmp_binds_enabled(const pgmp_binds *t);

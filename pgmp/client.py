@@ -137,7 +137,7 @@ class ClientConnection(Endpoint):
                     self.relay_arm(srv, self.scanner, srv.scanner, 0, True, None, srv.c_limits())
                     if srv.held and self.relay_peer is srv:
                         self.loop.crelay.hold(srv.fd, True)
-                if self.relay_peer is srv and (self.binds is not None or link.pipeline.statements):
+                if self.relay_peer is srv and (self.binds is not None or link.pipeline.bound):
                     self.relay_binds(armed)
             else:
                 self.relay_arm(srv, self.scanner, srv.scanner, 0)

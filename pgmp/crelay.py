@@ -186,7 +186,7 @@ class Binds:
         if tag != self.tag:
             self.fill(link.bound_statements(), relay.epoch(), tag)
         ok = bool(self.entries) and not pl.query_unanswered()
-        if ok != self.enabled:
+        if ok != self.enabled or attach:        # (newly armed: C's flag may differ from ours)
             self.enable(ok)
         if attach:
             relay.binds(fd, self)

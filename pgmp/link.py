@@ -249,17 +249,22 @@ class Link:
         return self.after_ready()
 
     def bound_statements(self) -> list:
-        """Pooled mode: the client's named statements that its server has, so that a Bind of one
-        needs no Parse first (ServerStatements.usable): (client name, server name, key, session
-        effects) each, for the C relay's binds table (crelay.Binds). The C relay binds them only
-        while no simple Query is unanswered (Pipeline.query_unanswered)."""
+        """Pooled mode: the client's named statements it bound lately (Pipeline.bound) that its
+        server has, so that a Bind of one needs no Parse first (ServerStatements.usable):
+        (client name, server name, key, session effects) each, for the C relay's binds table
+        (crelay.Binds). The C relay binds them only while no simple Query is unanswered
+        (Pipeline.query_unanswered)."""
         pl = self.pipeline
-        if not pl.statements or not pl.enabled:
+        if not pl.bound or not pl.enabled:
             return []
         usable = self.server.statements.usable
         names = pl.cache.names
+        statements = pl.statements
         out = []
-        for name, key in pl.statements.items():
+        for name in pl.bound:
+            key = statements.get(name)
+            if key is None:
+                continue
             sname = names.get(key)
             if sname is not None and usable(sname):
                 out.append((name, sname, key, tuple(session_effects(key[:key.index(b"\0")]))))

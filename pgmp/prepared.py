@@ -42,6 +42,7 @@ RESPONSE_TYPES = b"123tTnCIsEZGV"
 BATCH_PARSE, BATCH_BIND, BATCH_DESC_PORTAL, BATCH_DESC_STMT, BATCH_EXECUTE = 1, 2, 4, 8, 16
 BATCH_NAMED, BATCH_CONTROL, KIND_STMT_SHIFT = 32, 64, 9
 BATCH_KIND = 256                       # a record's request kind: BATCH_KIND + shape (+ index)
+BOUND_MAX = 64                         # client names in the C relay's binds table, at most
 # What such a batch's messages are owed, in the order they come (Parse, Describe statement,
 # Bind, Describe portal, Execute, Sync).
 _BATCH_ENTRIES = [
@@ -73,11 +74,17 @@ class StatementCache:
         self.evictions = 0                     # statements evicted so far
         self.on_evict = None                   # called at each eviction (the C relay's retire)
 
-    def touch(self, key: bytes) -> None:
-        """``key`` was used again under its name (the C relay bound it): as name_for, if it is
-        still here."""
-        if key in self.names:
-            self.names.move_to_end(key)
+    def touch(self, key: bytes, name: bytes) -> None:
+        """``key`` was used again under ``name`` (the C relay bound it): as name_for. Another
+        client's statement may have evicted it since C sent the Bind (earlier in the same epoll
+        batch): it is put back under the name the server has (a name never stands for another
+        text), and the next new statement trims the cache again."""
+        names = self.names
+        if key in names:
+            names.move_to_end(key)
+        else:
+            names[key] = name
+            self.bytes += len(key)
 
     def name_for(self, key: bytes) -> bytes:
         names = self.names
@@ -177,8 +184,9 @@ def parse_frame(name: bytes, key: bytes) -> bytes:
 class Pipeline:
     """One client's statements and owed responses in transaction or statement mode.
 
-    ``version`` changes whenever ``statements`` does (see ServerStatements.version)."""
-    __slots__ = ("cache", "statements", "expect", "skipping", "enabled", "max_size", "version")
+    ``version`` changes whenever ``statements`` does, or a name joins ``bound`` (see
+    ServerStatements.version)."""
+    __slots__ = ("cache", "statements", "expect", "skipping", "enabled", "max_size", "version", "bound")
 
     def __init__(self, cache: StatementCache, enabled: bool = True, max_size: int = 0):
         self.cache = cache
@@ -188,6 +196,10 @@ class Pipeline:
         self.expect: collections.deque = collections.deque()
         self.skipping = False                          # the server discards until Sync after an error
         self.version = 0
+        # the client names Python bound lately, at most BOUND_MAX, oldest first: what the C
+        # relay's binds table is made from (Link.bound_statements), so that its cost at each
+        # hand-off is that of the statements in use, not of all the client ever prepared
+        self.bound: dict[bytes, None] = {}
 
     @property
     def idle(self) -> bool:
@@ -243,6 +255,7 @@ class Pipeline:
             out = self._ensure(name, srv)
             sname = self.cache.name_for(self.statements[name])
             exp.append((R_BIND, sname, None))
+            self._note_bound(name)
             body = portal + b"\0" + sname + b"\0" + payload[pos2:]
             return out + frame(b"B", body)
         if kind == 68:                                  # Describe
@@ -293,8 +306,20 @@ class Pipeline:
         out = self._ensure(name, srv)
         sname = self.cache.name_for(self.statements[name])
         self.expect.append((R_BIND, sname, None))
+        self._note_bound(name)
         new_len = length - 1 - len(name) + len(sname)
         return out + b"B" + _U32.pack(new_len) + portal + b"\0" + sname + b"\0", 5 + pos2
+
+    def _note_bound(self, name: bytes) -> None:
+        bound = self.bound
+        if name in bound:
+            del bound[name]                 # to the end: the most recent
+            bound[name] = None
+            return
+        bound[name] = None
+        self.version += 1
+        if len(bound) > BOUND_MAX:
+            del bound[next(iter(bound))]
 
     def _ensure(self, name: bytes, srv: ServerStatements) -> bytes:
         """Prepare a client statement on this server if it lacks it (the ParseComplete is pgmp's)."""
@@ -346,7 +371,7 @@ class Pipeline:
         ``key``, then optionally Describe of the portal and Execute, and Sync) went to the server
         with the Bind rewritten to ``sname``, which the server has (the C relay, from the client's
         binds table): as client_frame for each of their messages."""
-        self.cache.touch(key)
+        self.cache.touch(key, sname)
         srv.has(sname)
         entries = [(R_BIND, sname, None)]
         if shape & BATCH_DESC_PORTAL:

@@ -570,7 +570,7 @@ class PooledSide(Side):
             client, server = (self, p) if self.side == 0 else (p, self)
             armed = client.relay_peer is not server
             client.relay_arm(server, client.scanner, server.scanner, 0, True, None, limits)
-            if client.relay_peer is server and (client.binds is not None or self.link.pipeline.statements):
+            if client.relay_peer is server and (client.binds is not None or self.link.pipeline.bound):
                 if client.binds is None:
                     client.binds = crelay.Binds()
                     armed = True
@@ -1156,21 +1156,23 @@ _PREPARED = {b"P0_1": b"SELECT abalance FROM pgbench_accounts WHERE aid = $1;", 
 
 
 def prepared_link(limit: int = 100, outstanding: int = 0) -> Link:
-    """A pooled Link whose client prepared _PREPARED on its server (Parse, Sync, then the server's
-    ParseComplete and ReadyForQuery, through the Python path), with ``outstanding`` Queries after."""
+    """A pooled Link whose client prepared _PREPARED on its server and bound each once (Parse,
+    Sync, Bind, Execute, Sync, and the server's answers, through the Python path: the binds table
+    holds the statements a client bound lately), with ``outstanding`` Queries after."""
     from pgmp.link import ServerSession
     from pgmp.prepared import Pipeline, StatementCache
     from pgmp.stats import PoolStats
     link = Link(clock=time.monotonic)
     link.logged_in(time.monotonic, PoolStats(), Pipeline(StatementCache()))
     link.attach(ServerSession(limit))
-    from pgmp.prepared import DROP_CLOSE, R_SYNC
+    from pgmp.prepared import DROP_CLOSE, R_BIND, R_EXEC, R_SYNC
+    answer = {R_SYNC: frame(b"Z", b"I"), DROP_CLOSE: frame(b"3"), R_BIND: frame(b"2"),
+              R_EXEC: frame(b"C", b"SELECT 1\0")}
     for name, text in _PREPARED.items():
-        link.client_frame(ord("P"), parse(text, 1 if b"$1" in text else 0, name)[5:])
-        link.client_frame(ord("S"), b"")
-        while link.pipeline.expect:                  # ParseComplete, CloseComplete (an eviction), Z
-            code = link.pipeline.expect[0][0]
-            f = frame(b"Z", b"I") if code == R_SYNC else frame(b"3") if code == DROP_CLOSE else frame(b"1")
+        for f in (parse(text, 1 if b"$1" in text else 0, name), SYNC, bind(name=name), execute(), SYNC):
+            link.client_frame(f[0], f[5:])
+        while link.pipeline.expect:                  # ParseComplete (pgmp's too), CloseComplete, ...
+            f = answer.get(link.pipeline.expect[0][0], frame(b"1"))
             link.server_frame(f[0], f)
     assert link.pipeline.idle and link.c_relay_ok()
     for _ in range(outstanding):
@@ -1292,3 +1294,43 @@ def test_a_bind_behind_an_unanswered_query_is_prepared_again_as_python_does(quer
     assert py_bytes.count(b"C\0\0\0\x0cSpgmp_1\0P") == 1          # prepared again once
     # (DEALLOCATE is no trigger word: C passes the Query, and its answer's tag goes to Python)
     assert in_c == (0 if query == b"discard all\0" else len(chunks[0]))
+
+
+def test_a_binds_table_holds_at_most_its_limit_and_a_fuller_one_is_left_empty():
+    from pgmp._scan import lib
+    entries = [(b"s%d" % i, b"pgmp_%d" % i, b"", ()) for i in range(lib.PGMP_BINDS_MAX + 1)]
+    b = crelay.Binds()
+    assert b.fill(entries[:-1], 0, "tag") and len(b.entries) == lib.PGMP_BINDS_MAX
+    assert not b.fill(entries, 0, "tag") and b.entries == []
+    client_flags, _ = _pooled_flags()
+    b.enable(True)
+    assert crelay.walk(named(b"s1"), client_flags, 1 << 30, 0, True, None, b)[:3] == (0, 0, -1)
+
+
+def test_the_binds_table_is_made_of_the_statements_bound_lately():
+    """Link.bound_statements: what the client bound through Python last (Pipeline.bound, at most
+    BOUND_MAX names), that its server has; not every statement it ever prepared."""
+    from pgmp.prepared import BOUND_MAX, R_BIND, R_SYNC
+    link = prepared_link()
+    assert [e[0] for e in link.bound_statements()] == list(_PREPARED)
+    for i in range(BOUND_MAX + 3):
+        name = b"many%d" % i
+        for f in (parse(b"select %d" % i, 0, name), bind((), name=name), SYNC):
+            link.client_frame(f[0], f[5:])
+        while link.pipeline.expect:
+            f = {R_SYNC: frame(b"Z", b"I"), R_BIND: frame(b"2")}.get(link.pipeline.expect[0][0], frame(b"1"))
+            link.server_frame(f[0], f)
+    got = [e[0] for e in link.bound_statements()]
+    assert got == [b"many%d" % i for i in range(3, BOUND_MAX + 3)]
+
+
+def test_a_statement_evicted_from_the_cache_after_c_bound_it_is_put_back_under_its_name():
+    from pgmp.prepared import StatementCache
+    cache = StatementCache(max_entries=2)
+    a = cache.name_for(b"select 1\0\0\0")
+    cache.name_for(b"select 2\0\0\0")
+    cache.name_for(b"select 3\0\0\0")                     # evicts select 1
+    assert b"select 1\0\0\0" not in cache.names and cache.evictions == 1
+    cache.touch(b"select 1\0\0\0", a)                      # C had bound it as a meanwhile
+    assert cache.names[b"select 1\0\0\0"] == a and list(cache.names)[-1] == b"select 1\0\0\0"
+    assert cache.name_for(b"select 1\0\0\0") == a
