@@ -36,6 +36,8 @@ struct pgmp_relay {
     uint32_t epoch;          /* statement-name epoch (pgmp_relay_retire) */
     uint8_t *tmp;            /* room to rewrite a read in (tmp_cap bytes), made on first use */
     size_t tmp_cap;
+    const struct epoll_event *batch;   /* the events of the poll being relayed, or NULL */
+    int batch_n;
 };
 
 struct bind_entry {
@@ -917,11 +919,20 @@ static int step(pgmp_relay *r, slot *s, int fd, uint32_t events, uint8_t *buf, s
     s->touched = peer->touched = r->round;
     if (peer->held) {
         /* the client's first bytes after a hold: a held server that sent something or closed
-         * meanwhile (a FATAL, EOF) is not to get them; Python replaces it, as for an idle one */
-        uint8_t c;
-        ssize_t k = recv(s->peer, &c, 1, MSG_PEEK | MSG_DONTWAIT);
-        if (k >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
-            return 0;
+         * meanwhile (a FATAL, EOF) is not to get them; Python replaces it, as for an idle one.
+         * In a poll, such a server is among the batch's events (no syscall to ask); alone
+         * (pgmp_relay_step), a peek asks. */
+        if (r->batch != NULL) {
+            int i;
+            for (i = 0; i < r->batch_n; i++)
+                if (r->batch[i].data.fd == s->peer)
+                    return 0;
+        } else {
+            uint8_t c;
+            ssize_t k = recv(s->peer, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+            if (k >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
+                return 0;
+        }
     }
     if (cap > 0x7fffffff)
         cap = 0x7fffffff;
@@ -977,6 +988,8 @@ int pgmp_relay_poll(pgmp_relay *r, int epfd, int timeout_ms, uint8_t *buf, size_
         return -errno;
     if (++r->round == 0)
         r->round = 1;        /* 0 is "never" */
+    r->batch = evs;
+    r->batch_n = n;
     for (i = 0; i < n; i++) {
         int32_t *rec = recs + (size_t)i * PGMP_R_SIZE;
         int fd = evs[i].data.fd;
@@ -989,5 +1002,6 @@ int pgmp_relay_poll(pgmp_relay *r, int epfd, int timeout_ms, uint8_t *buf, size_
             (rec[PGMP_R_SENT] < rec[PGMP_R_GOOD] || rec[PGMP_R_GOOD] < rec[PGMP_R_N]))
             buf_taken = 1;
     }
+    r->batch = NULL;
     return n;
 }

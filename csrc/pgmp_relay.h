@@ -114,8 +114,9 @@ int pgmp_relay_is_armed(pgmp_relay *r, int fd);
 /* Mark an armed server held (1) or not (0): between its client's transactions, linked to it only
  * so that the next request needs no Python (pgmp.pool's held servers). An event of a held server
  * is Python's (data or EOF while idle); C's first read of its client's bytes clears the mark, and
- * so does disarming. Before that read C peeks at the held server: with input pending there (a
- * FATAL, EOF), the client's event is Python's, which replaces the server. */
+ * so does disarming. Before that read C looks for the held server among the poll's events (with
+ * pgmp_relay_step, which has none, it peeks at its socket): with input pending there (a FATAL,
+ * EOF), the client's event is Python's, which replaces the server. */
 void pgmp_relay_hold(pgmp_relay *r, int fd, int held);
 /* 1 if fd is armed and still held: C has read nothing of its client's since the mark. */
 int pgmp_relay_held(pgmp_relay *r, int fd);
