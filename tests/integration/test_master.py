@@ -356,6 +356,25 @@ def test_worker_that_cannot_load_its_tls_certificate_stops_pgmp(pgmp, tmp_path):
     assert not Path(f"/tmp/.pgmp.{cfg.port}.ctl").exists(), "control socket left behind"
 
 
+def test_pgmp_profile_writes_each_worker_s_profile_when_it_stops(pgmp, monkeypatch, tmp_path):
+    """PGMP_PROFILE=DIR (for developers): every worker runs under cProfile and writes
+    worker-SLOT-PID.prof there when a stop drains it; the profile shows the loop ran."""
+    import pstats
+    out = tmp_path / "profiles"
+    out.mkdir()
+    env_for_pgmp(monkeypatch, PGMP_PROFILE=str(out))
+    proxy = pgmp.start(workers=2)
+    pids = {w["slot"]: w["pid"] for w in ready_workers(proxy, 2)}
+    with psycopg.connect(proxy.dsn(), connect_timeout=5, autocommit=True) as c:
+        assert c.execute("select 1").fetchone() == (1,)
+    assert proxy.stop() == 0
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted(f"worker-{slot}-{pid}.prof" for slot, pid in pids.items()), files
+    for name in files:
+        stats = pstats.Stats(str(out / name))
+        assert any(func[2] == "run_once" for func in stats.stats), name      # the loop's rounds
+
+
 def test_heartbeat_timeout_kills_a_hung_worker(pgmp, monkeypatch):
     env_for_pgmp(monkeypatch, PGMP_HEARTBEAT_TIMEOUT="1.5")
     proxy = pgmp.start(workers=2)
