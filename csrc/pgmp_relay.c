@@ -803,22 +803,20 @@ static void walk(uint8_t *buf, size_t len, size_t cap, const uint8_t *flags, uin
                     if (shape == 0)
                         break;
                     k = PGMP_KIND_BATCH + shape;
-                    if (shape & PGMP_BATCH_NAMED) {
-                        size_t sname_len = binds->ents[rw[nrw].entry].sname_len;
+                    if (shape & PGMP_BATCH_NAMED)
                         k += rw[nrw].entry << PGMP_KIND_STMT_SHIFT;
-                        if (count > 0 && k != kind)
-                            break;
-                        long long d = (long long)sname_len - (long long)rw[nrw].name_len;
-                        if (d > (long long)(cap - len) - growth)
-                            break;                   /* no room left: the rest is Python's */
-                        growth += d;
-                        nrw++;
-                    }
                 } else {
                     break;
                 }
                 if (count > 0 && k != kind)
                     break;                           /* one kind of request per record */
+                if (k >= PGMP_KIND_BATCH && (k & PGMP_BATCH_NAMED)) {
+                    long long d = (long long)binds->ents[rw[nrw].entry].sname_len - (long long)rw[nrw].name_len;
+                    if (d > (long long)(cap - len) - growth)
+                        break;                       /* no room left: the rest is Python's */
+                    growth += d;
+                    nrw++;
+                }
                 kind = k;
                 count++;
                 pos = end;

@@ -15,7 +15,7 @@ from pgmp.loop import Endpoint
 from pgmp.protocol import messages, startup
 from pgmp.protocol.scanner import ERR_SHORT, ERR_TYPE, Scanner, make_flags
 from pgmp.link import CLOSE, REUSE, Link
-from pgmp.prepared import BATCH_KIND, BATCH_NAMED, KIND_STMT_SHIFT, Pipeline
+from pgmp.prepared import Pipeline
 from pgmp.relay import ASSEMBLE, FORWARD, REPLACE, STOP, WAIT, relay
 from pgmp.session import ClientState, check_transition, client_settings, login_parameters
 
@@ -161,16 +161,10 @@ class ClientConnection(Endpoint):
                 self.pool.reuse_held(srv, True)
             # in pooled mode only plain Queries, bare BEGIN, COMMIT, ROLLBACK, and extended
             # batches of unnamed statements or of ones in the binds table pass C
-            binds = self.binds
-            if kind >= BATCH_KIND:
-                link.queries_relayed(count, kind, binds.entries if binds is not None else None)
-                if kind & BATCH_NAMED:                 # rx counted the rewritten Binds: count the client's
-                    name, sname = binds.entries[kind >> KIND_STMT_SHIFT][:2]
-                    self.rx -= count * (len(sname) - len(name))
-            else:
+            if self.binds is None:
                 link.queries_relayed(count, kind)
-                if binds is not None:
-                    binds.enabled = False          # C disabled the table: a Query is unanswered
+            else:
+                self.rx -= self.binds.relayed(link, count, kind)     # rx: what the client sent
             return
         for _ in range(count):
             link.client_frame(kind)

@@ -56,6 +56,7 @@ and their record is still to come.
 import errno
 import math
 
+from pgmp.prepared import BATCH_KIND, BATCH_NAMED, KIND_STMT_SHIFT
 from pgmp.protocol import scanner as _scanner
 
 REC = 10          # int32 fields per record (PGMP_R_SIZE)
@@ -190,6 +191,26 @@ class Binds:
             self.enable(ok)
         if attach:
             relay.binds(fd, self)
+
+    def relayed(self, link, count: int, kind: int) -> int:
+        """A record of the client's requests C passed, for ``link`` (Link.queries_relayed with
+        this table's entries); returns how many bytes more C sent than the client did (the
+        Binds it rewrote). A Query C passed disabled the table (C clears its flag)."""
+        if kind < BATCH_KIND:
+            link.queries_relayed(count, kind)
+            self.enabled = False
+            return 0
+        link.queries_relayed(count, kind, self.entries)
+        if kind & BATCH_NAMED:
+            name, sname = self.entries[kind >> KIND_STMT_SHIFT][:2]
+            return count * (len(sname) - len(name))
+        return 0
+
+    def answered(self, relay: CRelay, fd: int, link) -> None:
+        """The client's server answered through C: a Query that disabled the table may be
+        answered now."""
+        if not self.enabled:
+            self.sync(relay, fd, link, False)
 
     def c_enabled(self) -> bool:
         """The flag as C has it (for tests)."""

@@ -65,12 +65,10 @@ REUSE, RESET, CLOSE = 0, 1, 2
 _Q, _S, _F, _P, _B, _E = 81, 83, 70, 80, 66, 69
 # The C relay's kinds of a bare transaction command (pgmp_sql_control) and their effects, as
 # session_effects() finds them in such a text.
-_CONTROL_EFFECTS = {98: _session_effects(b"begin"), 99: _session_effects(b"commit"),
-                    114: _session_effects(b"rollback")}
-# The same for an unnamed Parse's text in a batch (PGMP_BATCH_CONTROL's 1, 2, 3): a text with
-# those effects, for the unnamed statement.
-_CONTROL_TEXTS = (None, b"begin", b"commit", b"rollback")
-_CONTROL_BATCH_EFFECTS = (None, _CONTROL_EFFECTS[98], _CONTROL_EFFECTS[99], _CONTROL_EFFECTS[114])
+_CONTROL_TEXT = {98: b"begin", 99: b"commit", 114: b"rollback"}
+_CONTROL_EFFECTS = {kind: _session_effects(text) for kind, text in _CONTROL_TEXT.items()}
+# The same kinds by a batch's PGMP_BATCH_CONTROL bits (1, 2, 3: its unnamed Parse's text).
+_BATCH_CONTROL_KINDS = (0, 98, 99, 114)
 _IDLE = 73
 # The unnamed statement's text after a batch the C relay passed: C found in it no word that may
 # change session state (or it is one INSERT, UPDATE or DELETE), so a later Bind of it has no
@@ -203,43 +201,31 @@ class Link:
         unnamed ones, their Parse text free of those words too or one such command
         (BATCH_CONTROL), or Binds of one named statement, entry ``kind >> KIND_STMT_SHIFT`` of
         ``bound`` (bound_statements), rewritten to its server name."""
-        if self.outstanding == 0 and self.clock is not None:      # (_stamp, inline: once per request)
-            self.t_query = now = self.clock()
-            if self.status == _IDLE:
-                self.t_xact = now
+        self._stamp()
         self.outstanding += count
-        batches = self.batches
         if kind >= BATCH_KIND:
             # as client_frame for each message: the Sync is the request; the batch's effects are
             # those of the statement its Bind binds
+            request = _S
             shape = kind & (BATCH_CONTROL * 4 - 1)
             if shape & BATCH_NAMED:
                 _name, sname, key, effects = bound[kind >> KIND_STMT_SHIFT]
-                for _ in range(count):
-                    batches.append([_S, list(effects), False])
                 self.pipeline.named_batches_sent(count, shape, sname, key, self.server.statements)
-                return
-            control = shape // BATCH_CONTROL
-            if control and shape & BATCH_BIND:
-                effects = _CONTROL_BATCH_EFFECTS[control]
-                for _ in range(count):
-                    batches.append([_S, list(effects), False])
             else:
-                for _ in range(count):
-                    batches.append([_S, [], False])
-            # every such batch starts with its Parse: the unnamed statement's text is one with
-            # the same effects as the batch's
-            self.unnamed_text = _CONTROL_TEXTS[control] if control else _PLAIN_TEXT
-            self.pipeline.batches_sent(count, shape & (BATCH_NAMED - 1))
-            return
-        effects = _CONTROL_EFFECTS[kind] if kind != _Q else ()
-        if count == 1:
-            batches.append([_Q, effects, False])
+                control = _BATCH_CONTROL_KINDS[shape // BATCH_CONTROL]
+                effects = _CONTROL_EFFECTS[control] if control and shape & BATCH_BIND else ()
+                # every such batch starts with its Parse: the unnamed statement's text is one
+                # with the same effects as the batch's
+                self.unnamed_text = _CONTROL_TEXT[control] if control else _PLAIN_TEXT
+                self.pipeline.batches_sent(count, shape & (BATCH_NAMED - 1))
         else:
-            for _ in range(count):
-                batches.append([_Q, effects, False])
-        if self.pipeline is not None:
-            self.pipeline.queries_sent(count)
+            request = _Q
+            effects = _CONTROL_EFFECTS[kind] if kind != _Q else ()
+            if self.pipeline is not None:
+                self.pipeline.queries_sent(count)
+        batches = self.batches
+        for _ in range(count):
+            batches.append([request, effects, False])
 
     def ready_relayed(self, count: int, status: int) -> int:
         """``count`` ReadyForQuery frames the C relay passed: as server_frame for each (pooled mode,
@@ -343,20 +329,15 @@ class Link:
     # -- the server's answers ---------------------------------------------------------------
     def server_ready(self, count: int, status: int) -> None:
         """``count`` ReadyForQuery frames, the last with transaction status ``status``."""
-        left = self.outstanding - count
-        self.outstanding = left if left > 0 else 0
+        self.outstanding -= count
+        if self.outstanding < 0:
+            self.outstanding = 0
         batches = self.batches
-        if batches:
-            before = self.status
-            pooled = self.pooled
-            for _ in range(count if count < len(batches) else len(batches)):
-                batch = batches.pop(0)
-                if not pooled:
-                    continue
-                if batch[1] or batch[2] or self.overlay:
-                    self._end_batch(batch, before, status)
-                elif status == _IDLE:
-                    self.savepoint = False          # (_end_batch's _commit, with nothing to commit)
+        before = self.status
+        for _ in range(min(count, len(batches))):
+            batch = batches.pop(0)
+            if self.pooled:
+                self._end_batch(batch, before, status)
         self.status = status
         self.copy_in = False
         st = self.stats

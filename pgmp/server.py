@@ -618,9 +618,8 @@ class ServerConnection(Endpoint):
         link = client.link
         if link.pooled:
             verdict = link.ready_relayed(count, kind)
-            binds = client.binds
-            if binds is not None and not binds.enabled and client.relay_peer is self:
-                client.relay_binds()            # the Query that disabled it may be answered now
+            if client.binds is not None and client.relay_peer is self:
+                client.binds.answered(self.loop.crelay, client.fd, link)
             if verdict == RELEASE:
                 self.release_after = True       # relayed() detaches once the record is applied
                 return

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pgmp.client import READY_FLAGS
+from pgmp.client import READY_FLAGS, ClientConnection
 from pgmp.link import Link
 from pgmp.loop import Endpoint, Loop
 from pgmp.protocol import scanner
@@ -545,19 +545,16 @@ class PooledSide(Side):
 
     def relay_counted(self, count, kind, sync):
         link = self.link
-        if self.side == 0:
-            binds = self.binds
-            if kind >= 256:
-                link.queries_relayed(count, kind, binds.entries if binds is not None else None)
-            else:
+        if self.side == 0:                             # as ClientConnection and ServerConnection do
+            if self.binds is None:
                 link.queries_relayed(count, kind)
-                if binds is not None:
-                    binds.enabled = False
+            else:
+                self.binds.relayed(link, count, kind)
             return
         link.ready_relayed(count, kind)
         client = self.peer
-        if client.binds is not None and not client.binds.enabled and client.relay_peer is self:
-            client.binds.sync(self.loop.crelay, client.fd, link, False)
+        if client.binds is not None and client.relay_peer is self:
+            client.binds.answered(self.loop.crelay, client.fd, link)
 
     def relay_check(self):
         from pgmp.server import RELAY_LIMITS
@@ -571,10 +568,7 @@ class PooledSide(Side):
             armed = client.relay_peer is not server
             client.relay_arm(server, client.scanner, server.scanner, 0, True, None, limits)
             if client.relay_peer is server and (client.binds is not None or self.link.pipeline.bound):
-                if client.binds is None:
-                    client.binds = crelay.Binds()
-                    armed = True
-                client.binds.sync(self.loop.crelay, client.fd, self.link, armed)
+                ClientConnection.relay_binds(client, armed)      # (a PooledSide has what it uses)
         else:
             self.unrelay()
 
