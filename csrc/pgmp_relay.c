@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <time.h>
 
 #include "pgmp_relay.h"
 #include "pgmp_frame.h"
@@ -27,6 +28,7 @@ typedef struct {
     int32_t held;            /* a server between its client's transactions (pgmp_relay_hold) */
     uint32_t touched;        /* the poll round that last relayed from or to it */
     pgmp_binds *binds;       /* a pooled client's named statements on its server, or NULL */
+    pgmp_quiet *quiet;       /* a client's quiet state (pgmp_relay_quiet), or NULL */
 } slot;
 
 struct pgmp_relay {
@@ -34,6 +36,7 @@ struct pgmp_relay {
     size_t cap;
     uint32_t round;          /* poll rounds, for slot.touched */
     uint32_t epoch;          /* statement-name epoch (pgmp_relay_retire) */
+    uint32_t quiet_epoch;    /* pgmp_relay_quiet_end_all */
     uint8_t *tmp;            /* room to rewrite a read in (tmp_cap bytes), made on first use */
     size_t tmp_cap;
     const struct epoll_event *batch;   /* the events of the poll being relayed, or NULL */
@@ -196,6 +199,7 @@ static void clear_slot(slot *s)
     s->held = 0;
     s->touched = 0;
     s->binds = NULL;
+    s->quiet = NULL;
 }
 
 pgmp_relay *pgmp_relay_new(void)
@@ -264,6 +268,45 @@ void pgmp_relay_binds(pgmp_relay *r, int fd, pgmp_binds *t)
 
     if (s != NULL && s->peer >= 0 && s->side == 0 && s->pooled)
         s->binds = t;
+}
+
+void pgmp_quiet_start(pgmp_quiet *q, int hold, int status, double t_query, double t_xact, double t_ready)
+{
+    q->hold = hold != 0;
+    q->outstanding = 0;
+    q->head = 0;
+    q->status = status;
+    q->t_query = t_query;
+    q->t_xact = t_xact;
+    q->t_ready = t_ready;
+    q->t_used = 0.0;
+    q->rx_client = q->rx_server = 0;
+    q->readies = q->xacts = q->assigns = 0;
+    q->query_us = q->xact_us = 0;
+    memset(q->query_hist, 0, sizeof q->query_hist);
+    memset(q->xact_hist, 0, sizeof q->xact_hist);
+    q->on = 1;
+}
+
+void pgmp_relay_quiet(pgmp_relay *r, int fd, pgmp_quiet *q)
+{
+    slot *s = get_slot(r, fd);
+
+    if (s != NULL && s->peer >= 0 && s->side == 0) {
+        s->quiet = q;
+        if (q != NULL)
+            q->epoch = r->quiet_epoch;
+    }
+}
+
+uint32_t pgmp_relay_quiet_epoch(pgmp_relay *r)
+{
+    return r->quiet_epoch;
+}
+
+void pgmp_relay_quiet_end_all(pgmp_relay *r)
+{
+    r->quiet_epoch++;
 }
 
 uint32_t pgmp_relay_epoch(pgmp_relay *r)
@@ -885,6 +928,89 @@ static size_t send_all(int fd, const uint8_t *buf, size_t len)
     return sent;
 }
 
+static double monotonic_now(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* As pgmp.stats' bucket_of (bisect_left): the first bucket whose bound is >= us. */
+static void observe(uint32_t *hist, const pgmp_quiet *q, int64_t us)
+{
+    int i = 0;
+
+    while (i < q->nbounds && q->bounds[i] < us)
+        i++;
+    hist[i]++;
+}
+
+/* A client read of ``count`` requests of type ``kind``, all relayed: as Link._stamp and
+ * _request, and Pool.reuse_held for a held server (``was_held``). 0 if it is not quiet. */
+static int quiet_requests(pgmp_quiet *q, const int32_t *rec, int pooled, int was_held, ssize_t n)
+{
+    int32_t count = rec[PGMP_R_COUNT], kind = rec[PGMP_R_KIND], i;
+    double now;
+
+    if (count <= 0 || rec[PGMP_R_SYNC] != 0 || q->outstanding + count > PGMP_QUIET_KINDS)
+        return 0;
+    if (kind != 'Q' && !(pooled && (kind == 'b' || kind == 'c' || kind == 'r')))
+        return 0;
+    now = monotonic_now();
+    if (was_held) {
+        q->assigns++;
+        q->t_used = now;
+    }
+    if (q->outstanding == 0) {
+        q->t_query = now;
+        if (q->status == 'I')
+            q->t_xact = now;
+    }
+    for (i = 0; i < count; i++)
+        q->kinds[(q->head + q->outstanding + i) % PGMP_QUIET_KINDS] = (uint8_t)kind;
+    q->outstanding += count;
+    q->rx_client += (uint64_t)n;
+    return 1;
+}
+
+/* A server read, all relayed, of answers through ``count`` ReadyForQuery frames (maybe none):
+ * as Link.server_ready (and Pipeline.answered), and for a held pair at a transaction's end
+ * Pool.hold. 0 if it is not quiet. */
+static int quiet_answers(pgmp_quiet *q, const int32_t *rec, slot *server, ssize_t n)
+{
+    int32_t count = rec[PGMP_R_COUNT], status = rec[PGMP_R_KIND];
+    double now;
+    int64_t us;
+
+    if (count > 0 && (count > q->outstanding || (status != 'I' && status != 'T')))
+        return 0;
+    q->rx_server += (uint64_t)n;
+    if (count <= 0)
+        return 1;
+    q->head = (q->head + count) % PGMP_QUIET_KINDS;
+    q->outstanding -= count;
+    q->readies += (uint64_t)count;
+    q->status = status;
+    if (q->outstanding > 0)
+        return 1;
+    q->t_ready = now = monotonic_now();
+    us = (int64_t)((now - q->t_query) * 1e6);
+    q->query_us += (uint64_t)us;
+    observe(q->query_hist, q, us);
+    if (status == 'I') {
+        us = (int64_t)((now - q->t_xact) * 1e6);
+        q->xacts++;
+        q->xact_us += (uint64_t)us;
+        observe(q->xact_hist, q, us);
+        if (q->hold) {
+            server->held = 1;
+            q->t_used = now;
+        }
+    }
+    return 1;
+}
+
 /* allow 0: the event is Python's whatever it is (the batch's buffer is taken); an armed pair's
  * event that Python handles still counts as the pair's turn in this round, so that a later event
  * of the same pair is Python's too and Python sees the pair's events in the order they came. */
@@ -895,6 +1021,8 @@ static int step(pgmp_relay *r, slot *s, int fd, uint32_t events, uint8_t *buf, s
     ssize_t n;
     size_t good;
     pgmp_binds *binds;
+    pgmp_quiet *q;
+    int was_held;
 
     rec[PGMP_R_FD] = fd;
     rec[PGMP_R_EVENTS] = (int32_t)events;
@@ -953,6 +1081,7 @@ static int step(pgmp_relay *r, slot *s, int fd, uint32_t events, uint8_t *buf, s
     } while (n < 0 && errno == EINTR);
     if (n <= 0)
         return 0;              /* EOF, an error or nothing after all: Python reads and sees which */
+    was_held = peer->held;
     peer->held = 0;            /* its client's bytes, for it or for Python: in use again */
     walk(buf, (size_t)n, cap, s->flags, s->max_len, s->side, s->pooled, s->limits, binds, r->tmp, rec);
     if (s->binds != NULL && rec[PGMP_R_COUNT] > 0 && rec[PGMP_R_KIND] < PGMP_KIND_BATCH)
@@ -961,6 +1090,18 @@ static int step(pgmp_relay *r, slot *s, int fd, uint32_t events, uint8_t *buf, s
     good = (size_t)rec[PGMP_R_GOOD];
     rec[PGMP_R_SENT] = (int32_t)(good ? send_all(s->peer, buf, good) : 0);
     rec[PGMP_R_CODE] = PGMP_EV_RELAYED;
+    q = s->side == 0 ? s->quiet : peer->quiet;
+    if (q != NULL && q->on) {
+        int quiet = q->epoch == r->quiet_epoch && good == (size_t)n && rec[PGMP_R_SENT] == rec[PGMP_R_GOOD] &&
+                    rec[PGMP_R_N] == (int32_t)n &&
+                    (s->side == 0 ? quiet_requests(q, rec, s->pooled, was_held, n) : quiet_answers(q, rec, s, n));
+        if (quiet) {
+            rec[PGMP_R_CODE] = PGMP_EV_QUIET;
+        } else {
+            q->on = 0;
+            rec[PGMP_R_CODE] = PGMP_EV_QUIET_END;
+        }
+    }
     return 1;
 }
 
@@ -975,31 +1116,46 @@ int pgmp_relay_poll(pgmp_relay *r, int epfd, int timeout_ms, uint8_t *buf, size_
                     int32_t *recs, int max_events)
 {
     struct epoll_event evs[256];
-    int n, i, buf_taken = 0;
+    int n, i, k, buf_taken;
+    double deadline = 0.0;
 
     if (max_events > 256)
         max_events = 256;
     if (max_events < 1)
         return -EINVAL;
-    n = epoll_wait(epfd, evs, max_events, timeout_ms);
-    if (n < 0)
-        return -errno;
-    if (++r->round == 0)
-        r->round = 1;        /* 0 is "never" */
-    r->batch = evs;
-    r->batch_n = n;
-    for (i = 0; i < n; i++) {
-        int32_t *rec = recs + (size_t)i * PGMP_R_SIZE;
-        int fd = evs[i].data.fd;
+    if (timeout_ms > 0)
+        deadline = monotonic_now() + timeout_ms / 1000.0;
+    for (;;) {
+        n = epoll_wait(epfd, evs, max_events, timeout_ms);
+        if (n < 0)
+            return -errno;
+        if (++r->round == 0)
+            r->round = 1;    /* 0 is "never" */
+        r->batch = evs;
+        r->batch_n = n;
+        buf_taken = 0;
+        for (i = k = 0; i < n; i++) {
+            int32_t *rec = recs + (size_t)k * PGMP_R_SIZE;
+            int fd = evs[i].data.fd;
 
-        /* once the buffer holds bytes Python has yet to see, Python reads the rest itself */
-        step(r, get_slot(r, fd), fd, evs[i].events, buf, cap, rec, !buf_taken);
-        if (buf_taken)
-            continue;
-        if (rec[PGMP_R_CODE] == PGMP_EV_RELAYED &&
-            (rec[PGMP_R_SENT] < rec[PGMP_R_GOOD] || rec[PGMP_R_GOOD] < rec[PGMP_R_N]))
-            buf_taken = 1;
+            /* once the buffer holds bytes Python has yet to see, Python reads the rest itself */
+            step(r, get_slot(r, fd), fd, evs[i].events, buf, cap, rec, !buf_taken);
+            if (rec[PGMP_R_CODE] == PGMP_EV_QUIET)
+                continue;        /* kept in the pair's quiet state: no record */
+            k++;
+            if (!buf_taken && rec[PGMP_R_CODE] != PGMP_EV_PYTHON &&
+                (rec[PGMP_R_SENT] < rec[PGMP_R_GOOD] || rec[PGMP_R_GOOD] < rec[PGMP_R_N]))
+                buf_taken = 1;
+        }
+        r->batch = NULL;
+        if (k > 0 || n == 0 || timeout_ms == 0)
+            return k;
+        /* every event was a quiet read: nothing for Python yet, wait out the rest of the timeout */
+        if (timeout_ms > 0) {
+            double left = deadline - monotonic_now();
+            if (left <= 0)
+                return 0;
+            timeout_ms = (int)(left * 1000.0) + 1;
+        }
     }
-    r->batch = NULL;
-    return n;
 }

@@ -12,7 +12,9 @@ enum { PGMP_F_COUNT = 8 };
 /* What one record says happened to one epoll event (record field PGMP_R_CODE). */
 enum {
     PGMP_EV_PYTHON = 0,  /* not touched: Python handles the event as usual (nothing was read) */
-    PGMP_EV_RELAYED = 1  /* read and relayed; see the record's ranges and counts */
+    PGMP_EV_RELAYED = 1, /* read and relayed; see the record's ranges and counts */
+    PGMP_EV_QUIET_END = 2, /* as RELAYED, and the read ended the pair's quiet state (pgmp_quiet) */
+    PGMP_EV_QUIET = 3    /* read, relayed and kept in the pair's quiet state: no record */
 };
 
 /* Fields of one record, an array of PGMP_R_SIZE int32 values per event. */
@@ -121,6 +123,45 @@ void pgmp_relay_hold(pgmp_relay *r, int fd, int held);
 /* 1 if fd is armed and still held: C has read nothing of its client's since the mark. */
 int pgmp_relay_held(pgmp_relay *r, int fd);
 
+/* A quiet pair: while its traffic is plain round trips, C keeps the Link's bookkeeping of it itself
+ * and writes no record, so that Python does nothing per transaction. Python starts it on an armed
+ * client (pgmp_relay_quiet) between round trips, and reads and applies what it holds when it
+ * ends it (pgmp.crelay.Quiet, ClientConnection.quiet_end). A read is quiet when all of it was
+ * relayed, nothing left for Python or the peer's queue: on the client side requests only ('Q'; in
+ * pooled mode also 'b', 'c', 'r'), at most PGMP_QUIET_KINDS outstanding; on the server side
+ * answers whose ReadyForQuery frames answer outstanding requests, status 'I' or 'T'. The first
+ * read that is not quiet, and any read after the relay's quiet epoch moved on
+ * (pgmp_relay_quiet_end_all), ends it: that read's record has code PGMP_EV_QUIET_END, and Python
+ * takes in what C kept before it applies the record. ``hold``: transaction mode's held server,
+ * which C marks held again (pgmp_relay_hold) at each ReadyForQuery 'I' with nothing outstanding,
+ * as Python's Pool.hold would. Clock: CLOCK_MONOTONIC seconds, Python's time.monotonic(). */
+enum { PGMP_HIST_MAX = 32, PGMP_QUIET_KINDS = 32 };
+typedef struct pgmp_quiet {
+    int32_t on;                  /* Python: 1 to start; C: 0 once it ended */
+    uint32_t epoch;              /* the relay's quiet epoch it started in */
+    int32_t hold;                /* pooled: re-hold the server at each transaction's end */
+    int32_t nbounds;             /* histogram bucket bounds, microseconds, ascending */
+    int64_t bounds[PGMP_HIST_MAX];
+    int32_t outstanding;         /* requests sent and not answered (Link.outstanding) */
+    int32_t status;              /* the last ReadyForQuery's status (Link.status) */
+    int32_t head;                /* kinds[head] is the oldest outstanding request's type */
+    uint8_t kinds[PGMP_QUIET_KINDS];
+    double t_query, t_xact, t_ready, t_used;   /* Link's, and the server's last_used (0: unset) */
+    uint64_t rx_client, rx_server;             /* bytes read of each, since the start */
+    uint64_t readies, xacts, assigns;          /* ReadyForQuery frames, transactions, held reuses */
+    uint64_t query_us, xact_us;                /* time over rounds (outstanding back to 0), transactions */
+    uint32_t query_hist[PGMP_HIST_MAX], xact_hist[PGMP_HIST_MAX];
+} pgmp_quiet;
+
+/* Start q: on, its counts zero, nothing outstanding, the Link's status and clocks as given. */
+void pgmp_quiet_start(pgmp_quiet *q, int hold, int status, double t_query, double t_xact, double t_ready);
+/* Give the armed client fd its quiet state (NULL: none), in the relay's current quiet epoch;
+ * disarming takes it away. It must outlive the arming. */
+void pgmp_relay_quiet(pgmp_relay *r, int fd, pgmp_quiet *q);
+/* The relay's quiet epoch; a new one ends every quiet pair at its next read. */
+uint32_t pgmp_relay_quiet_epoch(pgmp_relay *r);
+void pgmp_relay_quiet_end_all(pgmp_relay *r);
+
 /*
  * One epoll_wait on epfd (timeout in ms), then for each event on an armed socket whose peer is
  * not blocked: recv into buf[0:cap - PGMP_REWRITE_ROOM], walk the frames (rewriting the Binds
@@ -130,6 +171,8 @@ int pgmp_relay_held(pgmp_relay *r, int fd);
  * (good < n), buf is Python's: the later events of the batch get PGMP_EV_PYTHON records, and so
  * does a second event of a pair already relayed in this batch, so that Python has taken in the
  * first one's record before the pair's state moves on.
+ * Reads kept in quiet state write no record; when a poll's events were all such reads, it waits
+ * again, until the timeout (the first wait's) runs out.
  * Returns the number of records written to recs (max_events at most), or -errno.
  */
 int pgmp_relay_poll(pgmp_relay *r, int epfd, int timeout_ms, uint8_t *buf, size_t cap,

@@ -65,7 +65,7 @@ class ClientConnection(Endpoint):
                  "auth", "auth_method", "secret_entry", "link", "key_pid", "key_secret", "timer", "scanner", "flags",
                  "whole", "terminating", "ssl_asked", "gss_asked", "connected_at", "over_limit", "wait_started",
                  "close_at_boundary", "replacement", "cancelled_at", "settings_pending", "logged_in",
-                 "conn_id", "peer_cred", "console", "console_waiting", "binds")
+                 "conn_id", "peer_cred", "console", "console_waiting", "binds", "quiet", "quiet_srv")
 
     def __init__(self, worker, sock, peer: str, over_limit: bool = False, peer_cred=None):
         super().__init__(worker.loop, sock)
@@ -102,6 +102,8 @@ class ClientConnection(Endpoint):
         self.console = None                        # the admin console session (pgmp.console)
         self.console_waiting = False               # its reading paused until the console answers
         self.binds = None                          # transaction mode: crelay.Binds, once it has statements
+        self.quiet = None                          # crelay.Quiet, once its pair was quiet
+        self.quiet_srv = None                      # the server of its quiet pair, while quiet
         timeout = worker.config.client_login_timeout
         if over_limit:
             timeout = min(timeout, REFUSE_GRACE) if timeout > 0 else REFUSE_GRACE
@@ -152,6 +154,57 @@ class ClientConnection(Endpoint):
             binds = self.binds = Binds()
             attach = True
         binds.sync(self.loop.crelay, self.fd, self.link, attach)
+
+    def quiet_start(self, srv):
+        """After a ReadyForQuery record of this armed pair: let the C relay keep the pair's
+        bookkeeping while its traffic is plain round trips (crelay.Quiet), when nothing that
+        Python follows is in flight and no one else needs the server. In transaction mode only
+        a held server's pair (Pool.hold said yes at this boundary), which C holds again at each
+        transaction's end until Python ends it: every Python event and timer ends every quiet
+        pair first (Loop.quiet_end_all), so the pool's conditions for a hold are asked again
+        within a second, and at once when a client queues."""
+        link = self.link
+        if (self.relay_peer is not srv or self.binds is not None or self.leftover is not None or self.skip
+                or srv.leftover is not None or srv.skip or self.unsent or srv.unsent or self.close_at_boundary
+                or srv.cancel_pending or self.settings_pending or not link.quiet_ok()):
+            return
+        crelay = self.loop.crelay
+        if link.pooled and not (srv.held and crelay.held(srv.fd) and not self.pool.waiting):
+            return
+        q = self.quiet
+        if q is None:
+            from pgmp.crelay import Quiet
+            q = self.quiet = Quiet()
+        q.start(link.pooled, link.status, link.t_query, link.t_xact, link.t_ready)
+        crelay.quiet(self.fd, q)
+        self.quiet_srv = srv
+        quiet = self.loop.quiet
+        quiet[self.fd] = self
+        quiet[srv.fd] = self
+
+    def quiet_end(self):
+        """Take what the C relay kept of the quiet pair into the Link, the pool and the endpoints;
+        the pair's records are Python's again."""
+        srv = self.quiet_srv
+        quiet = self.loop.quiet
+        quiet.pop(self.fd, None)
+        quiet.pop(srv.fd, None)
+        self.quiet_srv = None
+        q = self.quiet
+        c = q.c
+        c.on = 0
+        self.rx += c.rx_client
+        srv.rx += c.rx_server
+        if c.readies or c.outstanding:
+            self.link.rounds_relayed(q.kinds(), c.status, c.t_query, c.t_xact, c.t_ready, c.readies, c.query_us,
+                                     c.query_hist, c.xacts, c.xact_us, c.xact_hist)
+        if c.hold:
+            if c.assigns:
+                self.pool.stats.assign_count += c.assigns
+            if c.t_used:
+                srv.last_used = c.t_used
+            if srv.held and (c.outstanding or c.status != 73):
+                self.pool.held_in_use(srv)          # C passed a request of its client: in use
 
     def relay_counted(self, count, kind, sync):
         link = self.link

@@ -120,12 +120,49 @@ class CRelay:
         """Give the armed pooled client ``fd`` its binds table (None: none)."""
         self._lib.pgmp_relay_binds(self._r, fd, binds.c if binds is not None else self._ffi.NULL)
 
+    def quiet(self, fd: int, quiet: "Quiet | None") -> None:
+        """Give the armed client ``fd`` its quiet state (None: none)."""
+        self._lib.pgmp_relay_quiet(self._r, fd, quiet.c if quiet is not None else self._ffi.NULL)
+
+    def quiet_end_all(self) -> None:
+        """A new quiet epoch: a pair still quiet ends at its next read (Python ends them first)."""
+        self._lib.pgmp_relay_quiet_end_all(self._r)
+
     def epoch(self) -> int:
         return self._lib.pgmp_relay_epoch(self._r)
 
     def retire(self) -> None:
         """A statement name left the worker's cache: every binds table made before is stale."""
         self._lib.pgmp_relay_retire(self._r)
+
+
+class Quiet:
+    """One client's quiet state in C memory (pgmp_quiet): while its pair's traffic is plain round
+    trips, C keeps the Link's bookkeeping of them (the requests outstanding, the status, the
+    clocks, the pool's counts and histograms, the bytes read) and writes no record.
+    ClientConnection.quiet_start starts it, quiet_end takes what C kept into the Link, the pool's
+    stats and the endpoints."""
+    __slots__ = ("c", "_lib")
+
+    def __init__(self):
+        from pgmp._scan import ffi, lib
+        from pgmp.stats import BUCKETS_US
+        self.c = ffi.new("pgmp_quiet *")
+        self._lib = lib
+        if len(BUCKETS_US) >= lib.PGMP_HIST_MAX:
+            raise ValueError("more histogram buckets than pgmp_quiet holds")
+        self.c.nbounds = len(BUCKETS_US)
+        for i, b in enumerate(BUCKETS_US):
+            self.c.bounds[i] = b
+
+    def start(self, hold: bool, status: int, t_query: float, t_xact: float, t_ready: float) -> None:
+        self._lib.pgmp_quiet_start(self.c, 1 if hold else 0, status, t_query, t_xact, t_ready)
+
+    def kinds(self) -> list[int]:
+        """The outstanding requests' types, oldest first."""
+        c = self.c
+        n = len(c.kinds)
+        return [c.kinds[(c.head + i) % n] for i in range(c.outstanding)]
 
 
 class Limits:

@@ -227,6 +227,48 @@ class Link:
         for _ in range(count):
             batches.append([request, effects, False])
 
+    def quiet_ok(self) -> bool:
+        """Nothing in flight and no session state being followed: the C relay may keep this
+        Link's bookkeeping of plain round trips itself (crelay.Quiet) until rounds_relayed."""
+        if self.outstanding or self.batches or self.unsynced or self.copy_in or self.statement_mode \
+                or self.status not in (_IDLE, 84):
+            return False
+        if not self.pooled:
+            return True
+        pl = self.pipeline
+        return (not self.overlay and not self.savepoint and not self.pinned and self.open_effects == []
+                and not self.open_failed and pl.idle and not pl.skipping)
+
+    def rounds_relayed(self, kinds: list, status: int, t_query: float, t_xact: float, t_ready: float,
+                       readies: int, query_us: int, query_hist, xacts: int, xact_us: int, xact_hist) -> None:
+        """What the C relay kept of a quiet pair (crelay.Quiet, started when quiet_ok()): as
+        queries_relayed and ready_relayed for each read. ``readies`` ReadyForQuery frames
+        answered requests, the last with ``status``; ``kinds``: the types of the requests still
+        outstanding ('Q', or in pooled mode 'b', 'c', 'r'), oldest first; the clocks as
+        _stamp and server_ready leave them; the query time and histogram over the rounds that
+        ended (outstanding back to 0), the transaction time and histogram over the transactions."""
+        self.status = status
+        self.t_query = t_query
+        self.t_xact = t_xact
+        self.t_ready = t_ready
+        if kinds:
+            self.outstanding += len(kinds)
+            batches = self.batches
+            for k in kinds:
+                batches.append([_Q, _CONTROL_EFFECTS[k] if k != _Q else (), False])
+            if self.pipeline is not None:
+                self.pipeline.queries_sent(len(kinds))
+        st = self.stats
+        if st is not None and readies:
+            st.query_count += readies
+            st.query_time_us += query_us
+            st.xact_count += xacts
+            st.xact_time_us += xact_us
+            for hist, counts in ((st.query_hist, query_hist), (st.xact_hist, xact_hist)):
+                for i in range(len(hist)):
+                    if counts[i]:
+                        hist[i] += counts[i]
+
     def ready_relayed(self, count: int, status: int) -> int:
         """``count`` ReadyForQuery frames the C relay passed: as server_frame for each (pooled mode,
         where only simple Queries were in flight); returns after_ready()'s verdict."""

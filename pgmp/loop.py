@@ -17,9 +17,11 @@ import errno
 import heapq
 import itertools
 import logging
+import os
 import select
 import socket
 import ssl
+import time
 
 from pgmp.tls import describe as describe_tls_error
 
@@ -30,6 +32,7 @@ log = logging.getLogger("pgmp")
 EVENT_READ = select.EPOLLIN
 EVENT_WRITE = select.EPOLLOUT
 _EVENT_FAIL = select.EPOLLERR | select.EPOLLHUP
+_QUIET_END = 2       # a record's code (PGMP_EV_QUIET_END): the read ended its pair's quiet state
 _BLOCKED = (BlockingIOError, InterruptedError)
 
 
@@ -53,7 +56,6 @@ class Loop:
     """A selectors loop with timers; ``run`` returns when ``stop()`` is called."""
 
     def __init__(self, buffer_size: int = 65536, clock=None, relay: bool | None = None):
-        import time
         self.clock = clock or time.monotonic
         self.poller = select.epoll()
         self.endpoints: dict[int, "Endpoint"] = {}
@@ -82,6 +84,20 @@ class Loop:
             self.relay_buf = bytearray(buffer_size + REWRITE_ROOM)
             self.relay_view = memoryview(self.relay_buf)
             self.crelay = CRelay(self.relay_buf, buffer_size + REWRITE_ROOM)
+        # quiet pairs (crelay.Quiet): the fd of either side -> the ClientConnection; C keeps their
+        # bookkeeping while their traffic is plain round trips. Only with the real clock (C's),
+        # and not with PGMP_RELAY_QUIET=0.
+        self.quiet: dict[int, "Endpoint"] = {}
+        self.quiet_ok = (self.crelay is not None and self.clock is time.monotonic
+                         and os.environ.get("PGMP_RELAY_QUIET", "1") != "0")
+
+    def quiet_end_all(self) -> None:
+        """Take every quiet pair's state into Python: before Python handles anything but a record
+        of a pair of its own (an event of its own, a timer), so that what it reads is current."""
+        if self.quiet:
+            for client in list(dict.fromkeys(self.quiet.values())):
+                client.quiet_end()
+            self.crelay.quiet_end_all()
 
     # -- timers --------------------------------------------------------------
     def call_later(self, delay: float, fn, *args) -> Timer:
@@ -97,6 +113,8 @@ class Loop:
             timers[:] = [e for e in timers if not e[2].cancelled]
             heapq.heapify(timers)
             self.cancelled_timers = 0
+        if self.quiet and timers and timers[0][0] <= now:
+            self.quiet_end_all()
         while timers and timers[0][0] <= now:
             _, _, t = heapq.heappop(timers)
             if t.cancelled:
@@ -168,11 +186,22 @@ class Loop:
         for i in range(0, len(recs), 10):
             ep = endpoints.get(recs[i])
             try:
-                if recs[i + 2]:
+                code = recs[i + 2]
+                if code:
+                    if code == _QUIET_END:          # the pair's quiet state first, then the record
+                        client = self.quiet.get(recs[i])
+                        if client is not None:
+                            client.quiet_end()
                     if ep is None or not ep.relayed(recs[i + 3], recs[i + 4], recs[i + 5], recs[i + 6],
                                                     recs[i + 7], recs[i + 8], recs[i + 9]):
                         self._relay_lost(recs[i], recs[i + 9])
                     continue
+                if self.quiet:                      # Python's event: what it reads must be current
+                    client = self.quiet.get(recs[i])
+                    if client is not None:
+                        client.quiet_end()
+                    else:
+                        self.quiet_end_all()
                 if ep is None:
                     continue
                 ev = recs[i + 1]
@@ -696,6 +725,11 @@ class Endpoint:
         """Disarm this endpoint and its peer: Python handles their events again."""
         peer = self.relay_peer
         if peer is not None:
+            quiet = self.loop.quiet
+            if quiet:
+                client = quiet.get(self.fd)
+                if client is not None:
+                    client.quiet_end()
             crelay = self.loop.crelay
             self.relay_peer = None
             crelay.disarm(self.fd)

@@ -195,6 +195,7 @@ class Pool:
             if srv is not None:
                 self._link(srv, client)
                 return
+        self.worker.loop.quiet_end_all()      # a quiet pair's server must come back at its boundary
         self.waiting.append(client)
         self._grow()
 
@@ -253,6 +254,11 @@ class Pool:
         if not relayed and srv.relay_peer is not None:
             self.worker.loop.crelay.hold(srv.fd, False)
 
+    def held_in_use(self, srv) -> None:
+        """A quiet pair's held server is in a transaction of its client's (C passed its request
+        and has counted the reuse: ClientConnection.quiet_end)."""
+        self._drop_hold(srv)
+
     def held_free(self, srv) -> bool:
         """Held ``srv`` may be taken from its client now.
 
@@ -268,6 +274,7 @@ class Pool:
 
     def _take_held(self):
         """A held server another client may have now, unlinked from its client; or None."""
+        self.worker.loop.quiet_end_all()      # which are free, and their Links, as they are now
         srv = next((s for s in self.held if self.held_free(s)), None)
         if srv is not None:
             self.unhold(srv)
@@ -296,6 +303,7 @@ class Pool:
     def release_held(self) -> None:
         """Every held server that is free (held_free) back to the ordinary path (release): pause,
         reconnect, a stop. One that is not is in use already; its transaction's end releases it."""
+        self.worker.loop.quiet_end_all()
         for srv in list(self.held):
             if self.held_free(srv):
                 self.unhold(srv)

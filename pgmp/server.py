@@ -602,6 +602,10 @@ class ServerConnection(Endpoint):
             client = self.client
             if client is not None and client.server is self:
                 client.detach()
+        if count and self.loop.quiet_ok:
+            client = self.client
+            if client is not None and client.relay_peer is self:
+                client.quiet_start(self)
         return True
 
     def relay_check(self):

@@ -308,8 +308,9 @@ def run(cmd: list[str], *, pg_user: bool = False, env: dict | None = None, timeo
     return proc
 
 
-def proc_tree_cpu(pid: int | None) -> float | None:
-    """CPU seconds (user+system) of a process, its live descendants and the children they reaped.
+def proc_tree_cpu(pid: int | None, system_only: bool = False) -> float | None:
+    """CPU seconds (user+system, or system alone) of a process, its live descendants and the
+    children they reaped.
 
     A child reaped while we read the tree would be counted nowhere (gone from the
     list, not yet in the parent's children times when we read those): read the
@@ -322,6 +323,11 @@ def proc_tree_cpu(pid: int | None) -> float | None:
         t = p.cpu_times()
         return t.children_user + t.children_system
 
+    def spent(t) -> float:
+        if system_only:
+            return t.system + t.children_system
+        return t.user + t.system + t.children_user + t.children_system
+
     try:
         root = psutil.Process(pid)
         for _ in range(20):
@@ -332,7 +338,7 @@ def proc_tree_cpu(pid: int | None) -> float | None:
                     t = p.cpu_times()
                 except psutil.Error:
                     continue
-                total += t.user + t.system + t.children_user + t.children_system
+                total += spent(t)
             if reaped(root) == before:
                 break
         return total
@@ -1092,7 +1098,8 @@ class Runner:
         res["command"] = " ".join(cmd)
 
         proxy_pid = proxy.pid if proxy else None
-        cpu0 = {"proxy": proc_tree_cpu(proxy_pid), "postgres": proc_tree_cpu(self.pg.pid)}
+        cpu0 = {"proxy": proc_tree_cpu(proxy_pid), "postgres": proc_tree_cpu(self.pg.pid),
+                "proxy_system": proc_tree_cpu(proxy_pid, system_only=True)}
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         sys0 = psutil.cpu_times()
         t0 = time.monotonic()
@@ -1116,7 +1123,8 @@ class Runner:
         wall = time.monotonic() - t0
         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         sys1 = psutil.cpu_times()
-        cpu1 = {"proxy": proc_tree_cpu(proxy_pid), "postgres": proc_tree_cpu(self.pg.pid)}
+        cpu1 = {"proxy": proc_tree_cpu(proxy_pid), "postgres": proc_tree_cpu(self.pg.pid),
+                "proxy_system": proc_tree_cpu(proxy_pid, system_only=True)}
 
         res["rc"] = rc
         res["wall_s"] = round(wall, 2)
@@ -1176,7 +1184,7 @@ class Runner:
     @staticmethod
     def note_cpu(res, tx, cpu0, cpu1, ru0, ru1, sys0, sys1, wall) -> None:
         cpu = {}
-        for k in ("proxy", "postgres"):
+        for k in ("proxy", "proxy_system", "postgres"):
             if cpu0[k] is not None and cpu1[k] is not None:
                 cpu[k] = round(cpu1[k] - cpu0[k], 3)
         cpu["pgbench"] = round((ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime), 3)
@@ -1192,7 +1200,7 @@ class Runner:
             res["notes"].append(f"background load {res['background_load']:.2f} CPU")
         res["cpu_s"] = cpu
         res["cpu_s_per_1000_tx"] = {k: (round(v / tx * 1000, 4) if tx else None) for k, v in cpu.items()
-                                    if k in ("proxy", "postgres", "pgbench")}
+                                    if k in ("proxy", "proxy_system", "postgres", "pgbench")}
 
     def note_steady_cpu(self, res: dict, txlog: TxLog, sampler: CpuSampler) -> None:
         """The proxy's CPU per 1000 transactions over the steady window (logins and logouts left out).
@@ -1368,10 +1376,10 @@ class Report:
         return out + table(heads, rows, align="llr")
 
     def details(self) -> list[str]:
-        out = [(f"[{self.mode} mode] every run: whole-run CPU s per 1000 tx (proxy tree incl. logins, all "
-                "PostgreSQL backends, pgbench) and notes")]
-        heads = ["scenario", "target", "-T s", "login s", "tx", "tps", "failed", "proxy", "proxy steady",
-                 "postgres", "pgbench", "other load", "notes"]
+        out = [(f"[{self.mode} mode] every run: whole-run CPU s per 1000 tx (proxy tree incl. logins, of it "
+                "the kernel's (proxy sys), all PostgreSQL backends, pgbench) and notes")]
+        heads = ["scenario", "target", "-T s", "login s", "tx", "tps", "failed", "proxy", "proxy sys",
+                 "proxy steady", "postgres", "pgbench", "other load", "notes"]
         rows = []
         for sc in self.scenarios:
             for t in self.targets:
@@ -1384,10 +1392,11 @@ class Report:
                 login = r.get("conn_time_ms")
                 rows.append([sc.name, t, fmt(r.get("duration_s"), "d"), fmt(login / 1000 if login else None, ".2f"),
                              fmt(r.get("processed"), "d"), fmt(shown.get("tps"), ".1f"),
-                             fmt(r.get("failed"), "d"), fmt(per.get("proxy"), ".4f"), fmt(steady, ".4f"),
+                             fmt(r.get("failed"), "d"), fmt(per.get("proxy"), ".4f"),
+                             fmt(per.get("proxy_system"), ".4f"), fmt(steady, ".4f"),
                              fmt(per.get("postgres"), ".4f"), fmt(per.get("pgbench"), ".4f"),
                              fmt(r.get("background_load"), ".2f"), status_text(r)])
-        return out + table(heads, rows, align="ll" + "r" * 10 + "l")
+        return out + table(heads, rows, align="ll" + "r" * 11 + "l")
 
     def render(self) -> str:
         parts = [self.headline(), self.tps_table(), self.latency_table(), self.details()]
