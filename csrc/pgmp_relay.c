@@ -37,6 +37,7 @@ struct pgmp_relay {
     uint32_t round;          /* poll rounds, for slot.touched */
     uint32_t epoch;          /* statement-name epoch (pgmp_relay_retire) */
     uint32_t quiet_epoch;    /* pgmp_relay_quiet_end_all */
+    uint64_t quiet_reads;    /* reads kept in quiet state */
     uint8_t *tmp;            /* room to rewrite a read in (tmp_cap bytes), made on first use */
     size_t tmp_cap;
     const struct epoll_event *batch;   /* the events of the poll being relayed, or NULL */
@@ -307,6 +308,11 @@ uint32_t pgmp_relay_quiet_epoch(pgmp_relay *r)
 void pgmp_relay_quiet_end_all(pgmp_relay *r)
 {
     r->quiet_epoch++;
+}
+
+uint64_t pgmp_relay_quiet_reads(pgmp_relay *r)
+{
+    return r->quiet_reads;
 }
 
 uint32_t pgmp_relay_epoch(pgmp_relay *r)
@@ -1097,6 +1103,7 @@ static int step(pgmp_relay *r, slot *s, int fd, uint32_t events, uint8_t *buf, s
                     (s->side == 0 ? quiet_requests(q, rec, s->pooled, was_held, n) : quiet_answers(q, rec, s, n));
         if (quiet) {
             rec[PGMP_R_CODE] = PGMP_EV_QUIET;
+            r->quiet_reads++;
         } else {
             q->on = 0;
             rec[PGMP_R_CODE] = PGMP_EV_QUIET_END;

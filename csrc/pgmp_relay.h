@@ -161,6 +161,8 @@ void pgmp_relay_quiet(pgmp_relay *r, int fd, pgmp_quiet *q);
 /* The relay's quiet epoch; a new one ends every quiet pair at its next read. */
 uint32_t pgmp_relay_quiet_epoch(pgmp_relay *r);
 void pgmp_relay_quiet_end_all(pgmp_relay *r);
+/* Reads kept in quiet state so far (for pgmp stats). */
+uint64_t pgmp_relay_quiet_reads(pgmp_relay *r);
 
 /*
  * One epoll_wait on epfd (timeout in ms), then for each event on an armed socket whose peer is

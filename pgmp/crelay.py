@@ -52,6 +52,19 @@ Python's (data or EOF while idle), and C's first read of its client's bytes
 clears the mark. Another client may take a held server only while the mark is
 still set (``held``): otherwise bytes of its client were read in this batch
 and their record is still to come.
+
+A pair whose traffic is plain simple-protocol round trips may be *quiet*
+(Quiet): ClientConnection.quiet_start, after an answer's record, when nothing
+Python follows is in flight (Link.quiet_ok) and, in transaction mode, its
+server was just held. C then writes no record for its plain reads and keeps
+what Link.queries_relayed and ready_relayed would have recorded (and, in
+transaction mode, holds the server again at each transaction's end, as
+Pool.hold would); a poll whose events were all such reads waits on. The first
+read that is not plain ends it: its record's code is 2, and the loop takes in
+what C kept (ClientConnection.quiet_end, Link.rounds_relayed) before it
+applies the record. Python ends every quiet pair before it handles anything
+else, an event of its own or a timer (Loop.quiet_end_all), and when a pair is
+disarmed, so that whatever it reads or decides sees the current state.
 """
 import errno
 import math
@@ -127,6 +140,10 @@ class CRelay:
     def quiet_end_all(self) -> None:
         """A new quiet epoch: a pair still quiet ends at its next read (Python ends them first)."""
         self._lib.pgmp_relay_quiet_end_all(self._r)
+
+    def quiet_reads(self) -> int:
+        """Reads C kept in quiet state, since the worker started."""
+        return self._lib.pgmp_relay_quiet_reads(self._r)
 
     def epoch(self) -> int:
         return self._lib.pgmp_relay_epoch(self._r)

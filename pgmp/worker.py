@@ -775,6 +775,8 @@ class Worker:
             "paused_all": self.paused_all, "paused_dbs": sorted(self.paused_dbs),
             "disabled_dbs": sorted(self.disabled_dbs),
             "hosts": self._host_rows(), "dns": self.resolver.rows(),
+            # reads the C relay carried with no record for Python (quiet pairs, pgmp.crelay.Quiet)
+            "relay_quiet_reads": self.loop.crelay.quiet_reads() if self.loop.crelay is not None else 0,
         }
         if detail == "sockets":
             data.update(console.worker_rows(self))

@@ -1,0 +1,257 @@
+"""The C relay's quiet pairs (pgmp_quiet, crelay.Quiet): plain round trips relayed with no record,
+their bookkeeping kept in C, and the first read that is not plain ends it with a record Python
+must take in after what C kept. Real sockets (socketpairs) and the real C relay, no Python loop:
+the Python side (ClientConnection.quiet_start/quiet_end, Link.rounds_relayed) is tested against
+the plain path in tests/unit/test_link.py and through a real pgmp in
+tests/integration/test_quiet.py."""
+import select
+import socket
+import struct
+import time
+
+import pytest
+
+from pgmp.client import POOLED_FLAGS as CLIENT_POOLED, READY_FLAGS
+from pgmp.protocol import scanner
+from pgmp.server import NORMAL_FLAGS, POOLED_FLAGS as SERVER_POOLED
+from pgmp.stats import BUCKETS_US
+
+try:
+    from pgmp import crelay
+    CScanner = scanner.load("c")
+except ImportError:                                  # pragma: no cover - the C helper is part of the build
+    crelay = None
+
+pytestmark = pytest.mark.skipif(crelay is None, reason="the C helper (pgmp._scan) is not built")
+
+QUIET_END, RELAYED = 2, 1
+
+
+def frame(kind: bytes, payload: bytes = b"") -> bytes:
+    return kind + struct.pack("!I", len(payload) + 4) + payload
+
+
+def query(text: bytes) -> bytes:
+    return frame(b"Q", text + b"\0")
+
+
+def ready(status: bytes) -> bytes:
+    return frame(b"Z", status)
+
+
+ANSWER = frame(b"T", b"\0\0") + frame(b"D", b"\0\0") + frame(b"C", b"SELECT 1\0")
+
+
+class Pair:
+    """A client socket and a server socket armed for each other in a CRelay, with a quiet state."""
+
+    def __init__(self, pooled: bool):
+        self.buf = bytearray(4096 + crelay.REWRITE_ROOM)
+        self.r = crelay.CRelay(self.buf, len(self.buf))
+        self.ep = select.epoll()
+        self.client_out, self.client = socket.socketpair()   # the test is the client app
+        self.server, self.server_out = socket.socketpair()   # ... and PostgreSQL
+        for s in (self.client, self.server):
+            s.setblocking(False)
+            self.ep.register(s.fileno(), select.EPOLLIN)
+        cflags, sflags = (CLIENT_POOLED, SERVER_POOLED) if pooled else (READY_FLAGS, NORMAL_FLAGS)
+        limits = None
+        if pooled:
+            from pgmp.server import ServerConnection
+            limits = ServerConnection.c_limits()
+        self.r.arm(self.client.fileno(), self.server.fileno(), CScanner(cflags), 0, pooled)
+        self.r.arm(self.server.fileno(), self.client.fileno(), CScanner(sflags), 1, pooled, limits)
+        self.q = crelay.Quiet()
+        self.pooled = pooled
+
+    def start(self, status: int = 73, t: float = 0.0):
+        if self.pooled:
+            self.r.hold(self.server.fileno(), True)
+        self.q.start(self.pooled, status, t, t, t)
+        self.r.quiet(self.client.fileno(), self.q)
+
+    def poll(self, timeout: float = 0.0) -> list[list[int]]:
+        flat = self.r.poll(self.ep.fileno(), timeout)
+        return [flat[i:i + crelay.REC] for i in range(0, len(flat), crelay.REC)]
+
+    def from_client(self, data: bytes) -> list[list[int]]:
+        self.client_out.send(data)
+        recs = self.wait()
+        return recs
+
+    def from_server(self, data: bytes) -> list[list[int]]:
+        self.server_out.send(data)
+        return self.wait()
+
+    def wait(self) -> list[list[int]]:
+        """Poll until the event was taken (a record, or quiet: no record and nothing unread)."""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            recs = self.poll(0.05)
+            if recs:
+                return recs
+            if not self.ep.poll(0):
+                return []
+        raise AssertionError("no event within 5 s")
+
+    def received(self, sock, n: int) -> bytes:
+        sock.settimeout(5)
+        out = b""
+        while len(out) < n:
+            out += sock.recv(n - len(out))
+        return out
+
+    def close(self):
+        for s in (self.client_out, self.client, self.server, self.server_out):
+            s.close()
+        self.ep.close()
+
+
+@pytest.fixture
+def session_pair():
+    p = Pair(pooled=False)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def pooled_pair():
+    p = Pair(pooled=True)
+    yield p
+    p.close()
+
+
+def test_round_trips_of_a_quiet_pair_leave_no_record_and_are_kept_in_c(session_pair):
+    p = session_pair
+    p.start(status=73, t=1.0)
+    q, c = p.q, p.q.c
+    before = time.monotonic()
+    assert p.from_client(query(b"select 1")) == []
+    assert p.received(p.server_out, len(query(b"select 1"))) == query(b"select 1")
+    assert c.on == 1 and c.outstanding == 1 and q.kinds() == [ord("Q")]
+    assert c.rx_client == len(query(b"select 1"))
+    assert before <= c.t_query <= time.monotonic() and c.t_xact == c.t_query   # idle before: both clocks
+    answer = ANSWER + ready(b"I")
+    assert p.from_server(answer) == []
+    assert p.received(p.client_out, len(answer)) == answer
+    assert (c.outstanding, c.status, c.readies, c.xacts) == (0, 73, 1, 1)
+    assert c.rx_server == len(answer) and c.t_ready >= c.t_query
+    assert sum(c.query_hist[0:len(BUCKETS_US) + 1]) == 1 and sum(c.xact_hist[0:len(BUCKETS_US) + 1]) == 1
+    # two Queries in one read, answered in two reads, inside a transaction block: one round
+    two = query(b"begin") + query(b"select 2")
+    assert p.from_client(two) == [] and p.received(p.server_out, len(two)) == two
+    assert c.outstanding == 2 and q.kinds() == [ord("Q"), ord("Q")]     # session mode: all are 'Q'
+    t_query = c.t_query
+    assert p.from_server(ready(b"T")) == []
+    assert (c.outstanding, c.status, c.readies) == (1, 84, 2) and q.kinds() == [ord("Q")]
+    assert p.from_server(ANSWER + ready(b"T")) == []
+    assert (c.outstanding, c.status, c.readies, c.xacts) == (0, 84, 3, 1)
+    assert c.t_query == t_query and sum(c.query_hist[0:16]) == 2
+    p.received(p.client_out, len(ready(b"T") + ANSWER + ready(b"T")))
+    # a Query in the open transaction: the transaction clock stays
+    t_xact = c.t_xact
+    assert p.from_client(query(b"commit")) == []
+    assert c.t_xact == t_xact and c.t_query > t_query
+    p.received(p.server_out, len(query(b"commit")))
+    assert p.from_server(ready(b"I")) == []
+    assert (c.readies, c.xacts, c.status) == (4, 2, 73)
+    assert c.xact_us >= int((c.t_ready - t_xact) * 1e6) - 1
+
+
+def test_the_first_read_that_is_not_plain_ends_it_with_its_record(session_pair):
+    p = session_pair
+    p.start()
+    c = p.q.c
+    assert p.from_client(query(b"select 1")) == []
+    p.received(p.server_out, len(query(b"select 1")))
+    err = frame(b"E", b"SERROR\0C42601\0Mx\0\0")
+    (rec,) = p.from_server(err + ready(b"I"))          # an ErrorResponse is Python's
+    assert rec[2] == QUIET_END and c.on == 0
+    assert rec[5] == 0 and bytes(p.buf[0:rec[3]]) == err + ready(b"I")
+    assert c.outstanding == 1 and c.readies == 0       # what C kept is up to the record
+    # ended: the next reads have records as before
+    (rec,) = p.from_client(query(b"select 2"))
+    assert rec[2] == RELAYED and rec[6:9] == [1, ord("Q"), 0]
+
+
+@pytest.mark.parametrize("data, side", [
+    (ready(b"I"), "server"),                          # more ReadyForQuery than requests
+    (query(b"select 1")[:7], "client"),               # a partial frame
+    (frame(b"P", b"\0select 1\0\0\0") + frame(b"S"), "client"),   # the extended protocol
+    (frame(b"X"), "client"),                          # Terminate
+])
+def test_reads_that_are_not_plain_round_trips_end_it(session_pair, data, side):
+    p = session_pair
+    p.start()
+    recs = p.from_client(data) if side == "client" else p.from_server(data)
+    (rec,) = recs
+    assert rec[2] == QUIET_END and p.q.c.on == 0
+
+
+def test_a_new_quiet_epoch_ends_every_quiet_pair_at_its_next_read(session_pair):
+    p = session_pair
+    p.start()
+    p.r.quiet_end_all()
+    (rec,) = p.from_client(query(b"select 1"))
+    assert rec[2] == QUIET_END and rec[6:8] == [1, ord("Q")]
+    assert p.q.c.outstanding == 0                      # the read itself is the record's, not C's
+
+
+def test_a_pooled_quiet_pair_holds_its_server_at_each_transaction_s_end(pooled_pair):
+    p = pooled_pair
+    srv = p.server.fileno()
+    p.start()
+    q, c = p.q, p.q.c
+    assert p.r.held(srv)
+    assert p.from_client(query(b"select 1")) == []
+    assert not p.r.held(srv) and c.assigns == 1 and c.t_used == c.t_query
+    assert p.from_server(ANSWER + ready(b"I")) == []
+    assert p.r.held(srv) and c.t_used == c.t_ready      # held again, as Pool.hold does
+    # a transaction block: BEGIN and COMMIT cross as 'b' and 'c', the server held only after it
+    assert p.from_client(query(b"BEGIN")) == [] and q.kinds() == [ord("b")] and c.assigns == 2
+    assert p.from_server(ready(b"T")) == [] and not p.r.held(srv)
+    assert p.from_client(query(b"update t set x = 1")) == [] and c.assigns == 2   # not a reuse
+    assert p.from_server(frame(b"C", b"UPDATE 1\0") + ready(b"T")) == [] and not p.r.held(srv)
+    assert p.from_client(query(b"COMMIT")) == [] and q.kinds() == [ord("c")]
+    assert p.from_server(ready(b"I")) == [] and p.r.held(srv)
+    assert (c.readies, c.xacts, c.assigns) == (4, 2, 2)
+    # a session command is Python's: it ends it, the server's mark cleared by the read
+    (rec,) = p.from_client(query(b"set search_path = x"))
+    assert rec[2] == QUIET_END and rec[5] == 0 and c.on == 0 and not p.r.held(srv)
+    assert c.outstanding == 0 and c.status == 73      # what C kept: between transactions
+
+
+def test_a_pooled_pair_s_answer_with_a_session_tag_ends_it(pooled_pair):
+    p = pooled_pair
+    p.start()
+    assert p.from_client(query(b"select 1")) == []
+    (rec,) = p.from_server(frame(b"C", b"SET\0") + ready(b"I"))
+    assert rec[2] == QUIET_END and p.q.c.on == 0 and p.q.c.outstanding == 1
+    assert not p.r.held(p.server.fileno())           # C did not hold it: the answer is Python's
+
+
+def test_disarming_takes_the_quiet_state_away(session_pair):
+    p = session_pair
+    p.start()
+    p.r.disarm(p.client.fileno())
+    p.r.arm(p.client.fileno(), p.server.fileno(), CScanner(READY_FLAGS), 0)
+    (rec,) = p.from_client(query(b"select 1"))
+    assert rec[2] == RELAYED and p.q.c.outstanding == 0
+
+
+def test_a_poll_of_quiet_reads_only_waits_for_more_within_its_timeout(session_pair):
+    """All of a batch kept quiet: the poll waits on, so the next event (here Python's: the
+    server's ErrorResponse) comes out of the same call."""
+    p = session_pair
+    p.start()
+    import threading
+    p.client_out.send(query(b"select 1"))
+    err = frame(b"E", b"SERROR\0\0") + ready(b"I")
+    sender = threading.Timer(0.2, p.server_out.send, (err,))
+    sender.start()
+    try:
+        recs = p.poll(10)
+    finally:
+        sender.join()
+    assert [r[2] for r in recs] == [QUIET_END] and recs[0][0] == p.server.fileno()
+    assert p.q.c.outstanding == 1
