@@ -102,7 +102,7 @@ class ClientConnection(Endpoint):
         self.console = None                        # the admin console session (pgmp.console)
         self.console_waiting = False               # its reading paused until the console answers
         self.binds = None                          # transaction mode: crelay.Binds, once it has statements
-        self.quiet = None                          # crelay.Quiet, once its pair was quiet
+        self.quiet = None                          # crelay.Quiet, while its pair is quiet
         self.quiet_srv = None                      # the server of its quiet pair, while quiet
         timeout = worker.config.client_login_timeout
         if over_limit:
@@ -171,10 +171,7 @@ class ClientConnection(Endpoint):
         crelay = self.loop.crelay
         if link.pooled and not (srv.held and crelay.held(srv.fd) and not self.pool.waiting):
             return
-        q = self.quiet
-        if q is None:
-            from pgmp.crelay import Quiet
-            q = self.quiet = Quiet()
+        q = self.quiet = self.loop.quiet_state()
         q.start(link.pooled, link.status, link.t_query, link.t_xact, link.t_ready)
         crelay.quiet(self.fd, q)
         self.quiet_srv = srv
@@ -191,8 +188,10 @@ class ClientConnection(Endpoint):
         quiet.pop(srv.fd, None)
         self.quiet_srv = None
         q = self.quiet
+        self.quiet = None
         c = q.c
         c.on = 0
+        self.loop.crelay.quiet(self.fd, None)      # C lets go of it before the loop reuses it
         self.rx += c.rx_client
         srv.rx += c.rx_server
         if c.readies or c.outstanding:
@@ -205,6 +204,7 @@ class ClientConnection(Endpoint):
                 srv.last_used = c.t_used
             if srv.held and (c.outstanding or c.status != 73):
                 self.pool.held_in_use(srv)          # C passed a request of its client: in use
+        self.loop.quiet_free.append(q)
 
     def relay_counted(self, count, kind, sync):
         link = self.link

@@ -88,8 +88,17 @@ class Loop:
         # bookkeeping while their traffic is plain round trips. Only with the real clock (C's),
         # and not with PGMP_RELAY_QUIET=0.
         self.quiet: dict[int, "Endpoint"] = {}
+        self.quiet_free: list = []            # crelay.Quiet states no pair uses
         self.quiet_ok = (self.crelay is not None and self.clock is time.monotonic
                          and os.environ.get("PGMP_RELAY_QUIET", "1") != "0")
+
+    def quiet_state(self):
+        """A crelay.Quiet for a pair that starts being quiet: one a pair gave back, or a new one
+        (so there are at most as many as pairs were quiet at once, not one per client)."""
+        if self.quiet_free:
+            return self.quiet_free.pop()
+        from pgmp.crelay import Quiet
+        return Quiet()
 
     def quiet_end_all(self) -> None:
         """Take every quiet pair's state into Python: before Python handles anything but a record

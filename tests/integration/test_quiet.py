@@ -191,3 +191,19 @@ def test_pause_waits_for_a_quiet_pair_s_open_transaction_and_resume_goes_on(pg, 
             t.join(timeout=5)
             adm.execute(f"RESUME {pooldb.name}")
         assert conn.scalar("select 42") == "42"
+
+
+def test_a_quiet_pair_s_held_server_that_postgres_ends_is_replaced_without_an_error(pg, pgmp, pooldb):
+    no_servers_left(pg, pooldb)
+    proxy = start(pgmp, pooldb, size=2, admin_users=[ADMIN])
+    with raw_login(proxy.host, proxy.port, pooldb) as conn:
+        for i in range(5):
+            sent_query(conn, f"select {i}")
+        first = conn.scalar("select pg_backend_pid()")
+        assert pg.psql(f"select pg_terminate_backend({first})") == "t"
+        wait_for(lambda: pg.psql(f"select count(*) from pg_stat_activity where pid = {first}") == "0",
+                 timeout=10, message="the backend did not exit")
+        second = conn.scalar("select pg_backend_pid()")   # no error: the client had no server in use
+        assert second != first
+        assert conn.scalar("select 1") == "1"
+    assert "08006" not in proxy.log()

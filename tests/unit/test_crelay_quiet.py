@@ -59,8 +59,10 @@ class Pair:
         if pooled:
             from pgmp.server import ServerConnection
             limits = ServerConnection.c_limits()
-        self.r.arm(self.client.fileno(), self.server.fileno(), CScanner(cflags), 0, pooled)
-        self.r.arm(self.server.fileno(), self.client.fileno(), CScanner(sflags), 1, pooled, limits)
+        # the scanners' flags tables must outlive the arming: kept here
+        self.scanners = (CScanner(cflags), CScanner(sflags))
+        self.r.arm(self.client.fileno(), self.server.fileno(), self.scanners[0], 0, pooled)
+        self.r.arm(self.server.fileno(), self.client.fileno(), self.scanners[1], 1, pooled, limits)
         self.q = crelay.Quiet()
         self.pooled = pooled
 
@@ -234,7 +236,7 @@ def test_disarming_takes_the_quiet_state_away(session_pair):
     p = session_pair
     p.start()
     p.r.disarm(p.client.fileno())
-    p.r.arm(p.client.fileno(), p.server.fileno(), CScanner(READY_FLAGS), 0)
+    p.r.arm(p.client.fileno(), p.server.fileno(), p.scanners[0], 0)
     (rec,) = p.from_client(query(b"select 1"))
     assert rec[2] == RELAYED and p.q.c.outstanding == 0
 
@@ -245,7 +247,7 @@ def test_a_poll_of_quiet_reads_only_waits_for_more_within_its_timeout(session_pa
     p = session_pair
     p.start()
     import threading
-    p.client_out.send(query(b"select 1"))
+    assert p.from_client(query(b"select 1")) == []
     err = frame(b"E", b"SERROR\0\0") + ready(b"I")
     sender = threading.Timer(0.2, p.server_out.send, (err,))
     sender.start()
