@@ -276,6 +276,7 @@ void pgmp_quiet_start(pgmp_quiet *q, int hold, int status, double t_query, doubl
     q->hold = hold != 0;
     q->outstanding = 0;
     q->head = 0;
+    q->last_batch = 0;
     q->status = status;
     q->t_query = t_query;
     q->t_xact = t_xact;
@@ -959,10 +960,22 @@ static int quiet_requests(pgmp_quiet *q, const int32_t *rec, int pooled, int was
     int32_t count = rec[PGMP_R_COUNT], kind = rec[PGMP_R_KIND], i;
     double now;
 
-    if (count <= 0 || rec[PGMP_R_SYNC] != 0 || q->outstanding + count > PGMP_QUIET_KINDS)
+    if (count <= 0 || q->outstanding + count > PGMP_QUIET_KINDS)
         return 0;
-    if (kind != 'Q' && !(pooled && (kind == 'b' || kind == 'c' || kind == 'r')))
+    if (kind >= PGMP_KIND_BATCH) {
+        if (!pooled || (kind & PGMP_BATCH_NAMED))
+            return 0;                /* a named batch rewrites statement names: Python's books */
+    } else if (kind == 'S') {
+        if (pooled || rec[PGMP_R_SYNC] != 2)
+            return 0;                /* session mode, through the Sync: nothing left unsynced */
+    } else if (kind == 'Q') {
+        if (rec[PGMP_R_SYNC] != 0)
+            return 0;
+    } else if (!(pooled && (kind == 'b' || kind == 'c' || kind == 'r'))) {
         return 0;
+    }
+    if (kind >= PGMP_KIND_BATCH)
+        q->last_batch = kind;
     now = monotonic_now();
     if (was_held) {
         q->assigns++;
@@ -974,7 +987,7 @@ static int quiet_requests(pgmp_quiet *q, const int32_t *rec, int pooled, int was
             q->t_xact = now;
     }
     for (i = 0; i < count; i++)
-        q->kinds[(q->head + q->outstanding + i) % PGMP_QUIET_KINDS] = (uint8_t)kind;
+        q->kinds[(q->head + q->outstanding + i) % PGMP_QUIET_KINDS] = (uint16_t)kind;
     q->outstanding += count;
     q->rx_client += (uint64_t)n;
     return 1;

@@ -127,8 +127,9 @@ int pgmp_relay_held(pgmp_relay *r, int fd);
  * and writes no record, so that Python does nothing per transaction. Python starts it on an armed
  * client (pgmp_relay_quiet) between round trips, and reads and applies what it holds when it
  * ends it (pgmp.crelay.Quiet, ClientConnection.quiet_end). A read is quiet when all of it was
- * relayed, nothing left for Python or the peer's queue: on the client side requests only ('Q'; in
- * pooled mode also 'b', 'c', 'r'), at most PGMP_QUIET_KINDS outstanding; on the server side
+ * relayed, nothing left for Python or the peer's queue: on the client side requests only (in
+ * session mode 'Q', or extended-protocol messages through their Sync, kind 'S'; in pooled mode
+ * 'Q', 'b', 'c', 'r' and unnamed batches), at most PGMP_QUIET_KINDS outstanding; on the server side
  * answers whose ReadyForQuery frames answer outstanding requests, status 'I' or 'T'. The first
  * read that is not quiet, and any read after the relay's quiet epoch moved on
  * (pgmp_relay_quiet_end_all), ends it: that read's record has code PGMP_EV_QUIET_END, and Python
@@ -144,8 +145,9 @@ typedef struct pgmp_quiet {
     int64_t bounds[PGMP_HIST_MAX];
     int32_t outstanding;         /* requests sent and not answered (Link.outstanding) */
     int32_t status;              /* the last ReadyForQuery's status (Link.status) */
-    int32_t head;                /* kinds[head] is the oldest outstanding request's type */
-    uint8_t kinds[PGMP_QUIET_KINDS];
+    int32_t head;                /* kinds[head] is the oldest outstanding request's kind */
+    uint16_t kinds[PGMP_QUIET_KINDS];   /* a record's kinds: 'Q', 'S', 'b', 'c', 'r', or a batch's */
+    int32_t last_batch;          /* the kind of the last unnamed batch C passed, or 0 */
     double t_query, t_xact, t_ready, t_used;   /* Link's, and the server's last_used (0: unset) */
     uint64_t rx_client, rx_server;             /* bytes read of each, since the start */
     uint64_t readies, xacts, assigns;          /* ReadyForQuery frames, transactions, held reuses */

@@ -60,12 +60,18 @@ def ready_scanner(flags: bytes, max_message_size: int) -> Scanner:
     return sc
 
 
+# A quiet pair that ended with nothing kept (its next read was not plain): the answers to let
+# pass before the pair is tried again, so that a client whose traffic C cannot keep (prepared
+# statements, a SET per transaction) does not pay for a start and an end each time.
+QUIET_SKIP = 32
+
+
 class ClientConnection(Endpoint):
     __slots__ = ("worker", "state", "peer", "user", "database", "reported", "pool", "server",
                  "auth", "auth_method", "secret_entry", "link", "key_pid", "key_secret", "timer", "scanner", "flags",
                  "whole", "terminating", "ssl_asked", "gss_asked", "connected_at", "over_limit", "wait_started",
                  "close_at_boundary", "replacement", "cancelled_at", "settings_pending", "logged_in",
-                 "conn_id", "peer_cred", "console", "console_waiting", "binds", "quiet", "quiet_srv")
+                 "conn_id", "peer_cred", "console", "console_waiting", "binds", "quiet", "quiet_srv", "quiet_skip")
 
     def __init__(self, worker, sock, peer: str, over_limit: bool = False, peer_cred=None):
         super().__init__(worker.loop, sock)
@@ -104,6 +110,7 @@ class ClientConnection(Endpoint):
         self.binds = None                          # transaction mode: crelay.Binds, once it has statements
         self.quiet = None                          # crelay.Quiet, while its pair is quiet
         self.quiet_srv = None                      # the server of its quiet pair, while quiet
+        self.quiet_skip = 0                        # answers to let pass before it tries quiet again
         timeout = worker.config.client_login_timeout
         if over_limit:
             timeout = min(timeout, REFUSE_GRACE) if timeout > 0 else REFUSE_GRACE
@@ -163,6 +170,9 @@ class ClientConnection(Endpoint):
         transaction's end until Python ends it: every Python event and timer ends every quiet
         pair first (Loop.quiet_end_all), so the pool's conditions for a hold are asked again
         within a second, and at once when a client queues."""
+        if self.quiet_skip:
+            self.quiet_skip -= 1
+            return
         link = self.link
         if (self.relay_peer is not srv or self.binds is not None or self.leftover is not None or self.skip
                 or srv.leftover is not None or srv.skip or self.unsent or srv.unsent or self.close_at_boundary
@@ -179,9 +189,10 @@ class ClientConnection(Endpoint):
         quiet[self.fd] = self
         quiet[srv.fd] = self
 
-    def quiet_end(self):
+    def quiet_end(self, by_read: bool = False):
         """Take what the C relay kept of the quiet pair into the Link, the pool and the endpoints;
-        the pair's records are Python's again."""
+        the pair's records are Python's again. ``by_read``: C ended it, at a read that was not
+        plain (a record with code 2)."""
         srv = self.quiet_srv
         quiet = self.loop.quiet
         quiet.pop(self.fd, None)
@@ -194,9 +205,8 @@ class ClientConnection(Endpoint):
         self.loop.crelay.quiet(self.fd, None)      # C lets go of it before the loop reuses it
         self.rx += c.rx_client
         srv.rx += c.rx_server
-        if c.readies or c.outstanding:
-            self.link.rounds_relayed(q.kinds(), c.status, c.t_query, c.t_xact, c.t_ready, c.readies, c.query_us,
-                                     c.query_hist, c.xacts, c.xact_us, c.xact_hist)
+        if not q.take(self.link) and by_read and not c.rx_client:
+            self.quiet_skip = QUIET_SKIP            # it kept nothing: this pair's traffic is not plain
         if c.hold:
             if c.assigns:
                 self.pool.stats.assign_count += c.assigns

@@ -175,6 +175,16 @@ class Quiet:
     def start(self, hold: bool, status: int, t_query: float, t_xact: float, t_ready: float) -> None:
         self._lib.pgmp_quiet_start(self.c, 1 if hold else 0, status, t_query, t_xact, t_ready)
 
+    def take(self, link) -> bool:
+        """What C kept of the pair's requests and answers, into ``link`` (Link.rounds_relayed);
+        False if it kept none."""
+        c = self.c
+        if not (c.readies or c.outstanding):
+            return False
+        link.rounds_relayed(self.kinds(), c.last_batch, c.status, c.t_query, c.t_xact, c.t_ready,
+                            c.readies, c.query_us, c.query_hist, c.xacts, c.xact_us, c.xact_hist)
+        return True
+
     def kinds(self) -> list[int]:
         """The outstanding requests' types, oldest first."""
         c = self.c

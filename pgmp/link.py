@@ -52,6 +52,13 @@ def _c_trigger():
 _trigger = _c_trigger()
 
 
+def _batch_text(kind: int) -> bytes:
+    """The unnamed statement's text after an unnamed batch of ``kind`` the C relay passed: every
+    such batch starts with its Parse, of a text with the same effects as the batch's."""
+    control = _BATCH_CONTROL_KINDS[(kind & (BATCH_CONTROL * 4 - 1)) // BATCH_CONTROL]
+    return _CONTROL_TEXT[control] if control else _PLAIN_TEXT
+
+
 def session_effects(text: bytes):
     if _trigger is not None and type(text) is bytes and not _trigger(text, len(text)):
         return ()                               # an ordinary query: no parse, no cache entry
@@ -214,9 +221,7 @@ class Link:
             else:
                 control = _BATCH_CONTROL_KINDS[shape // BATCH_CONTROL]
                 effects = _CONTROL_EFFECTS[control] if control and shape & BATCH_BIND else ()
-                # every such batch starts with its Parse: the unnamed statement's text is one
-                # with the same effects as the batch's
-                self.unnamed_text = _CONTROL_TEXT[control] if control else _PLAIN_TEXT
+                self.unnamed_text = _batch_text(kind)
                 self.pipeline.batches_sent(count, shape & (BATCH_NAMED - 1))
         else:
             request = _Q
@@ -239,25 +244,28 @@ class Link:
         return (not self.overlay and not self.savepoint and not self.pinned and self.open_effects == []
                 and not self.open_failed and pl.idle and not pl.skipping)
 
-    def rounds_relayed(self, kinds: list, status: int, t_query: float, t_xact: float, t_ready: float,
-                       readies: int, query_us: int, query_hist, xacts: int, xact_us: int, xact_hist) -> None:
+    def rounds_relayed(self, kinds: list, last_batch: int, status: int, t_query: float, t_xact: float,
+                       t_ready: float, readies: int, query_us: int, query_hist, xacts: int, xact_us: int,
+                       xact_hist) -> None:
         """What the C relay kept of a quiet pair (crelay.Quiet, started when quiet_ok()): as
-        queries_relayed and ready_relayed for each read. ``readies`` ReadyForQuery frames
-        answered requests, the last with ``status``; ``kinds``: the types of the requests still
-        outstanding ('Q', or in pooled mode 'b', 'c', 'r'), oldest first; the clocks as
-        _stamp and server_ready leave them; the query time and histogram over the rounds that
-        ended (outstanding back to 0), the transaction time and histogram over the transactions."""
+        the records of its reads would have left it. ``readies`` ReadyForQuery frames answered
+        requests, the last with ``status``; ``kinds``: the record kinds of the requests still
+        outstanding, oldest first (session mode 'Q' or 'S', pooled mode 'Q', 'b', 'c', 'r' or
+        an unnamed batch's); ``last_batch``: the kind of the last unnamed batch passed, or 0;
+        the clocks as _stamp and server_ready leave them; the query time and histogram over the
+        rounds that ended (outstanding back to 0), the transaction time and histogram over the
+        transactions."""
+        if last_batch:
+            self.unnamed_text = _batch_text(last_batch)
+        for k in kinds:                     # the requests still owed an answer, as their records
+            if self.pooled:
+                self.queries_relayed(1, k)
+            else:
+                self.client_frame(k)
         self.status = status
         self.t_query = t_query
         self.t_xact = t_xact
         self.t_ready = t_ready
-        if kinds:
-            self.outstanding += len(kinds)
-            batches = self.batches
-            for k in kinds:
-                batches.append([_Q, _CONTROL_EFFECTS[k] if k != _Q else (), False])
-            if self.pipeline is not None:
-                self.pipeline.queries_sent(len(kinds))
         st = self.stats
         if st is not None and readies:
             st.query_count += readies

@@ -200,7 +200,7 @@ class Loop:
                     if code == _QUIET_END:          # the pair's quiet state first, then the record
                         client = self.quiet.get(recs[i])
                         if client is not None:
-                            client.quiet_end()
+                            client.quiet_end(True)
                     if ep is None or not ep.relayed(recs[i + 3], recs[i + 4], recs[i + 5], recs[i + 6],
                                                     recs[i + 7], recs[i + 8], recs[i + 9]):
                         self._relay_lost(recs[i], recs[i + 9])

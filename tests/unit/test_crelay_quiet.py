@@ -89,7 +89,7 @@ class Pair:
         """Poll until the event was taken (a record, or quiet: no record and nothing unread)."""
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            recs = self.poll(0.05)
+            recs = self.poll(0.01)
             if recs:
                 return recs
             if not self.ep.poll(0):
@@ -179,7 +179,7 @@ def test_the_first_read_that_is_not_plain_ends_it_with_its_record(session_pair):
 @pytest.mark.parametrize("data, side", [
     (ready(b"I"), "server"),                          # more ReadyForQuery than requests
     (query(b"select 1")[:7], "client"),               # a partial frame
-    (frame(b"P", b"\0select 1\0\0\0") + frame(b"S"), "client"),   # the extended protocol
+    (frame(b"P", b"\0select 1\0\0\0") + frame(b"B", b"\0\0\0\0\0\0\0\0"), "client"),   # no Sync yet
     (frame(b"X"), "client"),                          # Terminate
 ])
 def test_reads_that_are_not_plain_round_trips_end_it(session_pair, data, side):
@@ -257,3 +257,127 @@ def test_a_poll_of_quiet_reads_only_waits_for_more_within_its_timeout(session_pa
         sender.join()
     assert [r[2] for r in recs] == [QUIET_END] and recs[0][0] == p.server.fileno()
     assert p.q.c.outstanding == 1
+
+
+# ---- the quiet path against the record path --------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from pgmp.link import Link, ServerSession  # noqa: E402
+from pgmp.prepared import Pipeline, StatementCache  # noqa: E402
+from pgmp.stats import PoolStats  # noqa: E402
+
+# (client bytes, the answer's frames before its ReadyForQuery, how it moves the status)
+_PLAIN = (query(b"select 1"), ANSWER, None)
+_BEGIN = (query(b"BEGIN"), frame(b"C", b"BEGIN\0"), b"T")
+_COMMIT = (query(b"COMMIT"), frame(b"C", b"COMMIT\0"), b"I")
+_DML = (query(b"update t set x = 1"), frame(b"C", b"UPDATE 1\0"), None)
+_BATCH = (frame(b"P", b"\0select 2\0\0\0") + frame(b"B", b"\0\0\0\0\0\0\0\0") + frame(b"D", b"P\0")
+          + frame(b"E", b"\0\0\0\0\0") + frame(b"S"),
+          frame(b"1") + frame(b"2") + frame(b"T", b"\0\0") + frame(b"D", b"\0\0") + frame(b"C", b"SELECT 1\0"),
+          None)
+_XBEGIN = (frame(b"P", b"\0BEGIN\0\0\0") + frame(b"B", b"\0\0\0\0\0\0\0\0") + frame(b"E", b"\0\0\0\0\0")
+           + frame(b"S"), frame(b"1") + frame(b"2") + frame(b"C", b"BEGIN\0"), b"T")
+
+
+def _link(pooled: bool) -> Link:
+    link = Link(clock=time.monotonic)
+    if pooled:
+        link.logged_in(time.monotonic, PoolStats(), Pipeline(StatementCache()))
+    else:
+        link.logged_in(time.monotonic, PoolStats())
+    link.attach(ServerSession(100))
+    return link
+
+
+def _state(link: Link):
+    st_ = link.stats
+    return (link.outstanding, link.status, link.unsynced, link.unnamed_text,
+            [(b[0], b[1] is None, tuple(b[1] or ()), b[2]) for b in link.batches],
+            list(link.pipeline.expect) if link.pipeline is not None else None,
+            st_.query_count, st_.xact_count, sum(st_.query_hist), sum(st_.xact_hist))
+
+
+def _apply(link: Link, rec, client_fd: int) -> None:
+    """A record, as ClientConnection/ServerConnection.relay_counted apply it."""
+    count, kind, sync = rec[6], rec[7], rec[8]
+    if rec[0] == client_fd:
+        if link.pooled:
+            link.queries_relayed(count, kind)
+        else:
+            for _ in range(count):
+                link.client_frame(kind)
+            if sync:
+                link.unsynced = sync == 1
+    elif count:
+        if link.pooled:
+            link.ready_relayed(count, kind)
+        else:
+            link.server_ready(count, kind)
+
+
+@st.composite
+def _sessions(draw, pooled: bool):
+    """Rounds of requests sent in one write, then answered in one or two reads; the status
+    moves as PostgreSQL's would."""
+    kinds = [_PLAIN, _BEGIN, _COMMIT, _DML, _BATCH] + ([_XBEGIN] if pooled else [])
+    rounds = []
+    status = b"I"
+    for _ in range(draw(st.integers(1, 12))):
+        reqs = draw(st.lists(st.sampled_from(kinds), min_size=1, max_size=3))
+        if len({(r[0][:1], r[2]) for r in reqs}) > 1:
+            reqs = reqs[:1]                  # one kind per record: a mixed write would be two
+        answers = []
+        for _c, body, moves in reqs:
+            status = moves or status
+            answers.append(body + ready(status))
+        split = draw(st.integers(0, len(answers)))
+        rounds.append((b"".join(r[0] for r in reqs), answers[:split], answers[split:]))
+    unanswered = draw(st.booleans())
+    return rounds, unanswered
+
+
+def _run(pooled: bool, rounds, unanswered: bool, quiet: bool):
+    p = Pair(pooled=pooled)
+    link = _link(pooled)
+    try:
+        if quiet:
+            p.start(status=link.status, t=link.t_ready)
+        cfd = p.client.fileno()
+        for i, (sent, first, rest) in enumerate(rounds):
+            last = i == len(rounds) - 1
+            for rec in p.from_client(sent):
+                _apply(link, rec, cfd)
+            p.received(p.server_out, len(sent))
+            if last and unanswered:
+                break
+            for part in (first, rest):
+                data = b"".join(part)
+                if data:
+                    for rec in p.from_server(data):
+                        _apply(link, rec, cfd)
+                    p.received(p.client_out, len(data))
+        if quiet:
+            assert p.q.c.on == 1, "a plain read ended the quiet state"
+            p.q.take(link)
+            rx = (p.q.c.rx_client, p.q.c.rx_server)
+        else:
+            rx = None
+        return _state(link), rx
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["session", "transaction"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_quiet_pair_leaves_the_link_as_its_records_would(pooled, data):
+    rounds, unanswered = data.draw(_sessions(pooled))
+    by_records, _ = _run(pooled, rounds, unanswered, quiet=False)
+    quietly, rx = _run(pooled, rounds, unanswered, quiet=True)
+    assert quietly == by_records
+    sent = sum(len(r[0]) for r in rounds)
+    answered = sum(len(b"".join(r[1] + r[2])) for r in (rounds[:-1] if unanswered else rounds))
+    assert rx == (sent, answered)
