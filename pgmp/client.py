@@ -174,12 +174,12 @@ class ClientConnection(Endpoint):
             self.quiet_skip -= 1
             return
         link = self.link
+        crelay = self.loop.crelay
+        if link.pooled and not (srv.held and not self.pool.waiting and crelay.held(srv.fd)):
+            return                                  # (under contention nothing is held: cheap first)
         if (self.relay_peer is not srv or self.binds is not None or self.leftover is not None or self.skip
                 or srv.leftover is not None or srv.skip or self.unsent or srv.unsent or self.close_at_boundary
                 or srv.cancel_pending or self.settings_pending or not link.quiet_ok()):
-            return
-        crelay = self.loop.crelay
-        if link.pooled and not (srv.held and crelay.held(srv.fd) and not self.pool.waiting):
             return
         q = self.quiet = self.loop.quiet_state()
         q.start(link.pooled, link.status, link.t_query, link.t_xact, link.t_ready)

@@ -53,7 +53,8 @@ clears the mark. Another client may take a held server only while the mark is
 still set (``held``): otherwise bytes of its client were read in this batch
 and their record is still to come.
 
-A pair whose traffic is plain simple-protocol round trips may be *quiet*
+A pair whose traffic is plain round trips (simple Queries; session mode's
+extended messages through their Sync; transaction mode's unnamed batches) may be *quiet*
 (Quiet): ClientConnection.quiet_start, after an answer's record, when nothing
 Python follows is in flight (Link.quiet_ok) and, in transaction mode, its
 server was just held. C then writes no record for its plain reads and keeps
