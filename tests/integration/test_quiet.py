@@ -17,16 +17,12 @@ import pytest
 
 from pgmp.protocol import scanner
 from tests.integration import rawpg
+from tests.integration.test_held_servers import ADMIN, console
 from tests.integration.test_pooling import no_servers_left, pooldb, raw_login, start  # noqa: F401
 from tests.support import wait_for
 from tests.support.waiting import holds
 
-ADMIN = "scram_user"
 QUIET = scanner.IMPL == "c"          # only the C relay keeps pairs quiet
-
-
-def console(proxy) -> psycopg.Connection:
-    return psycopg.connect(proxy.dsn(user=ADMIN, dbname="pgmp"), autocommit=True, prepare_threshold=None)
 
 
 def stats_row(proxy, db) -> dict:
@@ -39,6 +35,17 @@ def stats_row(proxy, db) -> dict:
 def quiet_reads(pgmp, proxy) -> int:
     out = pgmp.cli("stats", "--json", "-c", proxy.config_path, check=True).stdout
     return sum(w.get("relay_quiet_reads", 0) for w in json.loads(out)["workers"])
+
+
+def quiet_client(pg, pgmp, pooldb, mode: str = "transaction", size: int = 1, **config):
+    """A pgmp, and a raw client logged in through it whose pair has gone quiet (a few plain
+    round trips)."""
+    no_servers_left(pg, pooldb)
+    proxy = start(pgmp, pooldb, size=size, mode=mode, admin_users=[ADMIN], **config)
+    conn = raw_login(proxy.host, proxy.port, pooldb)
+    for i in range(5):
+        sent_query(conn, f"select {i}")
+    return proxy, conn
 
 
 def sent_query(conn: rawpg.RawPG, sql: str) -> int:
@@ -122,11 +129,8 @@ def test_server_lifetime_ends_the_server_of_a_client_that_never_pauses(pg, pgmp,
 
 @pytest.mark.parametrize("mode", ["transaction", "session"])
 def test_query_timeout_cancels_a_query_that_crossed_a_quiet_pair(pg, pgmp, pooldb, mode):
-    no_servers_left(pg, pooldb)
-    proxy = start(pgmp, pooldb, size=1, mode=mode, admin_users=[ADMIN], query_timeout=1)
-    with raw_login(proxy.host, proxy.port, pooldb) as conn:
-        for i in range(5):
-            sent_query(conn, f"select {i}")
+    proxy, conn = quiet_client(pg, pgmp, pooldb, mode, query_timeout=1)
+    with conn:
         started = time.monotonic()
         conn.send(rawpg.query("select pg_sleep(6)"))
         err = conn.expect_error(timeout=10)
@@ -138,11 +142,8 @@ def test_query_timeout_cancels_a_query_that_crossed_a_quiet_pair(pg, pgmp, poold
 
 @pytest.mark.parametrize("mode", ["transaction", "session"])
 def test_idle_transaction_timeout_after_a_begin_that_crossed_a_quiet_pair(pg, pgmp, pooldb, mode):
-    no_servers_left(pg, pooldb)
-    proxy = start(pgmp, pooldb, size=1, mode=mode, admin_users=[ADMIN], idle_transaction_timeout=1)
-    with raw_login(proxy.host, proxy.port, pooldb) as conn:
-        for i in range(5):
-            sent_query(conn, f"select {i}")
+    proxy, conn = quiet_client(pg, pgmp, pooldb, mode, idle_transaction_timeout=1)
+    with conn:
         sent_query(conn, "BEGIN")
         began = time.monotonic()
         err = conn.expect_error(timeout=8)
@@ -167,11 +168,8 @@ def test_client_idle_timeout_after_quiet_round_trips(pg, pgmp, pooldb):
 
 
 def test_pause_waits_for_a_quiet_pair_s_open_transaction_and_resume_goes_on(pg, pgmp, pooldb):
-    no_servers_left(pg, pooldb)
-    proxy = start(pgmp, pooldb, size=1, admin_users=[ADMIN])
-    with raw_login(proxy.host, proxy.port, pooldb) as conn:
-        for i in range(5):
-            sent_query(conn, f"select {i}")
+    proxy, conn = quiet_client(pg, pgmp, pooldb)
+    with conn:
         sent_query(conn, "BEGIN")                    # C passed it: the server is in use
         with console(proxy) as adm:
             done = threading.Event()
@@ -195,11 +193,8 @@ def test_pause_waits_for_a_quiet_pair_s_open_transaction_and_resume_goes_on(pg, 
 
 
 def test_a_quiet_pair_s_held_server_that_postgres_ends_is_replaced_without_an_error(pg, pgmp, pooldb):
-    no_servers_left(pg, pooldb)
-    proxy = start(pgmp, pooldb, size=2, admin_users=[ADMIN])
-    with raw_login(proxy.host, proxy.port, pooldb) as conn:
-        for i in range(5):
-            sent_query(conn, f"select {i}")
+    proxy, conn = quiet_client(pg, pgmp, pooldb, size=2)
+    with conn:
         first = conn.scalar("select pg_backend_pid()")
         assert pg.psql(f"select pg_terminate_backend({first})") == "t"
         wait_for(lambda: pg.psql(f"select count(*) from pg_stat_activity where pid = {first}") == "0",
