@@ -277,6 +277,7 @@ void pgmp_quiet_start(pgmp_quiet *q, int hold, int status, double t_query, doubl
     q->outstanding = 0;
     q->head = 0;
     q->last_batch = 0;
+    q->nused = 0;
     q->status = status;
     q->t_query = t_query;
     q->t_xact = t_xact;
@@ -963,8 +964,15 @@ static int quiet_requests(pgmp_quiet *q, const int32_t *rec, int pooled, int was
     if (count <= 0 || q->outstanding + count > PGMP_QUIET_KINDS)
         return 0;
     if (kind >= PGMP_KIND_BATCH) {
-        if (!pooled || (kind & PGMP_BATCH_NAMED))
-            return 0;                /* a named batch rewrites statement names: Python's books */
+        if (!pooled)
+            return 0;
+        if (kind & PGMP_BATCH_NAMED) {
+            int entry = kind >> PGMP_KIND_STMT_SHIFT;
+            for (i = 0; i < q->nused && q->used[i] != entry; i++)
+                ;
+            if (i == q->nused && q->nused == PGMP_QUIET_USED)
+                return 0;            /* more statements than it can name back */
+        }
     } else if (kind == 'S') {
         if (pooled || rec[PGMP_R_SYNC] != 2)
             return 0;                /* session mode, through the Sync: nothing left unsynced */
@@ -974,8 +982,18 @@ static int quiet_requests(pgmp_quiet *q, const int32_t *rec, int pooled, int was
     } else if (!(pooled && (kind == 'b' || kind == 'c' || kind == 'r'))) {
         return 0;
     }
-    if (kind >= PGMP_KIND_BATCH)
+    if (kind >= PGMP_KIND_BATCH && (kind & PGMP_BATCH_NAMED)) {
+        uint16_t entry = (uint16_t)(kind >> PGMP_KIND_STMT_SHIFT);
+        for (i = 0; i < q->nused && q->used[i] != entry; i++)
+            ;
+        if (i < q->nused) {
+            memmove(&q->used[i], &q->used[i + 1], (size_t)(q->nused - i - 1) * sizeof q->used[0]);
+            q->nused--;
+        }
+        q->used[q->nused++] = entry;     /* the most recent last */
+    } else if (kind >= PGMP_KIND_BATCH) {
         q->last_batch = kind;
+    }
     now = monotonic_now();
     if (was_held) {
         q->assigns++;
@@ -996,9 +1014,9 @@ static int quiet_requests(pgmp_quiet *q, const int32_t *rec, int pooled, int was
 /* A server read, all relayed, of answers through ``count`` ReadyForQuery frames (maybe none):
  * as Link.server_ready (and Pipeline.answered), and for a held pair at a transaction's end
  * Pool.hold. 0 if it is not quiet. */
-static int quiet_answers(pgmp_quiet *q, const int32_t *rec, slot *server, ssize_t n)
+static int quiet_answers(pgmp_quiet *q, const int32_t *rec, slot *server, slot *client, ssize_t n)
 {
-    int32_t count = rec[PGMP_R_COUNT], status = rec[PGMP_R_KIND];
+    int32_t count = rec[PGMP_R_COUNT], status = rec[PGMP_R_KIND], i;
     double now;
     int64_t us;
 
@@ -1011,6 +1029,14 @@ static int quiet_answers(pgmp_quiet *q, const int32_t *rec, slot *server, ssize_
     q->outstanding -= count;
     q->readies += (uint64_t)count;
     q->status = status;
+    if (client->binds != NULL && !client->binds->ok && client->binds->n > 0) {
+        /* as Binds.answered: no simple Query owed an answer, the table may be used again */
+        for (i = 0; i < q->outstanding; i++)
+            if (q->kinds[(q->head + i) % PGMP_QUIET_KINDS] < PGMP_KIND_BATCH)
+                break;
+        if (i == q->outstanding)
+            client->binds->ok = 1;
+    }
     if (q->outstanding > 0)
         return 1;
     q->t_ready = now = monotonic_now();
@@ -1111,9 +1137,10 @@ static int step(pgmp_relay *r, slot *s, int fd, uint32_t events, uint8_t *buf, s
     rec[PGMP_R_CODE] = PGMP_EV_RELAYED;
     q = s->side == 0 ? s->quiet : peer->quiet;
     if (q != NULL && q->on) {
-        int quiet = q->epoch == r->quiet_epoch && good == (size_t)n && rec[PGMP_R_SENT] == rec[PGMP_R_GOOD] &&
-                    rec[PGMP_R_N] == (int32_t)n &&
-                    (s->side == 0 ? quiet_requests(q, rec, s->pooled, was_held, n) : quiet_answers(q, rec, s, n));
+        /* (N: after the rewrite of named Binds, if any; rx counts what was received) */
+        int quiet = q->epoch == r->quiet_epoch && good == (size_t)rec[PGMP_R_N] &&
+                    rec[PGMP_R_SENT] == rec[PGMP_R_GOOD] &&
+                    (s->side == 0 ? quiet_requests(q, rec, s->pooled, was_held, n) : quiet_answers(q, rec, s, peer, n));
         if (quiet) {
             rec[PGMP_R_CODE] = PGMP_EV_QUIET;
             r->quiet_reads++;

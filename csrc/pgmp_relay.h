@@ -129,14 +129,16 @@ int pgmp_relay_held(pgmp_relay *r, int fd);
  * ends it (pgmp.crelay.Quiet, ClientConnection.quiet_end). A read is quiet when all of it was
  * relayed, nothing left for Python or the peer's queue: on the client side requests only (in
  * session mode 'Q', or extended-protocol messages through their Sync, kind 'S'; in pooled mode
- * 'Q', 'b', 'c', 'r' and unnamed batches), at most PGMP_QUIET_KINDS outstanding; on the server side
+ * 'Q', 'b', 'c', 'r', unnamed batches and named ones of the binds table, of at most
+ * PGMP_QUIET_USED statements), at most PGMP_QUIET_KINDS outstanding; on the server side
  * answers whose ReadyForQuery frames answer outstanding requests, status 'I' or 'T'. The first
  * read that is not quiet, and any read after the relay's quiet epoch moved on
  * (pgmp_relay_quiet_end_all), ends it: that read's record has code PGMP_EV_QUIET_END, and Python
  * takes in what C kept before it applies the record. ``hold``: transaction mode's held server,
  * which C marks held again (pgmp_relay_hold) at each ReadyForQuery 'I' with nothing outstanding,
- * as Python's Pool.hold would. Clock: CLOCK_MONOTONIC seconds, Python's time.monotonic(). */
-enum { PGMP_HIST_MAX = 32, PGMP_QUIET_KINDS = 32 };
+ * as Python's Pool.hold would. A binds table a Query disabled is enabled again when no Query is
+ * outstanding, as Python's Binds.answered would (one whose epoch is stale stays unused). Clock: CLOCK_MONOTONIC seconds, Python's time.monotonic(). */
+enum { PGMP_HIST_MAX = 32, PGMP_QUIET_KINDS = 32, PGMP_QUIET_USED = 64 };
 typedef struct pgmp_quiet {
     int32_t on;                  /* Python: 1 to start; C: 0 once it ended */
     uint32_t epoch;              /* the relay's quiet epoch it started in */
@@ -148,6 +150,8 @@ typedef struct pgmp_quiet {
     int32_t head;                /* kinds[head] is the oldest outstanding request's kind */
     uint16_t kinds[PGMP_QUIET_KINDS];   /* a record's kinds: 'Q', 'S', 'b', 'c', 'r', or a batch's */
     int32_t last_batch;          /* the kind of the last unnamed batch C passed, or 0 */
+    int32_t nused;               /* binds table entries C bound, oldest last use first */
+    uint16_t used[PGMP_QUIET_USED];
     double t_query, t_xact, t_ready, t_used;   /* Link's, and the server's last_used (0: unset) */
     uint64_t rx_client, rx_server;             /* bytes read of each, since the start */
     uint64_t readies, xacts, assigns;          /* ReadyForQuery frames, transactions, held reuses */

@@ -60,10 +60,10 @@ def ready_scanner(flags: bytes, max_message_size: int) -> Scanner:
     return sc
 
 
-# A quiet pair that ended with nothing kept (its next read was not plain): the answers to let
-# pass before the pair is tried again, so that a client whose traffic C cannot keep (prepared
-# statements, a SET per transaction) does not pay for a start and an end each time.
-QUIET_SKIP = 32
+# A pair whose quiet state its first read ended QUIET_MISSES times in a row (its traffic is not
+# plain: a SET per transaction, statements of session effects) lets QUIET_SKIP answers pass
+# before it is tried again, so that it does not pay for a start and an end each time.
+QUIET_MISSES, QUIET_SKIP = 3, 32
 
 
 class ClientConnection(Endpoint):
@@ -71,7 +71,7 @@ class ClientConnection(Endpoint):
                  "auth", "auth_method", "secret_entry", "link", "key_pid", "key_secret", "timer", "scanner", "flags",
                  "whole", "terminating", "ssl_asked", "gss_asked", "connected_at", "over_limit", "wait_started",
                  "close_at_boundary", "replacement", "cancelled_at", "settings_pending", "logged_in",
-                 "conn_id", "peer_cred", "console", "console_waiting", "binds", "quiet", "quiet_srv", "quiet_skip")
+                 "conn_id", "peer_cred", "console", "console_waiting", "binds", "quiet", "quiet_srv", "quiet_skip", "quiet_misses")
 
     def __init__(self, worker, sock, peer: str, over_limit: bool = False, peer_cred=None):
         super().__init__(worker.loop, sock)
@@ -111,6 +111,7 @@ class ClientConnection(Endpoint):
         self.quiet = None                          # crelay.Quiet, while its pair is quiet
         self.quiet_srv = None                      # the server of its quiet pair, while quiet
         self.quiet_skip = 0                        # answers to let pass before it tries quiet again
+        self.quiet_misses = 0                      # quiet states in a row that a first read ended
         timeout = worker.config.client_login_timeout
         if over_limit:
             timeout = min(timeout, REFUSE_GRACE) if timeout > 0 else REFUSE_GRACE
@@ -177,7 +178,13 @@ class ClientConnection(Endpoint):
         crelay = self.loop.crelay
         if link.pooled and not (srv.held and not self.pool.waiting and crelay.held(srv.fd)):
             return                                  # (under contention nothing is held: cheap first)
-        if (self.relay_peer is not srv or self.binds is not None or self.leftover is not None or self.skip
+        binds = self.binds
+        if binds is not None:                       # named statements: only those without session effects
+            if self.relay_peer is srv:
+                self.relay_binds()
+            if not binds.plain:
+                return
+        if (self.relay_peer is not srv or self.leftover is not None or self.skip
                 or srv.leftover is not None or srv.skip or self.unsent or srv.unsent or self.close_at_boundary
                 or srv.cancel_pending or self.settings_pending or not link.quiet_ok()):
             return
@@ -205,8 +212,13 @@ class ClientConnection(Endpoint):
         self.loop.crelay.quiet(self.fd, None)      # C lets go of it before the loop reuses it
         self.rx += c.rx_client
         srv.rx += c.rx_server
-        if not q.take(self.link) and by_read and not c.rx_client:
-            self.quiet_skip = QUIET_SKIP            # it kept nothing: this pair's traffic is not plain
+        if q.take(self.link, self.binds) or c.rx_client:
+            self.quiet_misses = 0
+        elif by_read:                               # its first read was not plain
+            self.quiet_misses += 1
+            if self.quiet_misses >= QUIET_MISSES:   # again and again: this pair's traffic is not
+                self.quiet_misses = 0
+                self.quiet_skip = QUIET_SKIP
         if c.hold:
             if c.assigns:
                 self.pool.stats.assign_count += c.assigns

@@ -54,7 +54,8 @@ still set (``held``): otherwise bytes of its client were read in this batch
 and their record is still to come.
 
 A pair whose traffic is plain round trips (simple Queries; session mode's
-extended messages through their Sync; transaction mode's unnamed batches) may be *quiet*
+extended messages through their Sync; transaction mode's unnamed batches and
+named ones of a binds table whose statements have no session effects) may be *quiet*
 (Quiet): ClientConnection.quiet_start, after an answer's record, when nothing
 Python follows is in flight (Link.quiet_ok) and, in transaction mode, its
 server was just held. C then writes no record for its plain reads and keeps
@@ -176,14 +177,18 @@ class Quiet:
     def start(self, hold: bool, status: int, t_query: float, t_xact: float, t_ready: float) -> None:
         self._lib.pgmp_quiet_start(self.c, 1 if hold else 0, status, t_query, t_xact, t_ready)
 
-    def take(self, link) -> bool:
-        """What C kept of the pair's requests and answers, into ``link`` (Link.rounds_relayed);
-        False if it kept none."""
+    def take(self, link, binds: "Binds | None" = None) -> bool:
+        """What C kept of the pair's requests and answers, into ``link`` (Link.rounds_relayed),
+        and the client's binds table's flag as C left it into ``binds``; False if it kept none."""
         c = self.c
+        if binds is not None:
+            binds.enabled = binds.c_enabled()
         if not (c.readies or c.outstanding):
             return False
+        used = [binds.entries[c.used[i]] for i in range(c.nused)] if binds is not None else []
         link.rounds_relayed(self.kinds(), c.last_batch, c.status, c.t_query, c.t_xact, c.t_ready,
-                            c.readies, c.query_us, c.query_hist, c.xacts, c.xact_us, c.xact_hist)
+                            c.readies, c.query_us, c.query_hist, c.xacts, c.xact_us, c.xact_hist,
+                            used, binds.entries if binds is not None else None)
         return True
 
     def kinds(self) -> list[int]:
@@ -209,7 +214,7 @@ class Binds:
     the index C reports (Link.bound_statements makes them). ``tag`` says what they were made
     from; ``enabled`` mirrors the table's flag as far as Python knows (C clears it when it passes
     a Query)."""
-    __slots__ = ("c", "entries", "tag", "enabled", "_lib")
+    __slots__ = ("c", "entries", "tag", "enabled", "plain", "_lib")
 
     def __init__(self):
         from pgmp._scan import ffi, lib
@@ -221,6 +226,7 @@ class Binds:
         self.entries: list = []
         self.tag = None
         self.enabled = False
+        self.plain = True          # no entry's statement has session effects (a quiet pair may bind them)
 
     def fill(self, entries: list, epoch: int, tag) -> bool:
         """Make the table ``entries`` (client name, server name, ...), disabled; False when C ran
@@ -234,8 +240,10 @@ class Binds:
             if lib.pgmp_binds_add(t, name, len(name), sname, len(sname)) != i:
                 lib.pgmp_binds_reset(t, epoch)
                 self.entries = []
+                self.plain = True
                 return False
         self.entries = entries
+        self.plain = not any(e[3] for e in entries)
         return True
 
     def enable(self, ok: bool) -> None:

@@ -246,7 +246,7 @@ class Link:
 
     def rounds_relayed(self, kinds: list, last_batch: int, status: int, t_query: float, t_xact: float,
                        t_ready: float, readies: int, query_us: int, query_hist, xacts: int, xact_us: int,
-                       xact_hist) -> None:
+                       xact_hist, used: list = (), bound: list | None = None) -> None:
         """What the C relay kept of a quiet pair (crelay.Quiet, started when quiet_ok()): as
         the records of its reads would have left it. ``readies`` ReadyForQuery frames answered
         requests, the last with ``status``; ``kinds``: the record kinds of the requests still
@@ -254,12 +254,19 @@ class Link:
         an unnamed batch's); ``last_batch``: the kind of the last unnamed batch passed, or 0;
         the clocks as _stamp and server_ready leave them; the query time and histogram over the
         rounds that ended (outstanding back to 0), the transaction time and histogram over the
-        transactions."""
+        transactions; ``used``: the entries of ``bound`` (bound_statements) whose statements
+        named batches bound, oldest last use first: their statements are used again, in that
+        order, in the worker's cache and on the server, as Pipeline.named_batches_sent does."""
+        if used:
+            pl, srv = self.pipeline, self.server.statements
+            for _name, sname, key, _effects in used:
+                pl.cache.touch(key, sname)
+                srv.has(sname)
         if last_batch:
             self.unnamed_text = _batch_text(last_batch)
         for k in kinds:                     # the requests still owed an answer, as their records
             if self.pooled:
-                self.queries_relayed(1, k)
+                self.queries_relayed(1, k, bound)
             else:
                 self.client_frame(k)
         self.status = status

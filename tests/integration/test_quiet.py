@@ -205,13 +205,18 @@ def test_a_quiet_pair_s_held_server_that_postgres_ends_is_replaced_without_an_er
     assert "08006" not in proxy.log()
 
 
+@pytest.mark.parametrize("prepare", [None, 0], ids=["unnamed", "prepared"])
 @pytest.mark.parametrize("mode", ["transaction", "session"])
-def test_extended_protocol_round_trips_are_quiet_and_counted_exactly(pg, pgmp, pooldb, mode):
-    """psycopg's unnamed Parse/Bind/Describe/Execute/Sync batches (no named statements)."""
+def test_extended_protocol_round_trips_are_quiet_and_counted_exactly(pg, pgmp, pooldb, mode, prepare):
+    """psycopg's unnamed Parse/Bind/Describe/Execute/Sync batches, or its named prepared
+    statements (prepare_threshold 0: a Parse once, then Bind/Execute/Sync of the name, which in
+    transaction mode C rewrites to pgmp's name for it)."""
     no_servers_left(pg, pooldb)
-    proxy = start(pgmp, pooldb, size=2, mode=mode, admin_users=[ADMIN])
+    proxy = start(pgmp, pooldb, size=2, mode=mode, admin_users=[ADMIN], max_prepared_statements=100)
     with psycopg.connect(proxy.dsn(user=pooldb.user, password=pooldb.password, dbname=pooldb.name),
-                         autocommit=True, prepare_threshold=None) as conn:
+                         autocommit=True, prepare_threshold=prepare) as conn:
+        conn.execute("select %s::int", (0,))
+        conn.execute("select %s::int + 1", (0,))
         conn.execute("select 0")
         before, reads = stats_row(proxy, pooldb), quiet_reads(pgmp, proxy)
         for i in range(150):

@@ -1149,7 +1149,7 @@ _PREPARED = {b"P0_1": b"SELECT abalance FROM pgbench_accounts WHERE aid = $1;", 
              b"tx": b"BEGIN", b"setter": b"set search_path = x", b"end": b"END;"}
 
 
-def prepared_link(limit: int = 100, outstanding: int = 0) -> Link:
+def prepared_link(limit: int = 100, outstanding: int = 0, statements: dict | None = None) -> Link:
     """A pooled Link whose client prepared _PREPARED on its server and bound each once (Parse,
     Sync, Bind, Execute, Sync, and the server's answers, through the Python path: the binds table
     holds the statements a client bound lately), with ``outstanding`` Queries after."""
@@ -1162,7 +1162,7 @@ def prepared_link(limit: int = 100, outstanding: int = 0) -> Link:
     from pgmp.prepared import DROP_CLOSE, R_BIND, R_EXEC, R_SYNC
     answer = {R_SYNC: frame(b"Z", b"I"), DROP_CLOSE: frame(b"3"), R_BIND: frame(b"2"),
               R_EXEC: frame(b"C", b"SELECT 1\0")}
-    for name, text in _PREPARED.items():
+    for name, text in (statements or _PREPARED).items():
         for f in (parse(text, 1 if b"$1" in text else 0, name), SYNC, bind(name=name), execute(), SYNC):
             link.client_frame(f[0], f[5:])
         while link.pipeline.expect:                  # ParseComplete (pgmp's too), CloseComplete, ...

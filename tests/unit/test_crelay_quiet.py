@@ -267,6 +267,7 @@ from hypothesis import strategies as st  # noqa: E402
 from pgmp.link import Link, ServerSession  # noqa: E402
 from pgmp.prepared import Pipeline, StatementCache  # noqa: E402
 from pgmp.stats import PoolStats  # noqa: E402
+from tests.unit.test_crelay import named, prepared_link  # noqa: E402
 
 # (client bytes, the answer's frames before its ReadyForQuery, how it moves the status)
 _PLAIN = (query(b"select 1"), ANSWER, None)
@@ -281,7 +282,21 @@ _XBEGIN = (frame(b"P", b"\0BEGIN\0\0\0") + frame(b"B", b"\0\0\0\0\0\0\0\0") + fr
            + frame(b"S"), frame(b"1") + frame(b"2") + frame(b"C", b"BEGIN\0"), b"T")
 
 
-def _link(pooled: bool) -> Link:
+# prepared statements without session effects: a quiet pair may bind them (crelay.Binds.plain)
+_STATEMENTS = {b"P0_1": b"SELECT abalance FROM pgbench_accounts WHERE aid = $1;", b"s2": b"select $1"}
+
+
+def _named(name: bytes) -> tuple:
+    t = frame(b"T", b"\0\1abalance\0" + bytes(18))
+    return (named(name), frame(b"2") + t + frame(b"D", b"\0\1\0\0\0\0011") + frame(b"C", b"SELECT 1\0"), None)
+
+
+_NAMED = [_named(name) for name in _STATEMENTS]
+
+
+def _link(pooled: bool, prepared: bool = False) -> Link:
+    if prepared:
+        return prepared_link(statements=_STATEMENTS)
     link = Link(clock=time.monotonic)
     if pooled:
         link.logged_in(time.monotonic, PoolStats(), Pipeline(StatementCache()))
@@ -293,17 +308,22 @@ def _link(pooled: bool) -> Link:
 
 def _state(link: Link):
     st_ = link.stats
-    return (link.outstanding, link.status, link.unsynced, link.unnamed_text,
+    lru = None
+    if link.pipeline is not None:
+        lru = (list(link.server.statements.names.items()), list(link.pipeline.cache.names.items()))
+    return (lru, link.outstanding, link.status, link.unsynced, link.unnamed_text,
             [(b[0], b[1] is None, tuple(b[1] or ()), b[2]) for b in link.batches],
             list(link.pipeline.expect) if link.pipeline is not None else None,
             st_.query_count, st_.xact_count, sum(st_.query_hist), sum(st_.xact_hist))
 
 
-def _apply(link: Link, rec, client_fd: int) -> None:
+def _apply(link: Link, rec, client_fd: int, binds, relay) -> None:
     """A record, as ClientConnection/ServerConnection.relay_counted apply it."""
     count, kind, sync = rec[6], rec[7], rec[8]
     if rec[0] == client_fd:
-        if link.pooled:
+        if binds is not None:
+            binds.relayed(link, count, kind)
+        elif link.pooled:
             link.queries_relayed(count, kind)
         else:
             for _ in range(count):
@@ -313,20 +333,24 @@ def _apply(link: Link, rec, client_fd: int) -> None:
     elif count:
         if link.pooled:
             link.ready_relayed(count, kind)
+            if binds is not None:
+                binds.answered(relay, client_fd, link)
         else:
             link.server_ready(count, kind)
 
 
 @st.composite
-def _sessions(draw, pooled: bool):
+def _sessions(draw, pooled: bool, prepared: bool = False):
     """Rounds of requests sent in one write, then answered in one or two reads; the status
     moves as PostgreSQL's would."""
     kinds = [_PLAIN, _BEGIN, _COMMIT, _DML, _BATCH] + ([_XBEGIN] if pooled else [])
+    if prepared:
+        kinds += _NAMED * 3
     rounds = []
     status = b"I"
     for _ in range(draw(st.integers(1, 12))):
         reqs = draw(st.lists(st.sampled_from(kinds), min_size=1, max_size=3))
-        if len({(r[0][:1], r[2]) for r in reqs}) > 1:
+        if len({(r[0][:1] if r[0][:1] != b"B" else r[0], r[2]) for r in reqs}) > 1:
             reqs = reqs[:1]                  # one kind per record: a mixed write would be two
         answers = []
         for _c, body, moves in reqs:
@@ -338,35 +362,49 @@ def _sessions(draw, pooled: bool):
     return rounds, unanswered
 
 
-def _run(pooled: bool, rounds, unanswered: bool, quiet: bool):
+def _run(pooled: bool, rounds, unanswered: bool, quiet: bool, prepared: bool = False):
     p = Pair(pooled=pooled)
-    link = _link(pooled)
+    link = _link(pooled, prepared)
+    cfd = p.client.fileno()
+    binds = None
+    if prepared:                         # the client's binds table, as relay_binds makes it
+        binds = crelay.Binds()
+        binds.sync(p.r, cfd, link, True)
+        assert binds.entries and binds.plain and binds.enabled
     try:
         if quiet:
             p.start(status=link.status, t=link.t_ready)
-        cfd = p.client.fileno()
         for i, (sent, first, rest) in enumerate(rounds):
             last = i == len(rounds) - 1
             for rec in p.from_client(sent):
-                _apply(link, rec, cfd)
-            p.received(p.server_out, len(sent))
+                _apply(link, rec, cfd, binds, p.r)
+            # (named Binds leave rewritten: pgmp_<n> for the client's name)
+            p.received(p.server_out, len(_rewritten(sent, binds)))
             if last and unanswered:
                 break
             for part in (first, rest):
                 data = b"".join(part)
                 if data:
                     for rec in p.from_server(data):
-                        _apply(link, rec, cfd)
+                        _apply(link, rec, cfd, binds, p.r)
                     p.received(p.client_out, len(data))
         if quiet:
             assert p.q.c.on == 1, "a plain read ended the quiet state"
-            p.q.take(link)
+            p.q.take(link, binds)
             rx = (p.q.c.rx_client, p.q.c.rx_server)
         else:
             rx = None
-        return _state(link), rx
+        return _state(link) + ((binds.enabled, binds.c_enabled()) if binds is not None else ()), rx
     finally:
         p.close()
+
+
+def _rewritten(sent: bytes, binds) -> bytes:
+    if binds is None:
+        return sent
+    for name, sname, *_ in binds.entries:
+        sent = sent.replace(b"\0" + name + b"\0", b"\0" + sname + b"\0")
+    return sent
 
 
 @pytest.mark.parametrize("pooled", [False, True], ids=["session", "transaction"])
@@ -374,9 +412,10 @@ def _run(pooled: bool, rounds, unanswered: bool, quiet: bool):
                                                                   HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_a_quiet_pair_leaves_the_link_as_its_records_would(pooled, data):
-    rounds, unanswered = data.draw(_sessions(pooled))
-    by_records, _ = _run(pooled, rounds, unanswered, quiet=False)
-    quietly, rx = _run(pooled, rounds, unanswered, quiet=True)
+    prepared = pooled and data.draw(st.booleans())
+    rounds, unanswered = data.draw(_sessions(pooled, prepared))
+    by_records, _ = _run(pooled, rounds, unanswered, False, prepared)
+    quietly, rx = _run(pooled, rounds, unanswered, True, prepared)
     assert quietly == by_records
     sent = sum(len(r[0]) for r in rounds)
     answered = sum(len(b"".join(r[1] + r[2])) for r in (rounds[:-1] if unanswered else rounds))
