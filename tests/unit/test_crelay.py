@@ -888,8 +888,9 @@ def test_a_held_server_s_events_are_python_s_and_its_client_s_first_bytes_unhold
     from pgmp.server import POOLED_FLAGS as server_flags
     buf, r, ep, (a_out, a_in, b_in, b_out) = relay_setup()
     client, server = a_in.fileno(), b_in.fileno()
-    r.arm(client, server, CScanner(client_flags), 0, True)
-    r.arm(server, client, CScanner(server_flags), 1, True)
+    scanners = CScanner(client_flags), CScanner(server_flags)    # (their flags must outlive the arming)
+    r.arm(client, server, scanners[0], 0, True)
+    r.arm(server, client, scanners[1], 1, True)
     q, z = frame(b"Q", b"select 1\0"), frame(b"Z", b"I")
     r.hold(server, True)
     assert r.held(server) and not r.held(client)
@@ -923,8 +924,9 @@ def test_a_client_s_bytes_are_not_relayed_to_a_held_server_that_has_input_pendin
     from pgmp.server import POOLED_FLAGS as server_flags
     buf, r, ep, (a_out, a_in, b_in, b_out) = relay_setup()
     client, server = a_in.fileno(), b_in.fileno()
-    r.arm(client, server, CScanner(client_flags), 0, True)
-    r.arm(server, client, CScanner(server_flags), 1, True)
+    scanners = CScanner(client_flags), CScanner(server_flags)    # (their flags must outlive the arming)
+    r.arm(client, server, scanners[0], 0, True)
+    r.arm(server, client, scanners[1], 1, True)
     r.hold(server, True)
     fatal = frame(b"E", b"SFATAL\0C57P01\0Mterminating connection\0\0")
     b_out.send(fatal)
