@@ -1005,7 +1005,7 @@ static int quiet_requests(pgmp_quiet *q, const int32_t *rec, int pooled, int was
             q->t_xact = now;
     }
     for (i = 0; i < count; i++)
-        q->kinds[(q->head + q->outstanding + i) % PGMP_QUIET_KINDS] = (uint16_t)kind;
+        q->kinds[(q->head + q->outstanding + i) % PGMP_QUIET_KINDS] = kind;
     q->outstanding += count;
     q->rx_client += (uint64_t)n;
     return 1;

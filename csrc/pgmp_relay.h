@@ -148,7 +148,7 @@ typedef struct pgmp_quiet {
     int32_t outstanding;         /* requests sent and not answered (Link.outstanding) */
     int32_t status;              /* the last ReadyForQuery's status (Link.status) */
     int32_t head;                /* kinds[head] is the oldest outstanding request's kind */
-    uint16_t kinds[PGMP_QUIET_KINDS];   /* a record's kinds: 'Q', 'S', 'b', 'c', 'r', or a batch's */
+    int32_t kinds[PGMP_QUIET_KINDS];    /* a record's kinds: 'Q', 'S', 'b', 'c', 'r', or a batch's */
     int32_t last_batch;          /* the kind of the last unnamed batch C passed, or 0 */
     int32_t nused;               /* binds table entries C bound, oldest last use first */
     uint16_t used[PGMP_QUIET_USED];

@@ -226,6 +226,8 @@ class ClientConnection(Endpoint):
                 srv.last_used = c.t_used
             if srv.held and (c.outstanding or c.status != 73):
                 self.pool.held_in_use(srv)          # C passed a request of its client: in use
+            elif srv.held and c.xacts:
+                self.pool.held_again(srv)           # held last at its last transaction's end
         self.loop.quiet_free.append(q)
 
     def relay_counted(self, count, kind, sync):

@@ -259,6 +259,12 @@ class Pool:
         and has counted the reuse: ClientConnection.quiet_end)."""
         self._drop_hold(srv)
 
+    def held_again(self, srv) -> None:
+        """A quiet pair's held server was held again by C at each transaction's end: the most
+        recently held, as hold() leaves it (the first taken is the one held longest ago)."""
+        del self.held[srv]
+        self.held[srv] = None
+
     def held_free(self, srv) -> bool:
         """Held ``srv`` may be taken from its client now.
 
