@@ -958,7 +958,7 @@ static void observe(uint32_t *hist, const pgmp_quiet *q, int64_t us)
  * _request, and Pool.reuse_held for a held server (``was_held``). 0 if it is not quiet. */
 static int quiet_requests(pgmp_quiet *q, const int32_t *rec, int pooled, int was_held, ssize_t n)
 {
-    int32_t count = rec[PGMP_R_COUNT], kind = rec[PGMP_R_KIND], i;
+    int32_t count = rec[PGMP_R_COUNT], kind = rec[PGMP_R_KIND], i, used_at = -1;
     double now;
 
     if (count <= 0 || q->outstanding + count > PGMP_QUIET_KINDS)
@@ -968,9 +968,9 @@ static int quiet_requests(pgmp_quiet *q, const int32_t *rec, int pooled, int was
             return 0;
         if (kind & PGMP_BATCH_NAMED) {
             int entry = kind >> PGMP_KIND_STMT_SHIFT;
-            for (i = 0; i < q->nused && q->used[i] != entry; i++)
+            for (used_at = 0; used_at < q->nused && q->used[used_at] != entry; used_at++)
                 ;
-            if (i == q->nused && q->nused == PGMP_QUIET_USED)
+            if (used_at == q->nused && q->nused == PGMP_QUIET_USED)
                 return 0;            /* more statements than it can name back */
         }
     } else if (kind == 'S') {
@@ -982,15 +982,13 @@ static int quiet_requests(pgmp_quiet *q, const int32_t *rec, int pooled, int was
     } else if (!(pooled && (kind == 'b' || kind == 'c' || kind == 'r'))) {
         return 0;
     }
-    if (kind >= PGMP_KIND_BATCH && (kind & PGMP_BATCH_NAMED)) {
-        uint16_t entry = (uint16_t)(kind >> PGMP_KIND_STMT_SHIFT);
-        for (i = 0; i < q->nused && q->used[i] != entry; i++)
-            ;
-        if (i < q->nused) {
-            memmove(&q->used[i], &q->used[i + 1], (size_t)(q->nused - i - 1) * sizeof q->used[0]);
+    if (used_at >= 0) {                  /* a named batch: its entry to the end, the most recent */
+        if (used_at < q->nused) {
+            memmove(&q->used[used_at], &q->used[used_at + 1],
+                    (size_t)(q->nused - used_at - 1) * sizeof q->used[0]);
             q->nused--;
         }
-        q->used[q->nused++] = entry;     /* the most recent last */
+        q->used[q->nused++] = (uint16_t)(kind >> PGMP_KIND_STMT_SHIFT);
     } else if (kind >= PGMP_KIND_BATCH) {
         q->last_batch = kind;
     }

@@ -220,14 +220,7 @@ class ClientConnection(Endpoint):
                 self.quiet_misses = 0
                 self.quiet_skip = QUIET_SKIP
         if c.hold:
-            if c.assigns:
-                self.pool.stats.assign_count += c.assigns
-            if c.t_used:
-                srv.last_used = c.t_used
-            if srv.held and (c.outstanding or c.status != 73):
-                self.pool.held_in_use(srv)          # C passed a request of its client: in use
-            elif srv.held and c.xacts:
-                self.pool.held_again(srv)           # held last at its last transaction's end
+            self.pool.quiet_held(srv, c.assigns, c.t_used, bool(c.outstanding) or c.status != 73, c.xacts > 0)
         self.loop.quiet_free.append(q)
 
     def relay_counted(self, count, kind, sync):

@@ -254,16 +254,22 @@ class Pool:
         if not relayed and srv.relay_peer is not None:
             self.worker.loop.crelay.hold(srv.fd, False)
 
-    def held_in_use(self, srv) -> None:
-        """A quiet pair's held server is in a transaction of its client's (C passed its request
-        and has counted the reuse: ClientConnection.quiet_end)."""
-        self._drop_hold(srv)
-
-    def held_again(self, srv) -> None:
-        """A quiet pair's held server was held again by C at each transaction's end: the most
-        recently held, as hold() leaves it (the first taken is the one held longest ago)."""
-        del self.held[srv]
-        self.held[srv] = None
+    def quiet_held(self, srv, assigns: int, t_used: float, in_use: bool, held_again: bool) -> None:
+        """The end of a quiet pair whose held server C reused ``assigns`` times (reuse_held) and
+        held again at each transaction's end (hold), last at ``t_used`` (0: never): ``in_use``,
+        C passed a request of its client and the server is in a transaction; otherwise, if
+        ``held_again``, it is the most recently held, as hold() leaves it (the first taken is
+        the one held longest ago). ClientConnection.quiet_end."""
+        self.stats.assign_count += assigns
+        if t_used:
+            srv.last_used = t_used
+        if not srv.held:
+            return
+        if in_use:
+            self._drop_hold(srv)
+        elif held_again:
+            del self.held[srv]
+            self.held[srv] = None
 
     def held_free(self, srv) -> bool:
         """Held ``srv`` may be taken from its client now.
