@@ -264,17 +264,30 @@ class ClientConnection(Endpoint):
                         self._need_server(view, n)
                         return
                     self.pool.reuse_held(srv, False)
-                if not self.link.pooled and not self.skip:
-                    # The common case, without the generic relay: whole frames, one needing a look.
+                if not self.skip:
+                    # The common cases, without the generic relay: whole frames, one needing a look
+                    # (pooled: one simple Query, as a client that waited for a server sends it).
                     sc = self.scanner
                     if sc.scan(view, 0, n) == 1 and sc.consumed == n and not sc.error:
                         kind, off, ln = sc.frame(0)
-                        if kind != 88:
-                            self.link.client_frame(kind)
+                        link = self.link
+                        if not link.pooled:
+                            if kind != 88:
+                                link.client_frame(kind)
+                                srv = self.server
+                                srv.send(view[:n])
+                                if srv.unsent > srv.loop.max_unsent:
+                                    srv.hold_until_drained(self)
+                                return
+                        elif kind == 81:
+                            r = link.client_frame(81, bytes(view[5:n]))     # as on_frame
                             srv = self.server
-                            srv.send(view[:n])
+                            srv.send(view[:n] if r is None else r)
                             if srv.unsent > srv.loop.max_unsent:
                                 srv.hold_until_drained(self)
+                            pl = link.pipeline
+                            if pl.expect and pl.expect[0][0] == 30:     # SYNTHETIC first
+                                self.send(pl.synthetic_ready())
                             return
                 out: list = []
                 relay(self, view, n, out)
@@ -294,7 +307,12 @@ class ClientConnection(Endpoint):
                 self._startup_data(view, n)
             elif st is ClientState.AUTH or st is ClientState.CONSOLE:
                 relay(self, view, n, [])
-            else:                                   # AUTH_LOOKUP / LOGIN_WAIT / WAITING: keep it for later
+            elif st is ClientState.WAITING:         # queued for a server (_need_server): keep it for then
+                lo = self.leftover
+                self.leftover = lo = lo + view[:n] if lo else bytes(view[:n])
+                if len(lo) >= self.loop.max_unsent:
+                    self.pause_reading()
+            else:                                   # AUTH_LOOKUP / LOGIN_WAIT: keep it for later
                 self.leftover = bytes(view[:n])
                 self.pause_reading()
         except PgmpError as exc:
@@ -310,15 +328,12 @@ class ClientConnection(Endpoint):
             else:
                 self.on_data(view, n)
             return
+        # Reading goes on while it waits: its EOF ends the wait at once, and what more it sends
+        # joins what waits (up to max_unsent, then reading pauses). The pool times the wait.
         self.leftover = bytes(view[:n])
-        self.pause_reading()
         self.set_state(ClientState.WAITING)
         self.wait_started = self.loop.clock()
         self.pool.request(self)
-        if self.state is ClientState.WAITING and not self.closed:
-            wait = self.worker.config.query_wait_timeout
-            if wait > 0:
-                self.timer = self.loop.call_later(wait, self._wait_timeout)
 
     def on_frame(self, kind, view, off, ln):
         if self.console is not None:
@@ -922,8 +937,8 @@ class ClientConnection(Endpoint):
         elif self.state in (ClientState.STARTUP, ClientState.AUTH_LOOKUP, ClientState.AUTH, ClientState.LOGIN_WAIT):
             self.fail(PgmpError(errors.PROTOCOL_VIOLATION, "client_login_timeout: login took too long"))
 
-    def _wait_timeout(self):
-        self.timer = None
+    def wait_timed_out(self):
+        """The pool's query_wait_timeout (Pool.wait_expired): this client waited that long."""
         if self.state is ClientState.WAITING:
             self.fail(PgmpError(errors.PROTOCOL_VIOLATION, "query_wait_timeout: no server connection became free",
                                 hint="raise pool_size or query_wait_timeout, or look for long transactions"))

@@ -23,6 +23,7 @@ from pgmp.hosts import fits_pool
 from pgmp.link import CLOSE, RESET
 from pgmp.protocol import messages
 from pgmp.server import ServerState
+from pgmp.session import ClientState
 from pgmp.stats import PoolStats, observe
 
 # The role of a server that reported neither in_hot_standby nor default_transaction_read_only
@@ -67,7 +68,8 @@ class Pool:
                  "idle", "servers", "opening", "waiting", "login_waiters", "params",
                  "password", "scram_keys", "secret", "last_error", "stats", "clients", "resetting",
                  "min_size", "reserve", "use_reserve", "paused", "reconnect_before", "login_failed_at",
-                 "stats_older", "stats_newer", "resolving", "turn", "no_host", "fitting", "fitting_key", "held")
+                 "stats_older", "stats_newer", "resolving", "turn", "no_host", "fitting", "fitting_key", "held",
+                 "wait_timer")
 
     # StartupMessage parameters of this pool's server connections beyond user and database
     startup_options: dict[str, str] = {}
@@ -88,6 +90,7 @@ class Pool:
         self.servers: set = set()
         self.opening: set = set()           # servers connecting or logging in (connect_query included)
         self.waiting: collections.deque = collections.deque()
+        self.wait_timer = None              # query_wait_timeout of the longest-waiting client (wait_expired)
         self.login_waiters: list = []
         self.params: dict[str, str] | None = None
         self.password: str | None = db.password or None
@@ -197,7 +200,41 @@ class Pool:
                 return
         self.worker.loop.quiet_end_all()      # a quiet pair's server must come back at its boundary
         self.waiting.append(client)
+        if self.wait_timer is None and client.state is ClientState.WAITING:
+            wait = self.worker.config.query_wait_timeout
+            if wait > 0:
+                self.wait_timer = self.worker.loop.call_later(wait, self.wait_expired)
         self._grow()
+
+    def wait_expired(self) -> None:
+        """query_wait_timeout: fail the queued clients that have waited that long, and time the next.
+
+        One timer per pool, not one per wait: the queue is in the order the clients began to
+        wait (each is stamped just before it is appended), so the first client still waiting
+        is the next to time out. Session-mode logins in the queue are left to client_login_timeout.
+        """
+        self.wait_timer = None
+        wait = self.worker.config.query_wait_timeout
+        if wait <= 0:
+            return
+        now = self.worker.loop.clock()
+        expired = []
+        for client in self.waiting:
+            if client.closed or client.state is not ClientState.WAITING:
+                continue
+            left = client.wait_started + wait - now
+            if left > 0:
+                self.wait_timer = self.worker.loop.call_later(left, self.wait_expired)
+                break
+            expired.append(client)
+        for client in expired:
+            client.wait_timed_out()
+
+    def wait_reconfigured(self) -> None:
+        """query_wait_timeout may have changed (reload): time the queue again from now."""
+        if self.wait_timer is not None:
+            self.wait_timer.cancel()
+        self.wait_expired()
 
     def _check(self, srv) -> None:
         """server_check_query on a server idle longer than server_check_delay, before reuse."""
@@ -695,7 +732,6 @@ class Pool:
 
     def snapshot(self) -> dict:
         """Counters and gauges of this pool now, for ``pgmp stats`` and the admin console."""
-        from pgmp.session import ClientState
         row = {"database": self.db.name, "user": self.client_user, "mode": self.mode, "pool_size": self.size,
                "paused": self.paused, "server_user": self.server_user}
         row.update(self.totals())

@@ -753,6 +753,8 @@ class Worker:
         self.hba = rules
         self.client_tls, self.server_tls = client_tls, server_tls
         self.loop.max_unsent = new.max_unsent
+        for pool in self.pools.values():
+            pool.wait_reconfigured()
         self.resolver.configure(new.dns_max_ttl, new.dns_nxdomain_ttl)
         self.auth_query.reset("configuration reloaded")
         log.debug("worker %d: configuration reloaded", self.slot)

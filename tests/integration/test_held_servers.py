@@ -20,7 +20,7 @@ from pgmp.protocol import scanner
 from tests.integration.test_pooling import dsn, no_servers_left, pooldb, raw_login, server_count, start  # noqa: F401
 from tests.integration import rawpg
 from tests.integration.test_lifecycle import client_bytes_queued, worker_pid
-from tests.support import run, wait_for
+from tests.support import run, stop_process, wait_for
 from tests.support.proxy import pgmp_env
 
 ADMIN = "scram_user"
@@ -149,7 +149,7 @@ def test_pause_in_the_batch_of_a_query_to_a_held_server_waits_for_it(pg, pgmp, p
     with raw_login(proxy.host, proxy.port, pooldb) as conn:
         pid = raw_backend(conn)                     # its server is held now
         worker = worker_pid(proxy)
-        os.kill(worker, signal.SIGSTOP)
+        stop_process(worker)
         try:
             pause = subprocess.Popen([sys.executable, "-m", "pgmp", "pause", pooldb.name, "-c",
                                       str(proxy.config_path), "--timeout", "20"], stdout=subprocess.PIPE,

@@ -27,7 +27,7 @@ from psycopg import errors as pgerrors
 from psycopg.pq import TransactionStatus
 
 from tests.integration import rawpg
-from tests.support import PASSWORDS, conninfo, holds, wait_for
+from tests.support import PASSWORDS, conninfo, holds, stop_process, wait_for
 
 # ---- the module's roles and databases --------------------------------------------------------
 
@@ -316,7 +316,7 @@ def test_terminated_idle_server_whose_fatal_pgmp_reads_after_the_next_query(pg, 
         worker = worker_pid(proxy)
         client_port = local_port(conn)
         with superuser(pg) as su:
-            os.kill(worker, signal.SIGSTOP)
+            stop_process(worker)
             try:
                 query = Background(pid_of, conn)
                 wait_for(lambda: client_bytes_queued(proxy.port, client_port), timeout=5,

@@ -7,6 +7,7 @@ exactly the ones pgmp opened. Every wait has a deadline.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import struct
@@ -790,6 +791,77 @@ def test_query_wait_timeout_while_the_only_server_is_in_a_transaction(pgmp, pool
         a.execute("COMMIT")
         assert a.info.transaction_status == TransactionStatus.IDLE
         assert a.execute("select 'after'").fetchone() == ("after",)
+
+
+def worker_pools(pgmp, proxy) -> list[dict]:
+    """The pools of pgmp's one worker (``pgmp stats --json``)."""
+    r = pgmp.cli("stats", "--json", "-c", proxy.config_path)
+    assert r.returncode == 0, r.stderr
+    (worker,) = json.loads(r.stdout)["workers"]
+    return worker["pools"]
+
+
+def pool_waiting(pgmp, proxy) -> int:
+    return sum(p["cl_waiting"] for p in worker_pools(pgmp, proxy))
+
+
+def test_queued_clients_time_out_each_at_its_own_deadline(pgmp, pooldb):
+    """query_wait_timeout is timed per pool, not per wait (Pool.wait_expired): two clients queued a
+    second apart each fail query_wait_timeout after their own start, and one linked meanwhile is served."""
+    proxy = start(pgmp, pooldb, size=1, query_wait_timeout=2)
+    with raw_login(proxy.host, proxy.port, pooldb) as a, raw_login(proxy.host, proxy.port, pooldb) as b, \
+            raw_login(proxy.host, proxy.port, pooldb) as c:
+        a.query("BEGIN")
+        t0 = time.monotonic()
+        b.send(rawpg.query("select 'b'"))
+        wait_for(lambda: max(p["maxwait_us"] for p in worker_pools(pgmp, proxy)) >= 1_000_000, timeout=5,
+                 message="b did not wait a second")
+        t1 = time.monotonic()
+        c.send(rawpg.query("select 'c'"))
+        err_b = b.expect_error(timeout=10)
+        tb = time.monotonic() - t0
+        err_c = c.expect_error(timeout=10)
+        tc = time.monotonic() - t1
+        for err in (err_b, err_c):
+            assert err["C"] == "08P01" and "query_wait_timeout" in err["M"], err
+        assert 1.8 <= tb < 4.5, tb
+        assert 1.8 <= tc < 4.5, tc                        # its own deadline, not b's (a second earlier)
+        a.query("COMMIT")
+        with raw_login(proxy.host, proxy.port, pooldb) as d:
+            assert d.scalar("select 'd'") == "d"
+
+
+def test_a_queued_client_that_hangs_up_leaves_the_queue_at_once(pgmp, pooldb):
+    """A client waiting for a server is still read: its EOF takes it out of the queue then, not when a
+    server comes free (SHOW POOLS' cl_waiting falls while the only server is still in a transaction)."""
+    proxy = start(pgmp, pooldb, size=1, query_wait_timeout=60)
+    with raw_login(proxy.host, proxy.port, pooldb) as a:
+        a.query("BEGIN")
+        b = raw_login(proxy.host, proxy.port, pooldb)
+        b.send(rawpg.query("select 'b'"))
+        wait_for(lambda: pool_waiting(pgmp, proxy) == 1, timeout=5)
+        b.close()
+        wait_for(lambda: pool_waiting(pgmp, proxy) == 0, timeout=5,
+                 message="the closed client stayed queued")
+        a.query("COMMIT")
+        assert a.scalar("select 'a'") == "a"
+
+
+def test_what_a_queued_client_sends_meanwhile_follows_its_first_query(pgmp, pooldb):
+    """A queued client that pipelines more requests while it waits has them all answered, in order,
+    once a server is free (what it sends meanwhile joins what waits)."""
+    proxy = start(pgmp, pooldb, size=1, query_wait_timeout=60)
+    with raw_login(proxy.host, proxy.port, pooldb) as a, raw_login(proxy.host, proxy.port, pooldb) as b:
+        a.query("BEGIN")
+        b.send(rawpg.query("select 'first'"))
+        wait_for(lambda: pool_waiting(pgmp, proxy) == 1, timeout=5)
+        b.send(rawpg.query("select 'second'"))
+        b.send(rawpg.parse("select $1::text") + rawpg.bind(("third",)) + rawpg.execute() + rawpg.sync())
+        a.query("COMMIT")
+        rows = []
+        for _ in range(3):
+            rows += [rawpg.data_row(m.payload)[0] for m in b.read_until(b"Z", timeout=10) if m.type == b"D"]
+        assert rows == ["first", "second", "third"], rows
 
 
 # ---- cancels while servers are reused --------------------------------------------------------------

@@ -5,7 +5,7 @@ the fixtures `pg` and `pgmp` are defined in tests/conftest.py.
 """
 from .cluster import PASSWORDS, TEST_USERS, Cluster, conninfo
 from .proxy import PgmpProcess, PgmpStartError, pgmp_cli, start_pgmp, write_config
-from .waiting import CommandFailed, free_port, holds, kill_trees, port_accepts, run, sent, wait_for, wait_started
+from .waiting import CommandFailed, free_port, holds, kill_trees, port_accepts, run, sent, stop_process, wait_for, wait_started
 
 __all__ = [
     "PASSWORDS", "TEST_USERS", "Cluster", "conninfo",

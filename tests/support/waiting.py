@@ -106,6 +106,15 @@ def kill_trees(pids) -> list[int]:
     return every
 
 
+def stop_process(pid: int, timeout: float = 10.0) -> None:
+    """SIGSTOP ``pid`` and wait until it is stopped: the signal is asynchronous, so without the wait
+    a process in epoll_wait can still take an event that arrives just after the kill."""
+    os.kill(pid, signal.SIGSTOP)
+    proc = psutil.Process(pid)
+    wait_for(lambda: proc.status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP), timeout=timeout,
+             message=f"process {pid} did not stop")
+
+
 def process_alive(pid: int) -> bool:
     """True if pid runs; a zombie (exited, not yet reaped) counts as gone."""
     try:
