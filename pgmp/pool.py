@@ -204,7 +204,9 @@ class Pool:
             wait = self.worker.config.query_wait_timeout
             if wait > 0:
                 self.wait_timer = self.worker.loop.call_later(wait, self.wait_expired)
-        self._grow()
+        limit = self.limit
+        if limit <= 0 or len(self.servers) + self.resolving < limit:
+            self._grow()                    # (at the limit, with servers, there is nothing to open)
 
     def wait_expired(self) -> None:
         """query_wait_timeout: fail the queued clients that have waited that long, and time the next.
