@@ -388,6 +388,10 @@ class Endpoint:
         if self.tls is not None:
             self._tls_send(data)
             return
+        self._send_raw(data)
+
+    def _send_raw(self, data) -> None:
+        """Send bytes as they are (TLS records once sealed): what the socket does not take now is queued."""
         if self.outq:
             self.outq.append(bytes(data))
             self.unsent += len(data)
@@ -612,10 +616,13 @@ class Endpoint:
 
     def _tls_decrypt(self, into: memoryview) -> tuple[int, str | None]:
         """Decrypt into ``into``: (bytes written, why the stream ended or None)."""
-        obj = self.tls.obj
+        tls = self.tls
+        obj, incoming = tls.obj, tls.incoming
         got, size = 0, len(into)
         try:
             while got < size:                  # one record per read: fill the buffer for one on_data
+                if not incoming.pending and not obj.pending() and not incoming.eof:
+                    break                      # nothing to decrypt: a read would only raise SSLWantReadError
                 m = obj.read(size - got, into[got:])
                 if not m:
                     break
@@ -641,14 +648,6 @@ class Endpoint:
         out = self.tls.outgoing.read()
         if out:
             self._send_raw(out)
-
-    def _send_raw(self, data: bytes) -> None:
-        """Queue bytes that are already encrypted and send what the socket takes."""
-        self.outq.append(data)
-        self.unsent += len(data)
-        self.flush()
-        if self.outq:
-            self._want_write()
 
     def _tls_close_notify(self) -> None:
         """Best effort: tell the peer the stream ends here (close_notify), without waiting for its answer."""
