@@ -279,7 +279,7 @@ class ClientConnection(Endpoint):
                                 if srv.unsent > srv.loop.max_unsent:
                                     srv.hold_until_drained(self)
                                 return
-                        elif kind == 81:
+                        elif kind == 81 and off == 0 and ln == n:     # (CopyData is counted, not reported)
                             r = link.client_frame(81, bytes(view[5:n]))     # as on_frame
                             srv = self.server
                             srv.send(view[:n] if r is None else r)

@@ -805,6 +805,26 @@ def pool_waiting(pgmp, proxy) -> int:
     return sum(p["cl_waiting"] for p in worker_pools(pgmp, proxy))
 
 
+def test_a_queued_read_of_copy_data_and_a_query(pgmp, pooldb, table):
+    """A queued client's bytes are CopyData (which the scanner counts without reporting; PostgreSQL
+    ignores it outside COPY) and then a Query: one reported frame, but not at the start of the read,
+    so the one-Query fast path must leave it to the generic relay (it took the Query's text from
+    offset 0 and ended the session with 08P01)."""
+    proxy = start(pgmp, pooldb, size=1, query_wait_timeout=60)
+    with raw_login(proxy.host, proxy.port, pooldb) as a, raw_login(proxy.host, proxy.port, pooldb) as b:
+        a.query("BEGIN")
+        b.send(rawpg.copy_data(b"stray") + rawpg.query(f"INSERT INTO {table} VALUES (1, 'b')"))
+        wait_for(lambda: pool_waiting(pgmp, proxy) == 1, timeout=5)
+        a.query("COMMIT")
+        answer = b.read_until(b"Z", timeout=10)
+        assert [m.type for m in answer] == [b"C", b"Z"], answer
+        b.send(rawpg.query(f"COPY {table} (x, who) FROM STDIN") + rawpg.copy_data(b"2\tcopied\n"))
+        b.send(rawpg.copy_done())
+        answer = b.read_until(b"Z", timeout=10)
+        assert [m.type for m in answer] == [b"G", b"C", b"Z"], answer
+        assert b.scalar(f"select string_agg(who, ',' order by x) from {table}") == "b,copied"
+
+
 def test_queued_clients_time_out_each_at_its_own_deadline(pgmp, pooldb):
     """query_wait_timeout is timed per pool, not per wait (Pool.wait_expired): two clients queued a
     second apart each fail query_wait_timeout after their own start, and one linked meanwhile is served."""
@@ -829,6 +849,22 @@ def test_queued_clients_time_out_each_at_its_own_deadline(pgmp, pooldb):
         a.query("COMMIT")
         with raw_login(proxy.host, proxy.port, pooldb) as d:
             assert d.scalar("select 'd'") == "d"
+
+
+def test_a_reload_times_queued_clients_by_the_new_query_wait_timeout(pgmp, pooldb):
+    """Lowering query_wait_timeout applies to a client already queued, not only to later ones."""
+    proxy = start(pgmp, pooldb, size=1, query_wait_timeout=120)
+    with raw_login(proxy.host, proxy.port, pooldb) as a, raw_login(proxy.host, proxy.port, pooldb) as b:
+        a.query("BEGIN")
+        b.send(rawpg.query("select 'b'"))
+        wait_for(lambda: pool_waiting(pgmp, proxy) == 1, timeout=5)
+        proxy.rewrite_config(config={"query_wait_timeout": 1})
+        started = time.monotonic()
+        assert pgmp.cli("reload", "-c", proxy.config_path).returncode == 0
+        err = b.expect_error(timeout=15)
+        assert err["C"] == "08P01" and "query_wait_timeout" in err["M"], err
+        assert time.monotonic() - started < 10
+        a.query("COMMIT")
 
 
 def test_a_queued_client_that_hangs_up_leaves_the_queue_at_once(pgmp, pooldb):
