@@ -5,6 +5,7 @@ The state machine is pgmp.session's; this module is its IO glue.
 import logging
 import os
 import struct
+import sys
 from functools import partial
 
 from pgmp import console, errors, tls
@@ -513,15 +514,15 @@ class ClientConnection(Endpoint):
         self.close(None)
 
     def _startup(self, packet):
-        self.user = packet.user
-        self.database = packet.database
+        self.user = sys.intern(packet.user)           # (one string per name, not per client)
+        self.database = sys.intern(packet.database)
         if self.over_limit:
             raise self._too_many()
         worker = self.worker
         settings = client_settings(packet)
         if worker.config.application_name_add_host:
             settings["application_name"] = f"{settings.get('application_name', '')} - {self.peer}"
-        self.link = Link(settings, worker.tracked_parameters, name=f"{packet.user}@{packet.database}")
+        self.link = Link(settings, worker.tracked_parameters, name=sys.intern(f"{packet.user}@{packet.database}"))
         if packet.minor > 0 or packet.unrecognized:
             self.send(messages.negotiate_protocol_version(0, packet.unrecognized))
         if self.database in console.CONSOLE_DATABASES and self._own_user():

@@ -193,7 +193,9 @@ class Pipeline:
         self.enabled = enabled                         # max_prepared_statements = 0: names pass through
         self.max_size = max_size                       # of the statements' text in all (0 = unlimited)
         self.statements: dict[bytes, bytes] = {}      # client name -> key (text\0 + types)
-        self.expect: collections.deque = collections.deque()
+        # what the client is owed: a deque while anything is (ordered), () otherwise; an empty
+        # deque costs 760 bytes, so an idle client holds none (owed(), rest())
+        self.expect: collections.deque | tuple = ()
         self.skipping = False                          # the server discards until Sync after an error
         self.version = 0
         # the client names Python bound lately, at most BOUND_MAX, oldest first: what the C
@@ -205,12 +207,24 @@ class Pipeline:
     def idle(self) -> bool:
         return not self.expect
 
+    def owed(self) -> collections.deque:
+        """The queue of what the client is owed, to add to (made on first use)."""
+        exp = self.expect
+        if exp.__class__ is not collections.deque:
+            exp = self.expect = collections.deque()
+        return exp
+
+    def rest(self) -> None:
+        """Between transactions: an empty queue is let go (see expect)."""
+        if not self.expect:
+            self.expect = ()
+
     # -- client to server ----------------------------------------------------------
     def client_frame(self, kind: int, payload: bytes, srv: ServerStatements) -> bytes | None:
         """A frame from the client; returns None to forward it as is, or the bytes to send instead."""
         if self.skipping and kind != 83:
             return None                     # the server ignores it; so do we
-        exp = self.expect
+        exp = self.owed()
         if kind == 80:                                  # Parse
             name, pos = read_cstr(payload, 0)
             if not name or not self.enabled:
@@ -301,11 +315,11 @@ class Pipeline:
         portal, pos = read_cstr(head, 0)
         name, pos2 = read_cstr(head, pos)
         if not name or name not in self.statements:
-            self.expect.append((R_BIND, None, None))
+            self.owed().append((R_BIND, None, None))
             return None
         out = self._ensure(name, srv)
         sname = self.cache.name_for(self.statements[name])
-        self.expect.append((R_BIND, sname, None))
+        self.owed().append((R_BIND, sname, None))
         self._note_bound(name)
         new_len = length - 1 - len(name) + len(sname)
         return out + b"B" + _U32.pack(new_len) + portal + b"\0" + sname + b"\0", 5 + pos2
@@ -330,11 +344,11 @@ class Pipeline:
                 return b""
             # see client_frame's Parse; a stale plan is prepared afresh the same way
             srv.prepare_again(sname)
-            self.expect.append((DROP_CLOSE, sname, None))
-            self.expect.append((DROP_PARSE, sname, None))
+            self.owed().append((DROP_CLOSE, sname, None))
+            self.owed().append((DROP_PARSE, sname, None))
             return frame(b"C", b"S" + sname + b"\0") + parse_frame(sname, key)
         out = self._evict(srv.add(sname))
-        self.expect.append((DROP_PARSE, sname, None))
+        self.owed().append((DROP_PARSE, sname, None))
         return out + parse_frame(sname, key)
 
     def _query_ahead(self, sname: bytes | None = None) -> bool:
@@ -351,20 +365,20 @@ class Pipeline:
     def _evict(self, names: list[bytes]) -> bytes:
         out = b""
         for old in names:
-            self.expect.append((DROP_CLOSE, old, None))
+            self.owed().append((DROP_CLOSE, old, None))
             out += frame(b"C", b"S" + old + b"\0")
         return out
 
     def queries_sent(self, count: int) -> None:
         """``count`` simple Queries went to the server unchanged (the C relay): as client_frame."""
         if not self.skipping:
-            self.expect.extend([(R_QUERY, None, None)] * count)
+            self.owed().extend([(R_QUERY, None, None)] * count)
 
     def batches_sent(self, count: int, shape: int) -> None:
         """``count`` unnamed extended batches of one ``shape`` (BATCH_* bits) went to the server
         unchanged (the C relay): as client_frame for each of their messages."""
         if not self.skipping:
-            self.expect.extend(_BATCH_ENTRIES[shape] * count)
+            self.owed().extend(_BATCH_ENTRIES[shape] * count)
 
     def named_batches_sent(self, count: int, shape: int, sname: bytes, key: bytes, srv: ServerStatements) -> None:
         """``count`` batches of one ``shape`` (BATCH_NAMED: a Bind of the client's statement
@@ -379,7 +393,7 @@ class Pipeline:
         if shape & BATCH_EXECUTE:
             entries.append((R_EXEC, None, None))
         entries.append((R_SYNC, None, None))
-        self.expect.extend(entries * count)
+        self.owed().extend(entries * count)
 
     def query_unanswered(self) -> bool:
         """A simple Query is owed an answer (it might DISCARD ALL: see _query_ahead)."""

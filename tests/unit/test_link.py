@@ -242,6 +242,41 @@ def test_reset_goes_back_to_the_startup_value_and_reset_all_keeps_the_role():
     assert link.settings == {"application_name": "app"} and srv.applied == {}
 
 
+def test_links_with_the_same_login_settings_share_them_and_never_each_others_changes():
+    """shared_startup: one dict for every Link that logged in with the same settings (memory per
+    idle client); what one session SETs, RESETs or takes from a ParameterStatus stays its own."""
+    a, srv_a = pooled({"application_name": "app", "work_mem": "1MB"})
+    b, srv_b = pooled({"application_name": "app", "work_mem": "1MB"})
+    c, _ = pooled({"application_name": "other"})
+    assert a.startup is b.startup and a.startup is not c.startup
+    simple(a, "SET work_mem = '64MB'; SET application_name = 'a'")
+    simple(a, "RESET ALL")
+    simple(a, "SET statement_timeout = '5s'")
+    a.parameter_status("application_name", "renamed")
+    assert b.settings == {"application_name": "app", "work_mem": "1MB"} == b.startup
+    assert a.startup == {"application_name": "app", "work_mem": "1MB"}
+    simple(b, "DISCARD ALL")
+    assert b.settings == {"application_name": "app", "work_mem": "1MB"}
+    d, _ = pooled({"application_name": "app", "work_mem": "1MB"})
+    assert d.settings == {"application_name": "app", "work_mem": "1MB"} and d.startup is b.startup
+
+
+def test_an_idle_pooled_link_holds_no_queue_of_answers():
+    """Pipeline.expect is () until something is owed and again after the transaction (an empty
+    deque costs 760 bytes per idle client); the next transaction makes a new one."""
+    link, srv = pooled()
+    assert link.pipeline.expect == ()
+    link.client_frame(ord("Q"), b"select 1\0")
+    assert type(link.pipeline.expect).__name__ == "deque" and len(link.pipeline.expect) == 1
+    link.server_frame(ord("Z"), frame(b"Z", b"I"))
+    simple(link, "select 2")
+    link.detach()
+    assert link.pipeline.expect == ()
+    link.attach(srv)
+    simple(link, "select 3")
+    assert not link.pipeline.expect
+
+
 def test_extended_protocol_set_is_recorded_at_its_sync():
     link, srv = pooled()
     assert link.client_frame(P, b"\0SET lock_timeout = 5\0\0\0") is None
