@@ -18,7 +18,8 @@ from pgmp.protocol.scanner import ERR_SHORT, ERR_TYPE, Scanner, make_flags
 from pgmp.link import CLOSE, REUSE, Link
 from pgmp.prepared import Pipeline
 from pgmp.relay import ASSEMBLE, FORWARD, REPLACE, STOP, WAIT, relay
-from pgmp.session import ClientState, check_transition, client_settings, login_parameters
+from pgmp.session import (ClientState, SharedParameters, check_transition, client_settings, login_parameters,
+                           shared_parameters)
 
 log = logging.getLogger("pgmp")
 
@@ -691,8 +692,9 @@ class ClientConnection(Endpoint):
         worker = self.worker
         link = self.link
         reported = login_parameters(params, link.settings)
-        # most clients see exactly the pool's values: share one dict until one changes (memory per idle client)
-        self.reported = params if reported == params else reported
+        # most clients see exactly the pool's values, or the same as many others: share one dict
+        # until one changes (memory per idle client; see report)
+        self.reported = params if reported == params else shared_parameters(reported)
         self.key_pid, self.key_secret = worker.new_cancel_key(self, srv.backend_pid if srv is not None else 0)
         out = [messages.auth_ok()]
         for name, value in self.reported.items():
@@ -836,7 +838,7 @@ class ClientConnection(Endpoint):
         reported = self.reported
         if reported.get(name) == value:
             return False
-        if self.pool is not None and reported is self.pool.params:
+        if type(reported) is SharedParameters or (self.pool is not None and reported is self.pool.params):
             reported = self.reported = dict(reported)
         reported[name] = value
         return True

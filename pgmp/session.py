@@ -178,6 +178,28 @@ ENCODING_ALIASES = {
 }
 
 
+class SharedParameters(dict):
+    """ParameterStatus values that clients logged in with, one dict for every client with the same
+    ones (shared_parameters): a client copies it before it records a change (ClientConnection.report)."""
+    __slots__ = ()
+
+
+SHARED_PARAMETERS_MAX = 4096
+_shared_parameters: dict[tuple, SharedParameters] = {}
+
+
+def shared_parameters(values: dict[str, str]) -> dict[str, str]:
+    """``values`` as the one SharedParameters dict of clients that have the same ones (bounded:
+    past SHARED_PARAMETERS_MAX distinct sets, a client keeps its own dict)."""
+    key = tuple(values.items())
+    shared = _shared_parameters.get(key)
+    if shared is None:
+        if len(_shared_parameters) >= SHARED_PARAMETERS_MAX:
+            return values
+        shared = _shared_parameters[key] = SharedParameters(values)
+    return shared
+
+
 def login_parameters(server_params: dict[str, str], settings: dict[str, str]) -> dict[str, str]:
     """ParameterStatus values for a client's login: the pool's server values, with the client's own requests."""
     out = dict(server_params)

@@ -11,7 +11,8 @@ from pgmp.errors import ClientProtocolError
 from pgmp.protocol.messages import query
 from pgmp.protocol.startup import StartupPacket
 from pgmp.session import (TRANSITIONS, ClientState, IllegalTransition, check_transition,
-                          client_settings, login_parameters, normalize, quote_literal, settings_query)
+                          SharedParameters, client_settings, login_parameters, normalize, quote_literal,
+                          settings_query, shared_parameters)
 
 # ---- quoting and normalization -------------------------------------------------------
 
@@ -163,6 +164,23 @@ def test_login_parameters_are_the_pools_when_the_client_asks_nothing():
     out = login_parameters(SERVER_PARAMS, {})
     assert out == SERVER_PARAMS
     assert out is not SERVER_PARAMS
+
+
+def test_clients_with_the_same_login_parameters_share_one_dict_and_copy_it_to_change_it():
+    """shared_parameters (memory per idle client) and ClientConnection.report: a ParameterStatus
+    one client records never reaches another that logged in with the same values."""
+    from types import SimpleNamespace
+
+    from pgmp.client import ClientConnection
+    values = login_parameters(SERVER_PARAMS, {"application_name": "shared-app"})
+    a = SimpleNamespace(reported=shared_parameters(values), pool=None)
+    b = SimpleNamespace(reported=shared_parameters(dict(values)), pool=None)
+    assert a.reported is b.reported and type(a.reported) is SharedParameters
+    assert ClientConnection.report(a, "application_name", "mine") is True
+    assert a.reported["application_name"] == "mine" and type(a.reported) is dict
+    assert b.reported["application_name"] == "shared-app" and b.reported == values
+    assert ClientConnection.report(b, "application_name", "shared-app") is False   # it has it already
+    assert shared_parameters(dict(values)) is b.reported
 
 
 def test_login_parameters_take_the_clients_requests():
