@@ -262,16 +262,18 @@ class Pool:
     def hold(self, srv, client) -> bool:
         """``client`` reached a transaction boundary with ``srv``: keep them linked (True) while no
         one else needs a server, so that its next Query, like its last answer, crosses the C relay
-        without Python; or False: release it as usual.
+        without Python (a TLS client's pair, which only Python relays, is spared the release and
+        the next link); or False: release it as usual.
 
-        Only what release() would hand straight back to the idle list is held, and only a pair the
-        C relay can carry. A held server is idle to everyone else: another client takes it in
-        _usable_idle, and the janitor, pause, reconnect, a host change and a stop treat it as idle."""
+        Only what release() would hand straight back to the idle list is held, and only with the
+        C relay in use (PGMP_IMPL=python holds nothing) and a server without TLS. A held server is
+        idle to everyone else: another client takes it in _usable_idle, and the janitor, pause,
+        reconnect, a host change and a stop treat it as idle."""
         worker = self.worker
         cfg = worker.config
         crelay = worker.loop.crelay
         if (crelay is None or self.waiting or self.paused or client.close_at_boundary or srv.cancel_pending
-                or srv.release_reset or client.tls is not None or srv.tls is not None
+                or srv.release_reset or srv.tls is not None
                 or srv.created < self.reconnect_before or worker.server_expired(srv)
                 or srv.session.read_only_seen or (cfg.server_reset_query and cfg.server_reset_query_always)
                 or (cfg.server_check_query and cfg.server_check_delay < HOLD_CHECK_DELAY)
@@ -321,7 +323,8 @@ class Pool:
         client = srv.client
         if client.relay_peer is srv and not self.worker.loop.crelay.held(srv.fd):
             return False
-        return not (client.leftover is not None or client.skip or srv.skip or srv.unsent or srv.cancel_pending)
+        return not (client.leftover is not None or client.skip or srv.skip or srv.unsent or srv.cancel_pending
+                    or (client.tls is not None and client.tls.buffered()))
 
     def _take_held(self):
         """A held server another client may have now, unlinked from its client; or None."""

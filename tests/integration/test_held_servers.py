@@ -4,7 +4,9 @@ While no client waits, a server given back at a transaction boundary stays linke
 client so that the next transaction crosses the C relay alone. To everyone else it must be
 an idle server: counted as idle, taken by the next client that needs one, closed quietly
 when PostgreSQL ends it, released by PAUSE and by the janitor's deadlines. With
-PGMP_IMPL=python nothing is held, and every test here must pass the same way.
+PGMP_IMPL=python nothing is held, and every test here must pass the same way. A client over
+TLS, whose pair only Python relays, is held too (it is spared the release and the next link);
+the first tests run for it as well.
 """
 from __future__ import annotations
 
@@ -15,11 +17,13 @@ import subprocess
 import sys
 
 import psycopg
+import pytest
 
 from pgmp.protocol import scanner
 from tests.integration.test_pooling import dsn, no_servers_left, pooldb, raw_login, server_count, start  # noqa: F401
 from tests.integration import rawpg
 from tests.integration.test_lifecycle import client_bytes_queued, worker_pid
+from tests.integration.test_tls import certs, tls_config  # noqa: F401
 from tests.support import run, stop_process, wait_for
 from tests.support.proxy import pgmp_env
 
@@ -53,14 +57,25 @@ def held_count(pgmp, proxy, db) -> int:
     return sum(p.get("sv_held", 0) for w in data["workers"] for p in w["pools"] if p["database"] == db.name)
 
 
+TLS = pytest.mark.parametrize("tls", [False, True], ids=["tcp", "client-tls"])
+
+
+def tls_start(pgmp, pooldb, certs, tls: bool, **config):
+    """start() with, if ``tls``, TLS required of clients; and the dsn parameters to match."""
+    if tls:
+        config.update(tls_config(certs, "require"))
+    return start(pgmp, pooldb, **config), ({"sslmode": "require"} if tls else {})
+
+
 def backend(conn) -> int:
     return conn.execute("select pg_backend_pid()").fetchone()[0]
 
 
-def test_a_server_held_between_transactions_counts_as_idle_everywhere(pg, pgmp, pooldb):
+@TLS
+def test_a_server_held_between_transactions_counts_as_idle_everywhere(pg, pgmp, pooldb, certs, tls):
     no_servers_left(pg, pooldb)
-    proxy = start(pgmp, pooldb, size=2, admin_users=[ADMIN])
-    with psycopg.connect(dsn(proxy, pooldb), autocommit=True) as conn:
+    proxy, params = tls_start(pgmp, pooldb, certs, tls, size=2, admin_users=[ADMIN])
+    with psycopg.connect(dsn(proxy, pooldb, **params), autocommit=True) as conn:
         first = backend(conn)
         assert backend(conn) == first               # the same server for the next transaction
         row = pool_row(proxy, pooldb)
@@ -78,10 +93,11 @@ def test_a_server_held_between_transactions_counts_as_idle_everywhere(pg, pgmp, 
     assert held_count(pgmp, proxy, pooldb) == 0     # its client left: an ordinary idle server
 
 
-def test_another_client_takes_a_held_server_and_each_sees_only_its_own_state(pg, pgmp, pooldb):
+@TLS
+def test_another_client_takes_a_held_server_and_each_sees_only_its_own_state(pg, pgmp, pooldb, certs, tls):
     no_servers_left(pg, pooldb)
-    proxy = start(pgmp, pooldb, size=1, admin_users=[ADMIN])
-    with psycopg.connect(dsn(proxy, pooldb), autocommit=True) as a, \
+    proxy, params = tls_start(pgmp, pooldb, certs, tls, size=1, admin_users=[ADMIN])
+    with psycopg.connect(dsn(proxy, pooldb, **params), autocommit=True) as a, \
             psycopg.connect(dsn(proxy, pooldb), autocommit=True) as b:
         a.execute("set application_name = 'client_a'")
         b.execute("set search_path = schema_c")
@@ -94,10 +110,11 @@ def test_another_client_takes_a_held_server_and_each_sees_only_its_own_state(pg,
         assert server_count(pg, pooldb) == 1
 
 
-def test_a_held_server_that_postgres_ends_is_replaced_without_an_error(pg, pgmp, pooldb):
+@TLS
+def test_a_held_server_that_postgres_ends_is_replaced_without_an_error(pg, pgmp, pooldb, certs, tls):
     no_servers_left(pg, pooldb)
-    proxy = start(pgmp, pooldb, size=2, admin_users=[ADMIN])
-    with psycopg.connect(dsn(proxy, pooldb), autocommit=True) as conn:
+    proxy, params = tls_start(pgmp, pooldb, certs, tls, size=2, admin_users=[ADMIN])
+    with psycopg.connect(dsn(proxy, pooldb, **params), autocommit=True) as conn:
         first = backend(conn)
         assert pg.psql(f"select pg_terminate_backend({first})") == "t"
         wait_for(lambda: server_count(pg, pooldb) == 0, timeout=10, message="the backend did not exit")
