@@ -18,8 +18,7 @@ from pgmp.protocol.scanner import ERR_SHORT, ERR_TYPE, Scanner, make_flags
 from pgmp.link import CLOSE, REUSE, Link
 from pgmp.prepared import Pipeline
 from pgmp.relay import ASSEMBLE, FORWARD, REPLACE, STOP, WAIT, relay
-from pgmp.session import (ClientState, SharedParameters, check_transition, client_settings, login_parameters,
-                           shared_parameters)
+from pgmp.session import SHARED_PARAMETERS, ClientState, SharedDict, check_transition, client_settings, login_parameters
 
 log = logging.getLogger("pgmp")
 
@@ -515,15 +514,15 @@ class ClientConnection(Endpoint):
         self.close(None)
 
     def _startup(self, packet):
-        self.user = sys.intern(packet.user)           # (one string per name, not per client)
-        self.database = sys.intern(packet.database)
+        self.user = packet.user
+        self.database = packet.database
         if self.over_limit:
             raise self._too_many()
         worker = self.worker
         settings = client_settings(packet)
         if worker.config.application_name_add_host:
             settings["application_name"] = f"{settings.get('application_name', '')} - {self.peer}"
-        self.link = Link(settings, worker.tracked_parameters, name=sys.intern(f"{packet.user}@{packet.database}"))
+        self.link = Link(settings, worker.tracked_parameters, name=f"{packet.user}@{packet.database}")
         if packet.minor > 0 or packet.unrecognized:
             self.send(messages.negotiate_protocol_version(0, packet.unrecognized))
         if self.database in console.CONSOLE_DATABASES and self._own_user():
@@ -694,7 +693,9 @@ class ClientConnection(Endpoint):
         reported = login_parameters(params, link.settings)
         # most clients see exactly the pool's values, or the same as many others: share one dict
         # until one changes (memory per idle client; see report)
-        self.reported = params if reported == params else shared_parameters(reported)
+        self.reported = params if reported == params else SHARED_PARAMETERS.get(reported)
+        self.user = sys.intern(self.user)        # logged in: one string per name, not per client
+        self.database = sys.intern(self.database)
         self.key_pid, self.key_secret = worker.new_cancel_key(self, srv.backend_pid if srv is not None else 0)
         out = [messages.auth_ok()]
         for name, value in self.reported.items():
@@ -838,7 +839,7 @@ class ClientConnection(Endpoint):
         reported = self.reported
         if reported.get(name) == value:
             return False
-        if type(reported) is SharedParameters or (self.pool is not None and reported is self.pool.params):
+        if type(reported) is SharedDict or (self.pool is not None and reported is self.pool.params):
             reported = self.reported = dict(reported)
         reported[name] = value
         return True

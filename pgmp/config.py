@@ -151,7 +151,7 @@ SCHEMA: tuple[Setting, ...] = (
     _S("server_reset_timeout", "duration", 10, "Close a server whose reset or check query has not answered within this time (0 = wait forever).", low=0),
     _S("server_reset_query_always", "bool", False, "Also run server_reset_query at each release in transaction and statement modes."),
     _S("query_timeout", "duration", 0, "Cancel a query that runs longer than this (0 = off).", low=0),
-    _S("query_wait_timeout", "duration", 120, "Disconnect a client that has waited this long for a server (0 = wait forever). A queued client is still read: if it disconnects it leaves the queue at once, and what it sends meanwhile waits with its request (up to max_unsent bytes, then pgmp stops reading it). A reload times the clients already queued by the new value.", low=0),
+    _S("query_wait_timeout", "duration", 120, "Disconnect a client that has waited this long for a server (0 = wait forever). A queued client is still read: if it disconnects it leaves the queue at once (what it sent is not run, as with PgBouncer), and what it sends meanwhile waits with its request (up to max_unsent bytes, then pgmp stops reading it). A reload times the clients already queued by the new value.", low=0),
     _S("idle_transaction_timeout", "duration", 0, "Disconnect a client idle inside a transaction for this long (0 = off).", low=0),
     _S("client_idle_timeout", "duration", 0, "Disconnect a client idle outside a transaction for this long (0 = off).", low=0),
     _S("cancel_wait_timeout", "duration", 10, "Drop a cancel request that cannot reach its server within this time (0 = wait forever).", low=0),

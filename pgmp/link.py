@@ -22,6 +22,7 @@ the settings applied on it, its reported parameters, its prepared statements.
 """
 import functools
 import logging
+import sys
 
 from pgmp import errors
 from pgmp.errors import PgmpError, ServerProtocolError
@@ -29,7 +30,7 @@ from pgmp.prepared import (BATCH_BIND, BATCH_CONTROL, BATCH_KIND, BATCH_NAMED, K
                            ServerStatements)
 from pgmp.protocol import frontend
 from pgmp.protocol.sql import session_effects as _session_effects
-from pgmp.session import settings_query
+from pgmp.session import SHARED_STARTUPS, settings_query
 from pgmp.stats import BUCKETS_US, bucket_of, error_sqlstate
 
 log = logging.getLogger("pgmp")
@@ -78,23 +79,6 @@ _CONTROL_EFFECTS = {kind: _session_effects(text) for kind, text in _CONTROL_TEXT
 _BATCH_CONTROL_KINDS = (0, 98, 99, 114)
 _IDLE = 73
 
-# The login settings of the Links that logged in with the same ones, in one dict: an idle
-# client then holds no dict and no strings of its own for them. A Link never changes its
-# startup dict (its settings become a copy first), so sharing one is safe. Bounded: past
-# SHARED_STARTUPS_MAX distinct sets, Links get their own.
-SHARED_STARTUPS_MAX = 4096
-_shared_startups: dict[tuple, dict[str, str]] = {}
-
-
-def shared_startup(settings: dict[str, str] | None) -> dict[str, str]:
-    """The dict of login settings ``settings``, shared by every Link that has the same ones."""
-    key = tuple(settings.items()) if settings else ()
-    shared = _shared_startups.get(key)
-    if shared is None:
-        shared = dict(key)
-        if len(_shared_startups) < SHARED_STARTUPS_MAX:
-            _shared_startups[key] = shared
-    return shared
 # The unnamed statement's text after a batch the C relay passed: C found in it no word that may
 # change session state (or it is one INSERT, UPDATE or DELETE), so a later Bind of it has no
 # effects, as for the empty text.
@@ -171,7 +155,7 @@ class Link:
         self.t_query = 0.0
         self.t_xact = 0.0
         self.t_ready = 0.0                       # when the server last finished all outstanding requests
-        self.startup = shared_startup(settings)  # what the client asked for at login (RESET goes back to it)
+        self.startup = dict(settings or {})      # what the client asked for at login (RESET goes back to it)
         self.settings = self.startup             # what the client's session holds now (a copy once it changes)
         self.tracked = tracked                   # reported parameters whose ParameterStatus updates settings
         self.overlay: list = []                  # SETs of the open transaction, applied if it commits
@@ -188,6 +172,12 @@ class Link:
         self.clock = clock
         self.stats = stats
         self.t_ready = clock()
+        # the same login settings as other clients: one dict for all (never changed: see settings)
+        shared = SHARED_STARTUPS.get(self.startup)
+        if self.settings is self.startup:
+            self.settings = shared
+        self.startup = shared
+        self.name = sys.intern(self.name)
         if pipeline is not None:
             self.pipeline = pipeline
             self.pooled = True

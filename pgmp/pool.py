@@ -205,7 +205,7 @@ class Pool:
             if wait > 0:
                 self.wait_timer = self.worker.loop.call_later(wait, self.wait_expired)
         limit = self.limit
-        if limit <= 0 or len(self.servers) + self.resolving < limit:
+        if limit <= 0 or not self.servers or len(self.servers) + self.resolving < limit:
             self._grow()                    # (at the limit, with servers, there is nothing to open)
 
     def wait_expired(self) -> None:
@@ -273,7 +273,7 @@ class Pool:
         cfg = worker.config
         crelay = worker.loop.crelay
         if (crelay is None or self.waiting or self.paused or client.close_at_boundary or srv.cancel_pending
-                or srv.release_reset or srv.tls is not None
+                or srv.release_reset or srv.tls is not None or not self._pair_at_rest(srv, client)
                 or srv.created < self.reconnect_before or worker.server_expired(srv)
                 or srv.session.read_only_seen or (cfg.server_reset_query and cfg.server_reset_query_always)
                 or (cfg.server_check_query and cfg.server_check_delay < HOLD_CHECK_DELAY)
@@ -323,7 +323,15 @@ class Pool:
         client = srv.client
         if client.relay_peer is srv and not self.worker.loop.crelay.held(srv.fd):
             return False
-        return not (client.leftover is not None or client.skip or srv.skip or srv.unsent or srv.cancel_pending
+        return not srv.cancel_pending and self._pair_at_rest(srv, client)
+
+    @staticmethod
+    def _pair_at_rest(srv, client) -> bool:
+        """Nothing of the pair waits in Python: no client bytes kept to process or pass on, nothing
+        still to send to the server, no decrypted bytes in the client's TLS layer. Only then may a
+        server be held (hold), or a held one taken (held_free): else the client's next request,
+        already begun, would find its server gone."""
+        return not (client.leftover is not None or client.skip or srv.skip or srv.unsent
                     or (client.tls is not None and client.tls.buffered()))
 
     def _take_held(self):

@@ -5,6 +5,7 @@ never decides protocol questions itself.
 """
 import enum
 import re
+import weakref
 
 from pgmp import errors
 from pgmp.errors import ClientProtocolError
@@ -178,26 +179,35 @@ ENCODING_ALIASES = {
 }
 
 
-class SharedParameters(dict):
-    """ParameterStatus values that clients logged in with, one dict for every client with the same
-    ones (shared_parameters): a client copies it before it records a change (ClientConnection.report)."""
-    __slots__ = ()
+class SharedDict(dict):
+    """A dict of values that several clients hold alike (Sharing): never changed in place; a
+    client that is to change its values copies it first."""
+    __slots__ = ("__weakref__",)
 
 
-SHARED_PARAMETERS_MAX = 4096
-_shared_parameters: dict[tuple, SharedParameters] = {}
+class Sharing:
+    """One SharedDict per distinct content, for as long as some client holds it: a weak cache, so
+    that nothing in it outlives its clients and it cannot grow past them (memory per idle client).
+    Used only after a client's login, so that what unauthenticated peers send is never kept."""
+    __slots__ = ("_cache",)
+
+    def __init__(self):
+        self._cache: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+    def get(self, values: dict[str, str]) -> SharedDict:
+        key = tuple(values.items())
+        shared = self._cache.get(key)
+        if shared is None:
+            shared = SharedDict(values)
+            self._cache[key] = shared
+        return shared
+
+    def __len__(self) -> int:
+        return len(self._cache)
 
 
-def shared_parameters(values: dict[str, str]) -> dict[str, str]:
-    """``values`` as the one SharedParameters dict of clients that have the same ones (bounded:
-    past SHARED_PARAMETERS_MAX distinct sets, a client keeps its own dict)."""
-    key = tuple(values.items())
-    shared = _shared_parameters.get(key)
-    if shared is None:
-        if len(_shared_parameters) >= SHARED_PARAMETERS_MAX:
-            return values
-        shared = _shared_parameters[key] = SharedParameters(values)
-    return shared
+SHARED_PARAMETERS = Sharing()      # the ParameterStatus values clients logged in with (ClientConnection.reported)
+SHARED_STARTUPS = Sharing()        # the login settings of Links (Link.startup)
 
 
 def login_parameters(server_params: dict[str, str], settings: dict[str, str]) -> dict[str, str]:

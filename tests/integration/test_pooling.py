@@ -27,7 +27,8 @@ from psycopg.pq import TransactionStatus
 
 from pgmp.protocol.messages import frame
 from tests.integration import rawpg
-from tests.support import PASSWORDS, run, wait_for
+from tests.integration.test_lifecycle import client_bytes_queued
+from tests.support import PASSWORDS, holds, run, wait_for
 
 # ---- the module's role and database ------------------------------------------------------
 
@@ -849,6 +850,28 @@ def test_queued_clients_time_out_each_at_its_own_deadline(pgmp, pooldb):
         a.query("COMMIT")
         with raw_login(proxy.host, proxy.port, pooldb) as d:
             assert d.scalar("select 'd'") == "d"
+
+
+def test_a_queued_client_that_sends_more_than_max_unsent_is_paused_and_loses_nothing(pgmp, pooldb):
+    """What a queued client sends meanwhile is kept up to max_unsent (then pgmp stops reading it,
+    and the rest waits in the kernel): 400 pipelined queries of 1 kB, all answered, in order."""
+    proxy = start(pgmp, pooldb, size=1, query_wait_timeout=60, max_unsent=65536, buffer_size=16384)
+    with raw_login(proxy.host, proxy.port, pooldb) as a, raw_login(proxy.host, proxy.port, pooldb) as b:
+        a.query("BEGIN")
+        b.send(rawpg.query("select 0"))
+        wait_for(lambda: pool_waiting(pgmp, proxy) == 1, timeout=5)
+        pad = "x" * 1000
+        b.send(b"".join(rawpg.query(f"select {i}, '{pad}'") for i in range(1, 401)))
+        # pgmp has stopped reading it: bytes wait in the kernel at pgmp's end, and stay there
+        def queued() -> bool:
+            return client_bytes_queued(proxy.port, b.sock.getsockname()[1])
+        wait_for(queued, timeout=10, message="none of the queued client's 400 kB waits at pgmp's end")
+        holds(queued, 0.5)                            # (it would read on past max_unsent otherwise)
+        a.query("COMMIT")
+        got = []
+        for _ in range(401):
+            got += [int(rawpg.data_row(m.payload)[0]) for m in b.read_until(b"Z", timeout=20) if m.type == b"D"]
+        assert got == list(range(401))
 
 
 def test_a_reload_times_queued_clients_by_the_new_query_wait_timeout(pgmp, pooldb):

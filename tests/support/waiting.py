@@ -77,11 +77,14 @@ def sent(sock: socket.socket, timeout: float = 5.0) -> None:
 
 
 def holds(check: Callable[[], object], seconds: float, interval: float = 0.1) -> None:
-    """Call ``check`` (which asserts) again and again for ``seconds``: a condition that must stay
-    true over a window, not one waited for. The window is the point, so it has no early exit."""
+    """Call ``check`` again and again for ``seconds``: a condition that must stay true over a
+    window, not one waited for. The window is the point, so it has no early exit. ``check``
+    asserts, or returns a value that must be true (None counts as passing: an asserting check)."""
     deadline = time.monotonic() + seconds
     while True:
-        check()
+        result = check()
+        if result is not None and not result:
+            raise AssertionError(f"no longer holds: {check!r} returned {result!r}")
         if time.monotonic() >= deadline:
             return
         time.sleep(interval)

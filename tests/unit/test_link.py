@@ -243,12 +243,15 @@ def test_reset_goes_back_to_the_startup_value_and_reset_all_keeps_the_role():
 
 
 def test_links_with_the_same_login_settings_share_them_and_never_each_others_changes():
-    """shared_startup: one dict for every Link that logged in with the same settings (memory per
-    idle client); what one session SETs, RESETs or takes from a ParameterStatus stays its own."""
+    """SHARED_STARTUPS: one dict for every Link that logged in with the same settings (memory per
+    idle client), taken at the end of the login only (what an unauthenticated peer sends is never
+    kept); what one session SETs, RESETs or takes from a ParameterStatus stays its own."""
+    before = Link({"application_name": "app", "work_mem": "1MB"}, frozenset(), name="u@db")
+    assert type(before.startup) is dict                 # not logged in yet: its own
     a, srv_a = pooled({"application_name": "app", "work_mem": "1MB"})
     b, srv_b = pooled({"application_name": "app", "work_mem": "1MB"})
     c, _ = pooled({"application_name": "other"})
-    assert a.startup is b.startup and a.startup is not c.startup
+    assert a.startup is b.startup and a.startup is not c.startup and a.startup is not before.startup
     simple(a, "SET work_mem = '64MB'; SET application_name = 'a'")
     simple(a, "RESET ALL")
     simple(a, "SET statement_timeout = '5s'")

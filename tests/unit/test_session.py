@@ -11,8 +11,8 @@ from pgmp.errors import ClientProtocolError
 from pgmp.protocol.messages import query
 from pgmp.protocol.startup import StartupPacket
 from pgmp.session import (TRANSITIONS, ClientState, IllegalTransition, check_transition,
-                          SharedParameters, client_settings, login_parameters, normalize, quote_literal,
-                          settings_query, shared_parameters)
+                          SHARED_PARAMETERS, SharedDict, Sharing, client_settings, login_parameters, normalize,
+                          quote_literal, settings_query)
 
 # ---- quoting and normalization -------------------------------------------------------
 
@@ -167,20 +167,31 @@ def test_login_parameters_are_the_pools_when_the_client_asks_nothing():
 
 
 def test_clients_with_the_same_login_parameters_share_one_dict_and_copy_it_to_change_it():
-    """shared_parameters (memory per idle client) and ClientConnection.report: a ParameterStatus
+    """SHARED_PARAMETERS (memory per idle client) and ClientConnection.report: a ParameterStatus
     one client records never reaches another that logged in with the same values."""
     from types import SimpleNamespace
 
     from pgmp.client import ClientConnection
     values = login_parameters(SERVER_PARAMS, {"application_name": "shared-app"})
-    a = SimpleNamespace(reported=shared_parameters(values), pool=None)
-    b = SimpleNamespace(reported=shared_parameters(dict(values)), pool=None)
-    assert a.reported is b.reported and type(a.reported) is SharedParameters
+    a = SimpleNamespace(reported=SHARED_PARAMETERS.get(values), pool=None)
+    b = SimpleNamespace(reported=SHARED_PARAMETERS.get(dict(values)), pool=None)
+    assert a.reported is b.reported and type(a.reported) is SharedDict
     assert ClientConnection.report(a, "application_name", "mine") is True
     assert a.reported["application_name"] == "mine" and type(a.reported) is dict
     assert b.reported["application_name"] == "shared-app" and b.reported == values
     assert ClientConnection.report(b, "application_name", "shared-app") is False   # it has it already
-    assert shared_parameters(dict(values)) is b.reported
+    assert SHARED_PARAMETERS.get(dict(values)) is b.reported
+
+
+def test_a_shared_dict_lives_only_as_long_as_a_client_holds_it():
+    """Sharing is a weak cache: the values of clients that left are not kept (no growth with
+    the clients that ever logged in, e.g. each with its own application_name)."""
+    sharing = Sharing()
+    held = [sharing.get({"application_name": f"app-{i}"}) for i in range(100)]
+    assert len(sharing) == 100
+    del held[10:]
+    assert len(sharing) == 10
+    assert sharing.get({"application_name": "app-3"}) is held[3]
 
 
 def test_login_parameters_take_the_clients_requests():
