@@ -709,7 +709,7 @@ class ClientConnection(Endpoint):
             self.timer = None
         if srv is None:
             self.set_state(ClientState.IDLE)
-        self.pool.clients.add(self)
+        self.pool.clients[self] = None
         self.pool.stats.login_count += 1
         if self.pool.mode == "session":
             flags, whole = READY_FLAGS, NO_WHOLE
@@ -918,7 +918,7 @@ class ClientConnection(Endpoint):
         if self.pool is not None:
             self.pool.forget(self)
             if self in self.pool.clients:
-                self.pool.clients.discard(self)
+                del self.pool.clients[self]
                 self.pool.stats.bytes_in += self.rx
             if srv is not None:
                 verdict, why = self.link.leave(self.skip > 0, srv.swallow > 0)

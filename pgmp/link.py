@@ -148,8 +148,9 @@ class Link:
         self.copy_in = False
         self.unsynced = False                    # Parse/Bind/Execute sent since the last Sync
         # per request in flight, oldest first: [kind, session effects or None (unread), error seen]
-        # (a list: rarely more than a few entries, and an idle client's deque would cost 760 bytes)
-        self.batches: list = []
+        # (a list: rarely more than a few entries, and an idle client's deque would cost 760 bytes;
+        # () between transactions, not even a list: requests())
+        self.batches: list | tuple = ()
         self.stats = stats
         self.clock = clock
         self.t_query = 0.0
@@ -236,7 +237,7 @@ class Link:
             effects = _CONTROL_EFFECTS[kind] if kind != _Q else ()
             if self.pipeline is not None:
                 self.pipeline.queries_sent(count)
-        batches = self.batches
+        batches = self.requests()
         for _ in range(count):
             batches.append([request, effects, False])
 
@@ -360,7 +361,7 @@ class Link:
         else:
             effects = ()
         self.outstanding += 1
-        self.batches.append([kind, effects, failed])
+        self.requests().append([kind, effects, failed])
 
     def _stamp(self) -> None:
         """A request is about to be counted: the first of a round starts the query clock, and the
@@ -434,7 +435,7 @@ class Link:
             batches.append(first)
         else:
             effects = [e for b in batches if b[1] for e in b[1]]
-            batches.clear()
+            batches = self.batches = ()
             if self.open_effects is not None and self.pooled:
                 self.open_effects[:0] = effects
         self.outstanding = len(batches)
@@ -600,8 +601,17 @@ class Link:
 
     def detach(self) -> None:
         self.server = None
+        if not self.batches:
+            self.batches = ()
         if self.pipeline is not None:
             self.pipeline.rest()
+
+    def requests(self) -> list:
+        """The requests in flight (batches), to add to (a list made on first use)."""
+        batches = self.batches
+        if batches.__class__ is not list:
+            batches = self.batches = []
+        return batches
 
     @property
     def idle(self) -> bool:

@@ -297,7 +297,7 @@ class Endpoint:
         self.loop = loop
         self.sock = sock
         self.fd = sock.fileno()
-        self.outq: list = []
+        self.outq: list | tuple = ()           # bytes not sent yet, in order (a list while any; () saves an idle one's list)
         self.unsent = 0
         self.reading = bool(events & EVENT_READ)
         self.closed = False
@@ -405,7 +405,7 @@ class Endpoint:
             return
         if sent < len(data):
             rest = bytes(data[sent:])
-            self.outq.append(rest)
+            self.outq = [rest]
             self.unsent += len(rest)
             self._want_write()
 
@@ -437,14 +437,13 @@ class Endpoint:
             return
         total = sum(len(v) for v in views)
         if sent < total:
-            rest = _sent_split(views, sent)
-            self.outq.extend(rest)
+            self.outq = _sent_split(views, sent)
             self.unsent += total - sent
             self._want_write()
 
     def _write_failed(self, exc: OSError):
         """A send failed: drop what is queued and close from the loop, not from inside the caller."""
-        self.outq = []
+        self.outq = ()
         self.unsent = 0
         if not self.closed:
             self.pause_reading()
@@ -468,7 +467,7 @@ class Endpoint:
                 return
             self.unsent -= sent
             rest = _sent_split(self.outq[:512], sent) + self.outq[512:]
-            self.outq = rest
+            self.outq = rest if rest else ()
             if rest and sent == 0:
                 return
         if not self.outq and not self.closed:
@@ -692,7 +691,7 @@ class Endpoint:
                 self.sock.close()
             except OSError:
                 pass
-        self.outq = []
+        self.outq = ()
         self.leftover = None
         peer = self.paused_peer
         if peer is not None:
@@ -780,7 +779,10 @@ class Endpoint:
         """Bytes the C relay could not send: to the unsent queue, before anything sent later."""
         if self.closed:
             return
-        self.outq.append(bytes(data))
+        if self.outq:
+            self.outq.append(bytes(data))
+        else:
+            self.outq = [bytes(data)]
         self.unsent += len(data)
         self._want_write()
 

@@ -104,7 +104,7 @@ class Pool:
         self.fitting: frozenset = frozenset()
         self.fitting_key = (-1, 0.0)        # (HostTable.version, valid until)
         self.stats = PoolStats()
-        self.clients: set = set()           # logged-in clients of this pool
+        self.clients: dict = {}             # logged-in clients of this pool (a dict: smaller than a set)
         self.resetting: set = set()         # servers running a reset or check query: idle in a moment
         self.min_size = min(min_size, size)
         self.reserve = reserve

@@ -243,7 +243,7 @@ class Worker:
         self.console_waits: dict[int, tuple] = {}   # console request id -> (callback, timer)
         self.stats_stamps = (self.loop.clock() - 1.0, self.loop.clock())   # (older, newer): STATS_PERIOD
         self.keys: dict[int, ClientConnection] = {}
-        self.clients: set[ClientConnection] = set()
+        self.clients: dict[ClientConnection, None] = {}   # (a dict: smaller per entry than a set)
         self._seq = 0
         self.listeners: list[Listener] = []
         self.accept_pause = AcceptPause(self)
@@ -277,7 +277,7 @@ class Worker:
         if over:
             self.refusing += 1
             self._log_refusal(limit)
-        self.clients.add(ClientConnection(self, sock, peer, over_limit=over, peer_cred=cred))
+        self.clients[ClientConnection(self, sock, peer, over_limit=over, peer_cred=cred)] = None
 
     def next_conn_id(self) -> int:
         """An id for a client or server connection, unique in the instance (SHOW CLIENTS, KILL_CLIENT):
@@ -298,7 +298,7 @@ class Worker:
 
     def client_closed(self, client):
         if client in self.clients:
-            self.clients.discard(client)
+            del self.clients[client]
             if client.over_limit:
                 self.refusing -= 1
         if self.draining and not self.clients:
