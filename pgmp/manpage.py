@@ -52,7 +52,12 @@ equal share (the remainder goes to the lowest worker slots), so N workers never 
 more server connections together than configured. With fewer connections than
 workers, some workers get none for that pool, and their clients of that pool get
 error 53300 at once (the message names the pool and says why). Give each pool at
-least as many connections as workers. The limits are those of one pgmp: with several
+least as many connections as workers. The kernel spreads new connections over the
+workers by a hash of their addresses, not evenly (16 pgbench clients on two workers came
+out 11 and 5, 10 and 6, 8 and 8 in three tries): a worker whose clients outnumber its
+share queues them, and hands its servers over at every transaction, while another
+worker's servers sit idle. Size a pool for its busiest worker, or run one worker per
+pool that must never queue. The limits are those of one pgmp: with several
 pgmp nodes behind a load balancer each node has its own, and
 .BR pgmp\-ha (7)
 shows how to size them so that all nodes together stay within PostgreSQL's
