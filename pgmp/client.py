@@ -265,38 +265,14 @@ class ClientConnection(Endpoint):
                         self._need_server(view, n)
                         return
                     self.pool.reuse_held(srv, False)
-                if not self.skip:
-                    # The common cases, without the generic relay: whole frames, one needing a look
-                    # (pooled: one simple Query, as a client that waited for a server sends it).
-                    sc = self.scanner
-                    if sc.scan(view, 0, n) == 1 and sc.consumed == n and not sc.error:
-                        kind, off, ln = sc.frame(0)
-                        link = self.link
-                        if not link.pooled:
-                            if kind != 88:
-                                link.client_frame(kind)
-                                srv = self.server
-                                srv.send(view[:n])
-                                if srv.unsent > srv.loop.max_unsent:
-                                    srv.hold_until_drained(self)
-                                return
-                        elif kind == 81 and off == 0 and ln == n:     # (CopyData is counted, not reported)
-                            r = link.client_frame(81, bytes(view[5:n]))     # as on_frame
-                            srv = self.server
-                            srv.send(view[:n] if r is None else r)
-                            if srv.unsent > srv.loop.max_unsent:
-                                srv.hold_until_drained(self)
-                            pl = link.pipeline
-                            if pl.expect and pl.expect[0][0] == 30:     # SYNTHETIC first
-                                self.send(pl.synthetic_ready())
-                            return
-                out: list = []
-                relay(self, view, n, out)
-                srv = self.server
-                if out and srv is not None:
-                    srv.send_views(out)
-                    if srv.congested:
-                        srv.hold_until_drained(self)
+                if self.skip or not self._one_frame(view, n):
+                    out: list = []
+                    relay(self, view, n, out)
+                    srv = self.server
+                    if out and srv is not None:
+                        srv.send_views(out)
+                        if srv.congested:
+                            srv.hold_until_drained(self)
                 pl = self.link.pipeline
                 if pl is not None and pl.expect and pl.expect[0][0] == 30:     # SYNTHETIC first
                     self.send(pl.synthetic_ready())
@@ -318,6 +294,32 @@ class ClientConnection(Endpoint):
                 self.pause_reading()
         except PgmpError as exc:
             self.fail(exc)
+
+    def _one_frame(self, view, n) -> bool:
+        """The common cases without the generic relay, True if taken: a read of whole frames of
+        which one needs a look (session mode), or of one simple Query alone (pooled mode: what a
+        client that waited for a server sends; CopyData is counted, not reported, so the Query
+        must be the whole read)."""
+        sc = self.scanner
+        if sc.scan(view, 0, n) != 1 or sc.consumed != n or sc.error:
+            return False
+        kind, off, ln = sc.frame(0)
+        link = self.link
+        if link.pooled:
+            if kind != 81 or off or ln != n:
+                return False
+            r = link.client_frame(81, bytes(view[5:n]))     # as on_frame
+            data = view[:n] if r is None else r
+        elif kind == 88:
+            return False
+        else:
+            link.client_frame(kind)
+            data = view[:n]
+        srv = self.server
+        srv.send(data)
+        if srv.congested:
+            srv.hold_until_drained(self)
+        return True
 
     def _need_server(self, view, n):
         if view[0] == 88 and n >= 5:                  # Terminate with no server: just leave
@@ -691,9 +693,9 @@ class ClientConnection(Endpoint):
         worker = self.worker
         link = self.link
         reported = login_parameters(params, link.settings)
-        # most clients see exactly the pool's values, or the same as many others: share one dict
+        # most clients see the same values as many others (often the pool's): one dict for all
         # until one changes (memory per idle client; see report)
-        self.reported = params if reported == params else SHARED_PARAMETERS.get(reported)
+        self.reported = SHARED_PARAMETERS.get(reported)
         self.user = sys.intern(self.user)        # logged in: one string per name, not per client
         self.database = sys.intern(self.database)
         self.key_pid, self.key_secret = worker.new_cancel_key(self, srv.backend_pid if srv is not None else 0)
@@ -839,7 +841,7 @@ class ClientConnection(Endpoint):
         reported = self.reported
         if reported.get(name) == value:
             return False
-        if type(reported) is SharedDict or (self.pool is not None and reported is self.pool.params):
+        if type(reported) is SharedDict:
             reported = self.reported = dict(reported)
         reported[name] = value
         return True

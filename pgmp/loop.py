@@ -393,8 +393,7 @@ class Endpoint:
     def _send_raw(self, data) -> None:
         """Send bytes as they are (TLS records once sealed): what the socket does not take now is queued."""
         if self.outq:
-            self.outq.append(bytes(data))
-            self.unsent += len(data)
+            self._enqueue(bytes(data))
             return
         try:
             sent = self.sock.send(data)
@@ -404,10 +403,16 @@ class Endpoint:
             self._write_failed(exc)
             return
         if sent < len(data):
-            rest = bytes(data[sent:])
-            self.outq = [rest]
-            self.unsent += len(rest)
+            self._enqueue(bytes(data[sent:]))
             self._want_write()
+
+    def _enqueue(self, data: bytes) -> None:
+        """Queue ``data`` after anything unsent (outq is () while nothing is)."""
+        if self.outq:
+            self.outq.append(data)
+        else:
+            self.outq = [data]
+        self.unsent += len(data)
 
     def send_views(self, views: list) -> None:
         """Send byte ranges (memoryviews into a buffer the caller will reuse) with one writev."""
@@ -421,8 +426,7 @@ class Endpoint:
             return
         if self.outq:
             for v in views:
-                self.outq.append(bytes(v))
-                self.unsent += len(v)
+                self._enqueue(bytes(v))
             return
         try:
             sent = self.sock.sendmsg(views)
@@ -616,11 +620,11 @@ class Endpoint:
     def _tls_decrypt(self, into: memoryview) -> tuple[int, str | None]:
         """Decrypt into ``into``: (bytes written, why the stream ended or None)."""
         tls = self.tls
-        obj, incoming = tls.obj, tls.incoming
+        obj = tls.obj
         got, size = 0, len(into)
         try:
             while got < size:                  # one record per read: fill the buffer for one on_data
-                if not incoming.pending and not obj.pending() and not incoming.eof:
+                if not tls.buffered() and not tls.incoming.eof:
                     break                      # nothing to decrypt: a read would only raise SSLWantReadError
                 m = obj.read(size - got, into[got:])
                 if not m:
@@ -779,11 +783,7 @@ class Endpoint:
         """Bytes the C relay could not send: to the unsent queue, before anything sent later."""
         if self.closed:
             return
-        if self.outq:
-            self.outq.append(bytes(data))
-        else:
-            self.outq = [bytes(data)]
-        self.unsent += len(data)
+        self._enqueue(bytes(data))
         self._want_write()
 
     def relay_counted(self, count: int, kind: int, sync: int) -> None:

@@ -204,9 +204,7 @@ class Pool:
             wait = self.worker.config.query_wait_timeout
             if wait > 0:
                 self.wait_timer = self.worker.loop.call_later(wait, self.wait_expired)
-        limit = self.limit
-        if limit <= 0 or not self.servers or len(self.servers) + self.resolving < limit:
-            self._grow()                    # (at the limit, with servers, there is nothing to open)
+        self._grow()
 
     def wait_expired(self) -> None:
         """query_wait_timeout: fail the queued clients that have waited that long, and time the next.
@@ -400,8 +398,8 @@ class Pool:
         return self.size + (self.reserve if self.use_reserve else 0)
 
     def _grow(self):
-        if self.paused:
-            return
+        if self.paused or (self.servers and len(self.servers) + self.resolving >= self.limit > 0):
+            return                          # at the limit, with servers: nothing to open (per queued request)
         # A server finishing its reset is free within a round trip; a new one costs a backend fork.
         need = len(self.waiting) + (1 if self.login_waiters else 0) - len(self.resetting)
         if need > len(self.opening) + self.resolving and self._login_retry_pending():

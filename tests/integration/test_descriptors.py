@@ -7,7 +7,6 @@ session opened before keeps working.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -48,9 +47,7 @@ def open_fds(pid: int) -> int:
 
 
 def worker_stats(proxy) -> dict:
-    r = cli("stats", "--json", "-c", proxy.config_path)
-    assert r.returncode == 0, r.stderr
-    (worker,) = json.loads(r.stdout)["workers"]
+    (worker,) = proxy.stats()["workers"]
     return worker
 
 

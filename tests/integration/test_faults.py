@@ -9,7 +9,6 @@ pool sizes across workers.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 import subprocess
@@ -131,7 +130,7 @@ def finish(proc: subprocess.Popen, timeout: float) -> str:
 
 def pool_totals(pgmp, proxy) -> dict:
     """Counters and gauges of the appdb pool summed over pgmp's workers (`pgmp stats --json`)."""
-    data = json.loads(pgmp.cli("stats", "--json", "-c", str(proxy.config_path), check=True).stdout)
+    data = proxy.stats()
     total: dict = {}
     for worker in data["workers"]:
         for pool in worker["pools"]:

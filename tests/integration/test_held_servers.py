@@ -10,7 +10,6 @@ the first tests run for it as well.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -52,9 +51,7 @@ def servers(proxy, db) -> list[dict]:
 
 def held_count(pgmp, proxy, db) -> int:
     """sv_held of ``pgmp stats --json``, over the workers."""
-    out = pgmp.cli("stats", "--json", "-c", proxy.config_path, check=True).stdout
-    data = json.loads(out)
-    return sum(p.get("sv_held", 0) for w in data["workers"] for p in w["pools"] if p["database"] == db.name)
+    return sum(p.get("sv_held", 0) for w in proxy.stats()["workers"] for p in w["pools"] if p["database"] == db.name)
 
 
 TLS = pytest.mark.parametrize("tls", [False, True], ids=["tcp", "client-tls"])

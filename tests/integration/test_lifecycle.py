@@ -10,7 +10,6 @@ restart a (private) PostgreSQL.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -114,8 +113,7 @@ def pid_of(conn: psycopg.Connection) -> int:
 
 def pool_stats(pgmp, proxy, db: LcDB) -> dict:
     """The module's pool in `pgmp stats --json` (one worker), {} while it does not exist."""
-    out = pgmp.cli("stats", "--json", "-c", str(proxy.config_path), check=True).stdout
-    for worker in json.loads(out)["workers"]:
+    for worker in proxy.stats()["workers"]:
         for pool in worker["pools"]:
             if pool["database"] == db.name and pool["user"] == db.user:
                 return pool

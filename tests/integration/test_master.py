@@ -45,9 +45,7 @@ def status(proxy, check: bool = True) -> dict:
 
 
 def stats(proxy) -> dict:
-    r = cli("stats", "--json", "-c", proxy.config_path)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+    return proxy.stats()
 
 
 def ready_workers(proxy, n: int, generation: int | None = None, timeout: float = 15.0) -> list[dict]:

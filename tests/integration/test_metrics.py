@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import json
 import os
 import signal
 import socket
@@ -100,9 +99,7 @@ def check_histogram(fams: dict, family: str, **labels) -> tuple[float, float]:
 
 
 def stats(proxy) -> dict:
-    r = cli("stats", "--json", "-c", proxy.config_path)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+    return proxy.stats()
 
 
 def connect(proxy, **kw) -> psycopg.Connection:

@@ -7,7 +7,6 @@ exactly the ones pgmp opened. Every wait has a deadline.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import struct
@@ -796,9 +795,7 @@ def test_query_wait_timeout_while_the_only_server_is_in_a_transaction(pgmp, pool
 
 def worker_pools(pgmp, proxy) -> list[dict]:
     """The pools of pgmp's one worker (``pgmp stats --json``)."""
-    r = pgmp.cli("stats", "--json", "-c", proxy.config_path)
-    assert r.returncode == 0, r.stderr
-    (worker,) = json.loads(r.stdout)["workers"]
+    (worker,) = proxy.stats()["workers"]
     return worker["pools"]
 
 

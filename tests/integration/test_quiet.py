@@ -8,7 +8,6 @@ idle. With PGMP_IMPL=python nothing is quiet and every test here must pass the s
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
 
@@ -33,8 +32,7 @@ def stats_row(proxy, db) -> dict:
 
 
 def quiet_reads(pgmp, proxy) -> int:
-    out = pgmp.cli("stats", "--json", "-c", proxy.config_path, check=True).stdout
-    return sum(w.get("relay_quiet_reads", 0) for w in json.loads(out)["workers"])
+    return sum(w.get("relay_quiet_reads", 0) for w in proxy.stats()["workers"])
 
 
 def quiet_client(pg, pgmp, pooldb, mode: str = "transaction", size: int = 1, **config):

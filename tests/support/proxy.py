@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import re
 import subprocess
@@ -204,6 +205,10 @@ class PgmpProcess:
         regex = re.compile(pattern)
         return wait_for(lambda: regex.search(self.log(), start), timeout=timeout,
                         message=lambda: f"no {pattern!r} in pgmp log:\n{self.log()[start:]}")
+
+    def stats(self) -> dict:
+        """``pgmp stats --json`` of this pgmp, parsed (the command must succeed)."""
+        return json.loads(pgmp_cli("stats", "--json", "-c", self.config_path, check=True).stdout)
 
     def poll(self) -> int | None:
         return self.process.poll()

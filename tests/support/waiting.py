@@ -81,13 +81,14 @@ def holds(check: Callable[[], object], seconds: float, interval: float = 0.1) ->
     window, not one waited for. The window is the point, so it has no early exit. ``check``
     asserts, or returns a value that must be true (None counts as passing: an asserting check)."""
     deadline = time.monotonic() + seconds
-    while True:
+
+    def sampled() -> bool:                     # wait_for's polling, until the window is over
         result = check()
         if result is not None and not result:
             raise AssertionError(f"no longer holds: {check!r} returned {result!r}")
-        if time.monotonic() >= deadline:
-            return
-        time.sleep(interval)
+        return time.monotonic() >= deadline
+    wait_for(sampled, timeout=seconds + 60, interval=interval,
+             message=f"{check!r} took over a minute to answer")
 
 
 def kill_trees(pids) -> list[int]:
