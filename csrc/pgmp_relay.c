@@ -29,7 +29,29 @@ typedef struct {
     uint32_t touched;        /* the poll round that last relayed from or to it */
     pgmp_binds *binds;       /* a pooled client's named statements on its server, or NULL */
     pgmp_quiet *quiet;       /* a client's quiet state (pgmp_relay_quiet), or NULL */
+    pgmp_queue *handoff;     /* a server that may be handed over to this queue's first client */
+    uint32_t handoff_epoch;  /* ... in this hand-off epoch */
+    uint32_t tag;            /* ... if that client's settings tag is this */
+    int32_t owed;            /* a client's requests outstanding, -1 unknown (pgmp_relay_owed) */
 } slot;
+
+/* One client waiting in a pool's queue (pgmp_queue_push). */
+struct qentry {
+    int32_t fd;              /* -1: left the queue (a hole until it reaches the head) */
+    int32_t ok;              /* C may hand it a server */
+    uint32_t tag;            /* its settings: a server of this tag only */
+    uint8_t *data;
+    uint32_t len;
+    int32_t count, kind;     /* its requests, as the pooled walk counted them */
+    const uint8_t *flags;
+    uint32_t max_len;
+};
+
+struct pgmp_queue {
+    struct qentry *ents;     /* a ring: ents[(head + i) % cap], i < n (holes included) */
+    size_t cap, head, n;
+    int live;                /* entries that are not holes */
+};
 
 struct pgmp_relay {
     slot *slots;
@@ -42,6 +64,8 @@ struct pgmp_relay {
     size_t tmp_cap;
     const struct epoll_event *batch;   /* the events of the poll being relayed, or NULL */
     int batch_n;
+    uint32_t handoff_epoch;  /* pgmp_relay_handoff_end_all */
+    uint64_t handoffs;       /* servers C handed over */
 };
 
 struct bind_entry {
@@ -201,6 +225,10 @@ static void clear_slot(slot *s)
     s->touched = 0;
     s->binds = NULL;
     s->quiet = NULL;
+    s->handoff = NULL;
+    s->handoff_epoch = 0;
+    s->tag = 0;
+    s->owed = -1;
 }
 
 pgmp_relay *pgmp_relay_new(void)
@@ -254,6 +282,10 @@ int pgmp_relay_arm(pgmp_relay *r, int fd, int peer, const uint8_t *flags, uint32
     if (grow(r, fd > peer ? fd : peer) != 0)
         return -1;
     s = &r->slots[fd];
+    if (s->peer != peer) {
+        s->handoff = NULL;   /* (Python disarms first; a new peer starts with nothing known) */
+        s->owed = -1;
+    }
     s->peer = peer;
     s->side = side;
     s->flags = flags;
@@ -364,6 +396,179 @@ int pgmp_relay_is_armed(pgmp_relay *r, int fd)
     slot *s = get_slot(r, fd);
 
     return s != NULL && s->peer >= 0;
+}
+
+void pgmp_relay_handoff(pgmp_relay *r, int fd, pgmp_queue *q, int owed, uint32_t tag)
+{
+    slot *s = get_slot(r, fd), *c;
+
+    if (s == NULL || s->peer < 0 || s->side != 1 || !s->pooled)
+        return;
+    c = get_slot(r, s->peer);
+    if (c == NULL || c->peer != fd || c->side != 0) {
+        s->handoff = NULL;
+        return;
+    }
+    c->owed = owed < 0 ? -1 : owed;
+    s->handoff = tag != 0 ? q : NULL;
+    s->tag = tag;
+    s->handoff_epoch = r->handoff_epoch;
+}
+
+void pgmp_relay_handoff_end_all(pgmp_relay *r)
+{
+    r->handoff_epoch++;
+}
+
+uint64_t pgmp_relay_handoffs(pgmp_relay *r)
+{
+    return r->handoffs;
+}
+
+pgmp_queue *pgmp_queue_new(void)
+{
+    return calloc(1, sizeof(pgmp_queue));
+}
+
+static struct qentry *qat(const pgmp_queue *q, size_t i)
+{
+    return &q->ents[(q->head + i) % q->cap];
+}
+
+/* Drop the holes at the head. */
+static void queue_trim(pgmp_queue *q)
+{
+    while (q->n > 0 && qat(q, 0)->fd < 0) {
+        q->head = (q->head + 1) % q->cap;
+        q->n--;
+    }
+    if (q->n == 0)
+        q->head = 0;
+}
+
+void pgmp_queue_clear(pgmp_queue *q)
+{
+    size_t i;
+
+    for (i = 0; i < q->n; i++) {
+        struct qentry *e = qat(q, i);
+        free(e->data);
+        e->data = NULL;
+        e->fd = -1;
+    }
+    q->n = q->head = 0;
+    q->live = 0;
+}
+
+void pgmp_queue_free(pgmp_queue *q)
+{
+    if (q != NULL) {
+        pgmp_queue_clear(q);
+        free(q->ents);
+        free(q);
+    }
+}
+
+int pgmp_queue_len(const pgmp_queue *q)
+{
+    return q->live;
+}
+
+static void walk(uint8_t *buf, size_t len, size_t cap, const uint8_t *flags, uint32_t max_len, int side,
+                 int pooled, const uint32_t *limits, const pgmp_binds *binds, uint8_t *tmp, int32_t *rec);
+
+int pgmp_queue_push(pgmp_queue *q, int fd, const uint8_t *data, size_t len, const uint8_t *flags,
+                    uint32_t max_len, uint32_t tag)
+{
+    struct qentry *e;
+    int32_t rec[PGMP_R_SIZE];
+
+    if (fd < 0)
+        return -1;
+    if (q->n == q->cap) {
+        size_t cap = q->cap ? q->cap * 2 : 64, i;
+        struct qentry *ents = malloc(cap * sizeof *ents);
+        if (ents == NULL)
+            return -1;
+        for (i = 0; i < q->n; i++)
+            ents[i] = *qat(q, i);
+        free(q->ents);
+        q->ents = ents;
+        q->cap = cap;
+        q->head = 0;
+    }
+    e = &q->ents[(q->head + q->n) % q->cap];
+    e->fd = fd;
+    e->ok = 0;
+    e->data = NULL;
+    e->len = 0;
+    e->count = 0;
+    e->kind = -1;
+    e->tag = tag;
+    e->flags = flags;
+    e->max_len = max_len > PGMP_LEN_MAX ? PGMP_LEN_MAX : max_len;
+    if (tag != 0 && data != NULL && len > 0 && len <= 0x7fffffff && flags != NULL && (e->data = malloc(len)) != NULL) {
+        memcpy(e->data, data, len);
+        e->len = (uint32_t)len;
+        walk(e->data, len, len, flags, e->max_len, 0, 1, NULL, NULL, NULL, rec);
+        if ((size_t)rec[PGMP_R_GOOD] == len && rec[PGMP_R_COUNT] > 0 && rec[PGMP_R_SYNC] == 0 &&
+            !(rec[PGMP_R_KIND] >= PGMP_KIND_BATCH && (rec[PGMP_R_KIND] & PGMP_BATCH_NAMED))) {
+            e->ok = 1;
+            e->count = rec[PGMP_R_COUNT];
+            e->kind = rec[PGMP_R_KIND];
+        } else {
+            free(e->data);
+            e->data = NULL;
+            e->len = 0;
+        }
+    }
+    q->n++;
+    q->live++;
+    return e->ok;
+}
+
+static struct qentry *queue_find(pgmp_queue *q, int fd)
+{
+    size_t i;
+
+    for (i = 0; i < q->n; i++) {
+        struct qentry *e = qat(q, i);
+        if (e->fd == fd)
+            return e;
+    }
+    return NULL;
+}
+
+static void queue_drop(pgmp_queue *q, struct qentry *e)
+{
+    free(e->data);
+    e->data = NULL;
+    e->fd = -1;
+    e->ok = 0;
+    q->live--;
+    queue_trim(q);
+}
+
+int pgmp_queue_remove(pgmp_queue *q, int fd)
+{
+    struct qentry *e = queue_find(q, fd);
+
+    if (e == NULL)
+        return 0;
+    queue_drop(q, e);
+    return 1;
+}
+
+void pgmp_queue_block(pgmp_queue *q, int fd)
+{
+    struct qentry *e = queue_find(q, fd);
+
+    if (e != NULL && e->ok) {
+        e->ok = 0;
+        free(e->data);
+        e->data = NULL;
+        e->len = 0;
+    }
 }
 
 static uint32_t be32(const uint8_t *p)
@@ -1054,6 +1259,69 @@ static int quiet_answers(pgmp_quiet *q, const int32_t *rec, slot *server, slot *
     return 1;
 }
 
+/* After a server read that ended its client's last transaction: hand the server over to the first
+ * client of its queue (see pgmp_relay.h), writing the second record after rec. Returns the
+ * number of records (1: no hand-off). */
+static int handoff(pgmp_relay *r, int fd, int32_t *rec)
+{
+    pgmp_queue *q = r->slots[fd].handoff;
+    struct qentry *e;
+    slot *s, *c, *old;
+    int32_t *rec2;
+    int cfd, oldfd, i, blocked;
+    size_t sent;
+
+    queue_trim(q);
+    if (q->n == 0)
+        return 1;
+    e = qat(q, 0);
+    if (!e->ok || e->tag != r->slots[fd].tag)
+        return 1;                /* the first waits for Python: no one is passed over */
+    cfd = e->fd;
+    if (r->batch != NULL)        /* an event of it in this batch (EOF, more bytes) is Python's first */
+        for (i = 0; i < r->batch_n; i++)
+            if (r->batch[i].data.fd == cfd)
+                return 1;
+    if (grow(r, cfd) != 0)
+        return 1;
+    s = &r->slots[fd];           /* (grow may have moved the slots) */
+    c = &r->slots[cfd];
+    oldfd = s->peer;
+    if (c->peer >= 0 || cfd == fd || cfd == oldfd)
+        return 1;
+    old = &r->slots[oldfd];
+    sent = send_all(fd, e->data, e->len);
+    blocked = old->blocked;
+    clear_slot(old);
+    old->blocked = blocked;
+    blocked = c->blocked;
+    clear_slot(c);
+    c->blocked = blocked;
+    c->peer = fd;
+    c->side = 0;
+    c->flags = e->flags;
+    c->max_len = e->max_len;
+    c->pooled = 1;
+    c->touched = r->round;
+    c->owed = e->count;
+    s->peer = cfd;
+    rec[PGMP_R_CODE] = PGMP_EV_HANDOFF;
+    rec2 = rec + PGMP_R_SIZE;
+    rec2[PGMP_R_FD] = cfd;
+    rec2[PGMP_R_EVENTS] = 0;
+    rec2[PGMP_R_CODE] = PGMP_EV_HANDED;
+    rec2[PGMP_R_N] = (int32_t)e->len;
+    rec2[PGMP_R_SENT] = (int32_t)sent;
+    rec2[PGMP_R_GOOD] = (int32_t)e->len;
+    rec2[PGMP_R_COUNT] = e->count;
+    rec2[PGMP_R_KIND] = e->kind;
+    rec2[PGMP_R_SYNC] = 0;
+    rec2[PGMP_R_PEER] = fd;
+    queue_drop(q, e);
+    r->handoffs++;
+    return 2;
+}
+
 /* allow 0: the event is Python's whatever it is (the batch's buffer is taken); an armed pair's
  * event that Python handles still counts as the pair's turn in this round, so that a later event
  * of the same pair is Python's too and Python sees the pair's events in the order they came. */
@@ -1133,6 +1401,14 @@ static int step(pgmp_relay *r, slot *s, int fd, uint32_t events, uint8_t *buf, s
     good = (size_t)rec[PGMP_R_GOOD];
     rec[PGMP_R_SENT] = (int32_t)(good ? send_all(s->peer, buf, good) : 0);
     rec[PGMP_R_CODE] = PGMP_EV_RELAYED;
+    if (s->pooled) {             /* the client's requests outstanding, as far as C knows them */
+        slot *c = s->side == 0 ? s : peer;
+        if (c->owed >= 0) {
+            c->owed += s->side == 0 ? rec[PGMP_R_COUNT] : -rec[PGMP_R_COUNT];
+            if (c->owed < 0)
+                c->owed = -1;
+        }
+    }
     q = s->side == 0 ? s->quiet : peer->quiet;
     if (q != NULL && q->on) {
         /* (N: after the rewrite of named Binds, if any; rx counts what was received) */
@@ -1146,6 +1422,10 @@ static int step(pgmp_relay *r, slot *s, int fd, uint32_t events, uint8_t *buf, s
             q->on = 0;
             rec[PGMP_R_CODE] = PGMP_EV_QUIET_END;
         }
+    } else if (s->side == 1 && s->handoff != NULL && s->handoff_epoch == r->handoff_epoch && q == NULL &&
+               peer->owed == 0 && rec[PGMP_R_COUNT] > 0 && rec[PGMP_R_KIND] == 'I' &&
+               good == (size_t)rec[PGMP_R_N] && rec[PGMP_R_SENT] == rec[PGMP_R_GOOD] && !s->blocked) {
+        return handoff(r, fd, rec);
     }
     return 1;
 }
@@ -1184,10 +1464,10 @@ int pgmp_relay_poll(pgmp_relay *r, int epfd, int timeout_ms, uint8_t *buf, size_
             int fd = evs[i].data.fd;
 
             /* once the buffer holds bytes Python has yet to see, Python reads the rest itself */
-            step(r, get_slot(r, fd), fd, evs[i].events, buf, cap, rec, !buf_taken);
+            int w = step(r, get_slot(r, fd), fd, evs[i].events, buf, cap, rec, !buf_taken);
             if (rec[PGMP_R_CODE] == PGMP_EV_QUIET)
                 continue;        /* kept in the pair's quiet state: no record */
-            k++;
+            k += w == 2 ? 2 : 1; /* a hand-off: the server's record and its new client's */
             if (!buf_taken && rec[PGMP_R_CODE] != PGMP_EV_PYTHON &&
                 (rec[PGMP_R_SENT] < rec[PGMP_R_GOOD] || rec[PGMP_R_GOOD] < rec[PGMP_R_N]))
                 buf_taken = 1;

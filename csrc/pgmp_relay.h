@@ -170,6 +170,58 @@ void pgmp_relay_quiet_end_all(pgmp_relay *r);
 /* Reads kept in quiet state so far (for pgmp stats). */
 uint64_t pgmp_relay_quiet_reads(pgmp_relay *r);
 
+/* The hand-off: transaction mode under contention, C links a server at its client's transaction
+ * end to the first client of its pool's queue and sends that client's request, as Python's
+ * Pool.release and _put_idle would, so that the pool's round trip needs no Python between the
+ * answer and the next request. Python keeps deciding: it mirrors its Pool.waiting into the
+ * pool's pgmp_queue (every client in order, so that C never passes over one), tells C which
+ * servers may be handed over (pgmp_relay_handoff: the pool's conditions for reusing them as they
+ * are, the client's and the server's settings the pool's common ones) and how many requests each
+ * armed client has outstanding (pgmp_relay_owed), and takes in the two records of each hand-off
+ * (pgmp.crelay, Server.handed_off).
+ *
+ * C hands a server over at a read of it that it relayed whole, all sent, through a
+ * ReadyForQuery 'I' that answers its client's last outstanding request, when the server may be
+ * handed over in the current hand-off epoch, the queue's first client has a request C may pass
+ * (pgmp_queue_push returned 1), the server's settings tag and no event of its in the poll's
+ * batch, and no quiet state is
+ * involved. Then: the request goes to the server (what the socket does not take is Python's to
+ * queue), the old client is disarmed, the new one armed with the server, and two records are
+ * written: the server's, code PGMP_EV_HANDOFF (as RELAYED; PEER the old client), then the new
+ * client's, code PGMP_EV_HANDED: FD the client, N its request's bytes, SENT how many went out,
+ * COUNT/KIND its requests as a client record's, PEER the server. */
+enum { PGMP_EV_HANDOFF = 4, PGMP_EV_HANDED = 5 };
+
+typedef struct pgmp_queue pgmp_queue;
+
+pgmp_queue *pgmp_queue_new(void);
+void pgmp_queue_free(pgmp_queue *q);
+/* fd joins the end of the queue. data[0:len] (copied; NULL: none) is the request it waits with,
+ * flags and max_len its scanner's (the table must outlive the queue entry and any arming C makes
+ * of it), tag its settings' (C hands it only a server of the same tag; 0: none):
+ * 1 if C may hand it a server (whole requests the pooled walk passes, of one kind, a tag);
+ * 0 if only Python may (it keeps its place: C hands no server over while it is first);
+ * -1 out of memory (then it is not in the queue). */
+int pgmp_queue_push(pgmp_queue *q, int fd, const uint8_t *data, size_t len, const uint8_t *flags,
+                    uint32_t max_len, uint32_t tag);
+/* fd leaves the queue: 1 if it was in it, 0 if not (C handed it a server in this poll: the records
+ * are still to come). */
+int pgmp_queue_remove(pgmp_queue *q, int fd);
+/* fd keeps its place, but only Python may hand it a server now (what it waits with changed). */
+void pgmp_queue_block(pgmp_queue *q, int fd);
+void pgmp_queue_clear(pgmp_queue *q);
+/* Clients in the queue (for tests and stats). */
+int pgmp_queue_len(const pgmp_queue *q);
+/* The armed pooled server fd, whose settings have tag ``tag``, may be handed over to q's first
+ * client if that one's tag is the same (q NULL: to none) until the next
+ * pgmp_relay_handoff_end_all; disarming ends it too. Its client (armed with it) has ``owed``
+ * requests outstanding (Link.outstanding): C adds the requests it relays and takes off the
+ * ReadyForQuery frames; arming anew forgets it (unknown: no hand-off). */
+void pgmp_relay_handoff(pgmp_relay *r, int fd, pgmp_queue *q, int owed, uint32_t tag);
+void pgmp_relay_handoff_end_all(pgmp_relay *r);
+/* Hand-offs C made so far (for pgmp stats). */
+uint64_t pgmp_relay_handoffs(pgmp_relay *r);
+
 /*
  * One epoll_wait on epfd (timeout in ms), then for each event on an armed socket whose peer is
  * not blocked: recv into buf[0:cap - PGMP_REWRITE_ROOM], walk the frames (rewriting the Binds
@@ -181,13 +233,15 @@ uint64_t pgmp_relay_quiet_reads(pgmp_relay *r);
  * first one's record before the pair's state moves on.
  * Reads kept in quiet state write no record; when a poll's events were all such reads, it waits
  * again, until the timeout (the first wait's) runs out.
- * Returns the number of records written to recs (max_events at most), or -errno.
+ * A hand-off writes two records for its event: recs must have room for 2 * max_events.
+ * Returns the number of records written to recs, or -errno.
  */
 int pgmp_relay_poll(pgmp_relay *r, int epfd, int timeout_ms, uint8_t *buf, size_t cap,
                     int32_t *recs, int max_events);
 
-/* The same relay step for one socket, without epoll: fills one record (for tests and for
- * Python's own use); returns 1, or 0 when fd is not armed or its peer is blocked. */
+/* The same relay step for one socket, without epoll: fills one record, or two at a hand-off (rec
+ * must have room for two; for tests); returns the number of records, or 0 when fd is not armed
+ * or its peer is blocked. */
 int pgmp_relay_step(pgmp_relay *r, int fd, uint32_t events, uint8_t *buf, size_t cap, int32_t *rec);
 
 /* The frame walk alone over buf[0:len] (no IO), as the relay does it: fills rec's GOOD, COUNT,

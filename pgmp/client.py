@@ -148,8 +148,14 @@ class ClientConnection(Endpoint):
                     self.relay_arm(srv, self.scanner, srv.scanner, 0, True, None, srv.c_limits())
                     if srv.held and self.relay_peer is srv:
                         self.loop.crelay.hold(srv.fd, True)
-                if self.relay_peer is srv and (self.binds is not None or link.pipeline.bound):
-                    self.relay_binds(armed)
+                if self.relay_peer is srv:
+                    if self.binds is not None or link.pipeline.bound:
+                        self.relay_binds(armed)
+                    waiting = self.pool.waiting
+                    if waiting.c is not None:
+                        # the hand-off (Server.handed_off): allowed or not, as things are now
+                        tag = self.pool.may_hand_off(srv, self) if waiting else 0
+                        self.loop.crelay.handoff(srv.fd, waiting.c if tag else None, link.outstanding, tag)
             else:
                 self.relay_arm(srv, self.scanner, srv.scanner, 0)
         elif self.relay_peer is not None:
@@ -287,6 +293,7 @@ class ClientConnection(Endpoint):
             elif st is ClientState.WAITING:         # queued for a server (_need_server): keep it for then
                 lo = self.leftover
                 self.leftover = lo = lo + view[:n] if lo else bytes(view[:n])
+                self.pool.waiting.block(self)       # (not what the C relay would send any more)
                 if len(lo) >= self.loop.max_unsent:
                     self.pause_reading()
             else:                                   # AUTH_LOOKUP / LOGIN_WAIT: keep it for later
@@ -817,6 +824,49 @@ class ClientConnection(Endpoint):
             # arm the pair now: the pool may link it while applying a C record of the server's
             # (its last client's answer), after which the loop does not look at the pair again
             self.relay_check()
+
+    def handed(self, srv, sent: int, count: int, kind: int):
+        """The C relay handed ``srv`` to this queued client and sent ``sent`` bytes of the request it
+        waited with, ``count`` requests of ``kind`` (Server.handed_off; the pool's settings are the
+        server's): as attach and the relay of those requests."""
+        if self.timer:
+            self.timer.cancel()
+            self.timer = None
+        data = self.leftover
+        self.leftover = None
+        self.need = 0
+        self.server = srv
+        self.set_state(ClientState.ACTIVE)
+        link = self.link
+        if link.attach(srv.session) is not None:        # (the pool's settings: cannot happen)
+            self.loop.crelay.disarm(self.fd)
+            self.loop.crelay.disarm(srv.fd)
+            self.server = None
+            link.detach()
+            srv.client = None
+            srv.close("handed to a client whose settings it does not have")
+            self.fail(PgmpError(errors.INTERNAL_ERROR, "internal error in pgmp: server handed over unprepared"))
+            return
+        self.relay_peer = srv
+        srv.relay_peer = self
+        link.queries_relayed(count, kind)
+        if sent < len(data):
+            srv.queue(memoryview(data)[sent:])
+            if srv.congested:
+                srv.hold_until_drained(self)
+        if self.binds is not None or link.pipeline.bound:
+            self.relay_binds(True)
+        if not self.reading and srv.paused_peer is not self:
+            self.resume_reading()
+
+    def handoff_lost(self):
+        """The C relay sent this queued client's request to a server whose Python state changed in
+        the same batch (it closed, or its client did): what became of it is unknown."""
+        if self.closed:
+            return
+        self.pool.waiting.handed(self)
+        self.fail(PgmpError(errors.CONNECTION_FAILURE, "server connection lost",
+                            detail="the server given to this session closed as its request reached it"))
 
     def _settings_applied(self, srv, error):
         self.settings_pending = False

@@ -92,7 +92,7 @@ class CRelay:
         self._r = ffi.gc(r, lib.pgmp_relay_free)
         self._buf = ffi.from_buffer(scratch)       # the loop's relay buffer, never resized
         self._size = size
-        self._recs = ffi.new("int32_t[]", MAX_EVENTS * REC)
+        self._recs = ffi.new("int32_t[]", 2 * MAX_EVENTS * REC)     # (a hand-off writes two records)
         self._unpack = ffi.unpack
         self._poll = lib.pgmp_relay_poll
         self._arm = lib.pgmp_relay_arm
@@ -150,9 +150,61 @@ class CRelay:
     def epoch(self) -> int:
         return self._lib.pgmp_relay_epoch(self._r)
 
+    def handoff(self, fd: int, queue: "CQueue | None", owed: int, tag: int = 0) -> None:
+        """The armed pooled server ``fd``, whose settings have ``tag``, may be handed over to
+        ``queue``'s first client at its client's transaction end, if that one's tag is the same
+        (None or tag 0: to none), until handoff_end_all; its client has ``owed`` requests
+        outstanding (Link.outstanding)."""
+        self._lib.pgmp_relay_handoff(self._r, fd, queue.c if queue is not None else self._ffi.NULL, owed, tag)
+
+    def handoff_end_all(self) -> None:
+        """A new hand-off epoch: no server is handed over by C until Python allows it again."""
+        self._lib.pgmp_relay_handoff_end_all(self._r)
+
+    def handoffs(self) -> int:
+        """Servers C handed over, since the worker started."""
+        return self._lib.pgmp_relay_handoffs(self._r)
+
     def retire(self) -> None:
         """A statement name left the worker's cache: every binds table made before is stale."""
         self._lib.pgmp_relay_retire(self._r)
+
+
+class CQueue:
+    """A pool's queue of waiting clients in C memory (pgmp_queue), kept in step with Pool.waiting
+    (pgmp.pool.WaitQueue): with each client the request it waits with, when C may send it to the
+    server it hands over (Server.handed_off)."""
+    __slots__ = ("c", "_lib", "_ffi")
+
+    def __init__(self):
+        from pgmp._scan import ffi, lib
+        q = lib.pgmp_queue_new()
+        if q == ffi.NULL:
+            raise MemoryError("pgmp_queue_new")
+        self.c = ffi.gc(q, lib.pgmp_queue_free)
+        self._lib, self._ffi = lib, ffi
+
+    def push(self, fd: int, data, sc, tag: int = 0) -> int:
+        """``fd`` joins the end: 1 if C may hand it a server of settings ``tag`` with ``data`` (its
+        request, scanned with scanner ``sc``'s flags), 0 if only Python may, -1 out of memory (not
+        queued in C)."""
+        if data is None or not tag:
+            return self._lib.pgmp_queue_push(self.c, fd, self._ffi.NULL, 0, self._ffi.NULL, 0, 0)
+        return self._lib.pgmp_queue_push(self.c, fd, data, len(data), sc._flags, sc._max, tag)
+
+    def remove(self, fd: int) -> bool:
+        """``fd`` leaves the queue; False if it was not in it (C handed it a server in this batch)."""
+        return self._lib.pgmp_queue_remove(self.c, fd) == 1
+
+    def block(self, fd: int) -> None:
+        """Only Python may hand ``fd`` a server now (what it waits with changed)."""
+        self._lib.pgmp_queue_block(self.c, fd)
+
+    def clear(self) -> None:
+        self._lib.pgmp_queue_clear(self.c)
+
+    def __len__(self) -> int:
+        return self._lib.pgmp_queue_len(self.c)
 
 
 class Quiet:

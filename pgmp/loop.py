@@ -33,6 +33,8 @@ EVENT_READ = select.EPOLLIN
 EVENT_WRITE = select.EPOLLOUT
 _EVENT_FAIL = select.EPOLLERR | select.EPOLLHUP
 _QUIET_END = 2       # a record's code (PGMP_EV_QUIET_END): the read ended its pair's quiet state
+_HANDOFF = 4         # PGMP_EV_HANDOFF: C handed the server over; the next record (PGMP_EV_HANDED) is
+_HANDED = 5          # its new client's
 _BLOCKED = (BlockingIOError, InterruptedError)
 
 
@@ -89,6 +91,9 @@ class Loop:
         # and not with PGMP_RELAY_QUIET=0.
         self.quiet: dict[int, "Endpoint"] = {}
         self.quiet_free: list = []            # crelay.Quiet states no pair uses
+        # servers the C relay handed over in the batch being applied, until their records are
+        # (Server.handed_off): their Python state still shows the old client
+        self.handing: set = set()
         self.quiet_ok = (self.crelay is not None and self.clock is time.monotonic
                          and os.environ.get("PGMP_RELAY_QUIET", "1") != "0")
 
@@ -107,6 +112,13 @@ class Loop:
             for client in list(dict.fromkeys(self.quiet.values())):
                 client.quiet_end()
             self.crelay.quiet_end_all()
+
+    def handoff_end_all(self) -> None:
+        """No server is handed over by the C relay (Server.handed_off) until Python allows it again
+        (Pool.may_hand_off, asked at the pair's next Python event): what the permissions rest on
+        changed."""
+        if self.crelay is not None:
+            self.crelay.handoff_end_all()
 
     # -- timers --------------------------------------------------------------
     def call_later(self, delay: float, fn, *args) -> Timer:
@@ -192,11 +204,20 @@ class Loop:
         """One batch through the C relay: apply what it relayed, handle the rest as run_once does."""
         recs = self.crelay.poll(self.poller.fileno(), timeout)
         endpoints = self.endpoints
+        if _HANDOFF in recs[2::10]:
+            self.handing = {recs[i] for i in range(0, len(recs), 10) if recs[i + 2] == _HANDOFF}
+        elif self.handing:
+            self.handing = set()
         for i in range(0, len(recs), 10):
             ep = endpoints.get(recs[i])
             try:
                 code = recs[i + 2]
                 if code:
+                    if code >= _HANDOFF:
+                        if code == _HANDOFF:
+                            self.handing.discard(recs[i])
+                            self._handed_off(ep, recs, i)
+                        continue                    # (_HANDED: taken in with the record before it)
                     if code == _QUIET_END:          # the pair's quiet state first, then the record
                         client = self.quiet.get(recs[i])
                         if client is not None:
@@ -221,6 +242,18 @@ class Loop:
                     ep.relay_check()
             except Exception as exc:        # one connection's bug must not stop the worker
                 _internal_error(ep, exc)
+
+    def _handed_off(self, ep, recs: list, i: int) -> None:
+        """A hand-off's two records (crelay: the server's at ``i``, its new client's after it)."""
+        if ep is None:                      # the server is gone: the new client's request with it
+            client_fd = recs[i + 10]
+            self.crelay.disarm(client_fd)
+            client = self.endpoints.get(client_fd)
+            if client is not None:
+                client.handoff_lost()
+            return
+        ep.handed_off(recs[i + 3], recs[i + 6], recs[i + 7], recs[i + 9],
+                      recs[i + 10], recs[i + 13], recs[i + 14], recs[i + 16], recs[i + 17])
 
     def _relay_lost(self, fd: int, peer_fd: int):
         """C relayed bytes of ``fd`` to ``peer_fd`` after Python had changed the pair (an earlier

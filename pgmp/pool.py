@@ -16,6 +16,7 @@ host fits, clients wait (query_wait_timeout) rather than fail.
 """
 import collections
 import logging
+import os
 
 from pgmp import errors
 from pgmp.errors import PgmpError
@@ -37,6 +38,9 @@ WAIT = "wait"               # open_server: the host's address is being looked up
 BANNED, NEXT_ADDRESS = "banned", "next address"     # what a failed connect did to its host
 
 log = logging.getLogger("pgmp")
+# the C relay's hand-off of servers to queued clients (Server.handed_off); PGMP_RELAY_HANDOFF=0: Python's
+HANDOFF = os.environ.get("PGMP_RELAY_HANDOFF", "1") != "0"
+HANDOFF_TAGS = 64
 
 
 def note_pause(holder, action: str, database: str | None) -> None:
@@ -63,13 +67,73 @@ def worker_share(total: int, workers: int, slot: int) -> int:
     return base + (1 if slot < extra else 0)
 
 
+class WaitQueue(collections.deque):
+    """Pool.waiting: the clients queued for a server, first come first served. In transaction
+    mode with the C relay, kept in step with a queue in C (crelay.CQueue, ``c``), every client in
+    its place, so that C may hand a server over at a transaction's end to the first of them
+    (Server.handed_off) and never passes over one that only Python may serve. A client C handed
+    a server in the batch being applied is no longer in C's queue: popleft passes over it (its
+    records, still to come, take it out of this one)."""
+    __slots__ = ("c",)
+
+    def __init__(self, c=None):
+        super().__init__()
+        self.c = c
+
+    def append(self, client, data=None, tag: int = 0) -> None:
+        """``client`` joins the end; ``data``: the request it waits with, which C may send to a
+        server of settings ``tag`` (Pool.settings_tag)."""
+        super().append(client)
+        c = self.c
+        if c is not None:
+            c.push(client.fd, data, client.scanner, tag)
+
+    def popleft(self):
+        c = self.c
+        if c is None:
+            return super().popleft()
+        for client in self:
+            if c.remove(client.fd):
+                break
+        else:
+            raise IndexError("every queued client has a server from the C relay already")
+        if self[0] is client:
+            super().popleft()
+        else:
+            super().remove(client)
+        return client
+
+    def remove(self, client) -> None:
+        super().remove(client)
+        if self.c is not None:
+            self.c.remove(client.fd)
+
+    def clear(self) -> None:
+        super().clear()
+        if self.c is not None:
+            self.c.clear()
+
+    def block(self, client) -> None:
+        """What ``client`` waits with changed: only Python may hand it a server now."""
+        if self.c is not None:
+            self.c.block(client.fd)
+
+    def handed(self, client) -> bool:
+        """C handed ``client`` a server: out of this queue too (False if it was not in it)."""
+        try:
+            super().remove(client)
+        except ValueError:
+            return False
+        return True
+
+
 class Pool:
     __slots__ = ("worker", "db", "client_user", "name", "dbname", "server_user", "size", "mode",
                  "idle", "servers", "opening", "waiting", "login_waiters", "params",
                  "password", "scram_keys", "secret", "last_error", "stats", "clients", "resetting",
                  "min_size", "reserve", "use_reserve", "paused", "reconnect_before", "login_failed_at",
                  "stats_older", "stats_newer", "resolving", "turn", "no_host", "fitting", "fitting_key", "held",
-                 "wait_timer")
+                 "wait_timer", "handoff_tags")
 
     # StartupMessage parameters of this pool's server connections beyond user and database
     startup_options: dict[str, str] = {}
@@ -89,7 +153,14 @@ class Pool:
         self.held: dict = {}
         self.servers: set = set()
         self.opening: set = set()           # servers connecting or logging in (connect_query included)
-        self.waiting: collections.deque = collections.deque()
+        crelay = worker.loop.crelay if mode == "transaction" and HANDOFF else None
+        if crelay is not None:
+            from pgmp.crelay import CQueue
+            self.waiting = WaitQueue(CQueue())
+        else:
+            self.waiting = WaitQueue()
+        # the login settings of clients the C relay may hand a server: id -> (the dict, its tag)
+        self.handoff_tags: dict = {}
         self.wait_timer = None              # query_wait_timeout of the longest-waiting client (wait_expired)
         self.login_waiters: list = []
         self.params: dict[str, str] | None = None
@@ -199,12 +270,70 @@ class Pool:
                 self._link(srv, client)
                 return
         self.worker.loop.quiet_end_all()      # a quiet pair's server must come back at its boundary
-        self.waiting.append(client)
+        if self.waiting.c is None:
+            self.waiting.append(client)
+        else:
+            self.waiting.append(client, *self._handoff_request(client))
         if self.wait_timer is None and client.state is ClientState.WAITING:
             wait = self.worker.config.query_wait_timeout
             if wait > 0:
                 self.wait_timer = self.worker.loop.call_later(wait, self.wait_expired)
         self._grow()
+
+    # -- the C relay's hand-off ----------------------------------------------------
+    def _handoff_request(self, client) -> tuple:
+        """The request queued ``client`` waits with and its settings' tag, if the C relay may send
+        it to a server it hands over (crelay.CQueue); (None, 0) if only Python may hand it one."""
+        if client.state is not ClientState.WAITING or client.tls is not None or client.skip \
+                or client.settings_pending or client.terminating or not client.link.c_relay_ok():
+            return None, 0
+        tag = self.settings_tag(client.link)
+        return (client.leftover, tag) if tag else (None, 0)
+
+    def settings_tag(self, link) -> int:
+        """A number for ``link``'s settings if they are its login settings, unchanged (clients that
+        log in with the same ones share one dict that never changes: Link.logged_in), so that
+        the C relay hands a client only a server that has its settings; 0 otherwise. At most
+        HANDOFF_TAGS per pool (one per application_name, say)."""
+        settings = link.settings
+        if settings is not link.startup:
+            return 0
+        known = self.handoff_tags.get(id(settings))
+        if known is not None:
+            return known[1]                 # (the dict is kept here: its id is not reused)
+        if len(self.handoff_tags) >= HANDOFF_TAGS:
+            return 0
+        tag = len(self.handoff_tags) + 1
+        self.handoff_tags[id(settings)] = (settings, tag)
+        return tag
+
+    def may_hand_off(self, srv, client) -> int:
+        """Whether the C relay may hand ``srv`` over at ``client``'s transaction end to the first
+        client of the queue: the tag of the settings ``srv`` has (a client's of the same tag
+        needs nothing brought over, Server.handed_off), or 0 if not. As release() and
+        _put_idle() would reuse it: no reset, check or close due. Asked again at every Python
+        event of the pair while clients wait; anything else that would change the answer (a
+        pause, a reconnect, a host change, a cancel, a reload, time) ends every such permission
+        (Loop.handoff_end_all), and the janitor does once a second."""
+        worker = self.worker
+        cfg = worker.config
+        link = client.link
+        # (SETs of the open transaction, which its COMMIT, relayed by C, would leave on the server)
+        if (self.paused or link.pinned or link.statement_mode or link.overlay or link.savepoint
+                or link.open_effects or link.open_failed or srv.cancel_pending or srv.release_reset
+                or srv.tls is not None or client.tls is not None or srv.created < self.reconnect_before
+                or worker.server_expired(srv) or srv.session.read_only_seen
+                or (cfg.server_reset_query and cfg.server_reset_query_always)
+                or srv.session.applied != link.settings or self.unfit(srv)):
+            return 0
+        return self.settings_tag(link)
+
+    def handed(self, srv, client, sent: int, count: int, kind: int) -> None:
+        """The C relay handed ``srv`` to ``client``, the first of the queue, and sent ``sent``
+        bytes of its request (``count`` requests of ``kind``): as _link."""
+        self.waiting.handed(client)
+        self._assign(srv, client)
+        client.handed(srv, sent, count, kind)
 
     def wait_expired(self) -> None:
         """query_wait_timeout: fail the queued clients that have waited that long, and time the next.
@@ -380,6 +509,10 @@ class Pool:
             pass
 
     def _link(self, srv, client):
+        self._assign(srv, client)
+        client.attach(srv)
+
+    def _assign(self, srv, client):
         srv.state = ServerState.ACTIVE
         srv.client = client
         srv.last_used = now = self.worker.loop.clock()
@@ -390,7 +523,6 @@ class Pool:
             self.stats.wait_count += 1
             observe(self.stats.wait_hist, us)
             client.wait_started = 0.0
-        client.attach(srv)
 
     # -- servers -----------------------------------------------------------------
     @property
@@ -492,6 +624,7 @@ class Pool:
     def hosts_changed(self) -> None:
         """What is known of the hosts changed: close idle servers of hosts that no longer fit, and
         open servers for the clients that waited for a host."""
+        self.worker.loop.handoff_end_all()
         for srv in list(self.idle):
             why = self.unfit(srv)
             if why:
@@ -577,7 +710,10 @@ class Pool:
             srv.close("pgmp reconnect")
             return
         while self.waiting and not self.paused:
-            client = self.waiting.popleft()
+            try:
+                client = self.waiting.popleft()
+            except IndexError:              # the rest got servers from the C relay in this batch
+                break
             if not client.closed:
                 self._link(srv, client)
                 return
@@ -714,6 +850,7 @@ class Pool:
     def pause(self) -> int:
         """Hand out no more servers; returns how many are still in use."""
         self.paused = True
+        self.worker.loop.handoff_end_all()
         self.release_held()
         return sum(1 for s in self.servers if s.state is ServerState.ACTIVE)
 
@@ -729,6 +866,7 @@ class Pool:
     def reconnect(self) -> None:
         """Close every server as soon as it is not in use (after a failover, for example)."""
         self.reconnect_before = self.worker.loop.clock() + 1e-6
+        self.worker.loop.handoff_end_all()
         self.release_held()
         for srv in list(self.idle):
             self.idle.remove(srv)

@@ -356,6 +356,7 @@ class Worker:
     def _janitor(self):
         """Once a second: pool maintenance, client timeouts, the freeing of servers other pools wait for."""
         now = self.loop.clock()
+        self.loop.handoff_end_all()         # (server_lifetime and the like: asked again within a second)
         for pool in list(self.pools.values()):
             pool.janitor(now)
         if now - self.stats_stamps[1] >= STATS_PERIOD:
@@ -599,7 +600,9 @@ class Worker:
         """
         client = self.keys.get((pid, secret))
         srv = client.server if client is not None else None
-        if srv is None or not srv.backend_pid or srv.held:      # (held: the client is between transactions)
+        # (held: the client is between transactions; handing: the C relay handed its server over in
+        # the batch being applied, after its last answer: another client's request runs there now)
+        if srv is None or not srv.backend_pid or srv.held or srv.fd in self.loop.handing:
             if client is None and not forwarded and self.master is not None:
                 self.master.post("cancel", pid=pid, secret=secret)
             elif client is None:
@@ -629,6 +632,7 @@ class Worker:
                 on_done()
             return
         srv.cancel_pending += 1
+        self.loop.handoff_end_all()         # not handed over until the cancel is done (Pool.release)
 
         def done(srv=srv):
             srv.cancel_pending -= 1
@@ -753,6 +757,7 @@ class Worker:
         self.hba = rules
         self.client_tls, self.server_tls = client_tls, server_tls
         self.loop.max_unsent = new.max_unsent
+        self.loop.handoff_end_all()
         for pool in self.pools.values():
             pool.wait_reconfigured()
         self.resolver.configure(new.dns_max_ttl, new.dns_nxdomain_ttl)
@@ -779,6 +784,7 @@ class Worker:
             "hosts": self._host_rows(), "dns": self.resolver.rows(),
             # reads the C relay carried with no record for Python (quiet pairs, pgmp.crelay.Quiet)
             "relay_quiet_reads": self.loop.crelay.quiet_reads() if self.loop.crelay is not None else 0,
+            "relay_handoffs": self.loop.crelay.handoffs() if self.loop.crelay is not None else 0,
         }
         if detail == "sockets":
             data.update(console.worker_rows(self))
