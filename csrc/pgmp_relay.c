@@ -539,6 +539,19 @@ static struct qentry *queue_find(pgmp_queue *q, int fd)
     return NULL;
 }
 
+/* Close up the holes (clients that left from the middle), in order. */
+static void queue_compact(pgmp_queue *q)
+{
+    size_t i, k = 0;
+
+    for (i = 0; i < q->n; i++) {
+        struct qentry *e = qat(q, i);
+        if (e->fd >= 0)
+            *qat(q, k++) = *e;       /* (k <= i: nothing live is overwritten) */
+    }
+    q->n = k;
+}
+
 static void queue_drop(pgmp_queue *q, struct qentry *e)
 {
     free(e->data);
@@ -547,6 +560,8 @@ static void queue_drop(pgmp_queue *q, struct qentry *e)
     e->ok = 0;
     q->live--;
     queue_trim(q);
+    if (q->n > 2 * (size_t)q->live + 32)
+        queue_compact(q);
 }
 
 int pgmp_queue_remove(pgmp_queue *q, int fd)

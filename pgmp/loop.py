@@ -91,9 +91,11 @@ class Loop:
         # and not with PGMP_RELAY_QUIET=0.
         self.quiet: dict[int, "Endpoint"] = {}
         self.quiet_free: list = []            # crelay.Quiet states no pair uses
-        # servers the C relay handed over in the batch being applied, until their records are
-        # (Server.handed_off): their Python state still shows the old client
-        self.handing: set = set()
+        # the C relay's hand-offs in the batch being applied (Server.handed_off), until their records
+        # are: server fd -> (the server, its old client, its new client) as the batch began (an
+        # fd may be another endpoint's by the time the record is applied), and new client -> server
+        self.handing: dict = {}
+        self.handed_clients: dict = {}
         self.quiet_ok = (self.crelay is not None and self.clock is time.monotonic
                          and os.environ.get("PGMP_RELAY_QUIET", "1") != "0")
 
@@ -205,9 +207,9 @@ class Loop:
         recs = self.crelay.poll(self.poller.fileno(), timeout)
         endpoints = self.endpoints
         if _HANDOFF in recs[2::10]:
-            self.handing = {recs[i] for i in range(0, len(recs), 10) if recs[i + 2] == _HANDOFF}
+            self._handoffs_of(recs)
         elif self.handing:
-            self.handing = set()
+            self.handing, self.handed_clients = {}, {}
         for i in range(0, len(recs), 10):
             ep = endpoints.get(recs[i])
             try:
@@ -215,8 +217,7 @@ class Loop:
                 if code:
                     if code >= _HANDOFF:
                         if code == _HANDOFF:
-                            self.handing.discard(recs[i])
-                            self._handed_off(ep, recs, i)
+                            self._handed_off(self.handing.pop(recs[i]), recs, i)
                         continue                    # (_HANDED: taken in with the record before it)
                     if code == _QUIET_END:          # the pair's quiet state first, then the record
                         client = self.quiet.get(recs[i])
@@ -243,17 +244,37 @@ class Loop:
             except Exception as exc:        # one connection's bug must not stop the worker
                 _internal_error(ep, exc)
 
-    def _handed_off(self, ep, recs: list, i: int) -> None:
-        """A hand-off's two records (crelay: the server's at ``i``, its new client's after it)."""
-        if ep is None:                      # the server is gone: the new client's request with it
-            client_fd = recs[i + 10]
-            self.crelay.disarm(client_fd)
-            client = self.endpoints.get(client_fd)
-            if client is not None:
-                client.handoff_lost()
-            return
-        ep.handed_off(recs[i + 3], recs[i + 6], recs[i + 7], recs[i + 9],
-                      recs[i + 10], recs[i + 13], recs[i + 14], recs[i + 16], recs[i + 17])
+    def _handoffs_of(self, recs: list) -> None:
+        """The endpoints of the batch's hand-offs, as it began (see handing)."""
+        get = self.endpoints.get
+        handing, handed = {}, {}
+        for i in range(0, len(recs), 10):
+            if recs[i + 2] == _HANDOFF:
+                srv, new = get(recs[i]), get(recs[i + 10])
+                handing[recs[i]] = (srv, get(recs[i + 9]), new)
+                if new is not None:
+                    handed[new] = srv
+        self.handing, self.handed_clients = handing, handed
+
+    def _handed_off(self, snap: tuple, recs: list, i: int) -> None:
+        """A hand-off's two records (crelay: the server's at ``i``, its new client's after it), with
+        the endpoints the batch began with."""
+        srv, old, new = snap
+        try:
+            if srv is None or srv.closed or self.endpoints.get(recs[i]) is not srv:
+                # the server is gone (its fd may be another's now): the new client's request with it
+                if new is not None and not new.closed:
+                    self.crelay.disarm(new.fd)
+                    new.handoff_lost()
+                return
+            srv.handed_off(old, new, recs[i + 3], recs[i + 6], recs[i + 7], recs[i + 13], recs[i + 14],
+                           recs[i + 16], recs[i + 17])
+        except Exception:
+            if new is not None and not new.closed and new.server is None:
+                new.handoff_lost()          # (its request went out: never to be sent again)
+            raise
+        finally:
+            self.handed_clients.pop(new, None)
 
     def _relay_lost(self, fd: int, peer_fd: int):
         """C relayed bytes of ``fd`` to ``peer_fd`` after Python had changed the pair (an earlier
@@ -714,6 +735,7 @@ class Endpoint:
             self.loop.unregister(self)
             self.mask = 0
         if self.loop.crelay is not None:
+            self.loop.crelay.disarm(self.fd)             # (armed by C in a hand-off, or as a peer)
             self.loop.crelay.blocked(self.fd, False)     # the fd number will be reused
         if self.tls is not None and not self.outq:
             self._tls_close_notify()

@@ -67,6 +67,22 @@ def worker_share(total: int, workers: int, slot: int) -> int:
     return base + (1 if slot < extra else 0)
 
 
+def effects_in_flight(batches) -> bool:
+    """A request in flight may change the session (Link.requests: its effects, or None when
+    pgmp could not read them) beyond starting or ending a transaction."""
+    for batch in batches:
+        effects = batch[1]
+        if effects is None:
+            return True
+        for e in effects:
+            if e.kind not in CONTROL_KINDS:
+                return True
+    return False
+
+
+CONTROL_KINDS = frozenset({"begin", "commit", "rollback"})
+
+
 class WaitQueue(collections.deque):
     """Pool.waiting: the clients queued for a server, first come first served. In transaction
     mode with the C relay, kept in step with a queue in C (crelay.CQueue, ``c``), every client in
@@ -74,11 +90,12 @@ class WaitQueue(collections.deque):
     (Server.handed_off) and never passes over one that only Python may serve. A client C handed
     a server in the batch being applied is no longer in C's queue: popleft passes over it (its
     records, still to come, take it out of this one)."""
-    __slots__ = ("c",)
+    __slots__ = ("c", "loop")
 
-    def __init__(self, c=None):
+    def __init__(self, c=None, loop=None):
         super().__init__()
         self.c = c
+        self.loop = loop                    # (its handed_clients: the batch's HANDED records)
 
     def append(self, client, data=None, tag: int = 0) -> None:
         """``client`` joins the end; ``data``: the request it waits with, which C may send to a
@@ -92,8 +109,11 @@ class WaitQueue(collections.deque):
         c = self.c
         if c is None:
             return super().popleft()
+        handed = self.loop.handed_clients
         for client in self:
-            if c.remove(client.fd):
+            # not in C's queue: handed a server in this batch (its records are still to come), or,
+            # if not (C had no memory for it), Python's to serve
+            if c.remove(client.fd) or client not in handed:
                 break
         else:
             raise IndexError("every queued client has a server from the C relay already")
@@ -156,7 +176,7 @@ class Pool:
         crelay = worker.loop.crelay if mode == "transaction" and HANDOFF else None
         if crelay is not None:
             from pgmp.crelay import CQueue
-            self.waiting = WaitQueue(CQueue())
+            self.waiting = WaitQueue(CQueue(), worker.loop)
         else:
             self.waiting = WaitQueue()
         # the login settings of clients the C relay may hand a server: id -> (the dict, its tag)
@@ -318,9 +338,12 @@ class Pool:
         worker = self.worker
         cfg = worker.config
         link = client.link
-        # (SETs of the open transaction, which its COMMIT, relayed by C, would leave on the server)
+        # (SETs of the open transaction, which its COMMIT, relayed by C, would leave on the server;
+        # a request in flight with effects pgmp applies only at its answer, which C may relay)
+        binds = client.binds
         if (self.paused or link.pinned or link.statement_mode or link.overlay or link.savepoint
-                or link.open_effects or link.open_failed or srv.cancel_pending or srv.release_reset
+                or link.open_effects or link.open_failed or effects_in_flight(link.batches)
+                or (binds is not None and not binds.plain) or srv.cancel_pending or srv.release_reset
                 or srv.tls is not None or client.tls is not None or srv.created < self.reconnect_before
                 or worker.server_expired(srv) or srv.session.read_only_seen
                 or (cfg.server_reset_query and cfg.server_reset_query_always)

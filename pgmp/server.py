@@ -609,30 +609,32 @@ class ServerConnection(Endpoint):
                 client.quiet_start(self)
         return True
 
-    def handed_off(self, n, count, kind, old_fd, new_fd, new_n, new_sent, new_count, new_kind):
+    def handed_off(self, old, new, n, count, kind, new_n, new_sent, new_count, new_kind):
         """The C relay handed this server over (a hand-off's two records, see pgmp_relay.h): it
         relayed ``n`` bytes of answers, ``count`` ReadyForQuery frames the last with status
-        ``kind``, that ended the transaction of client ``old_fd``, then sent ``new_sent`` of the
-        ``new_n`` bytes of the request (``new_count`` of ``new_kind``) that client ``new_fd``, the
+        ``kind``, that ended the transaction of client ``old``, then sent ``new_sent`` of the
+        ``new_n`` bytes of the request (``new_count`` of ``new_kind``) that client ``new``, the
         first of the pool's queue, waited with, and armed the server with it: as Python's detach,
-        release, _put_idle and _link would have, which Pool.may_hand_off allowed. Take both in.
+        release, _put_idle and _link would have, which Pool.may_hand_off allowed. Take both in
+        (the endpoints are those the batch began with: Loop.handing).
 
-        An earlier record of the same batch may have changed what C acted on (closed the server
-        or one of the clients): then what is not followed any more ends, the server closed and
-        the new client failed, rather than one client's request or answer reaching another."""
+        An earlier record of the same batch may have changed what C acted on (closed one of the
+        clients, re-linked the server): then what is not followed any more ends, the server
+        closed and the new client failed, rather than one client's request or answer reaching
+        another."""
         loop = self.loop
         crelay = loop.crelay
-        old = self.client
-        new = loop.endpoints.get(new_fd)
-        if self.closed or old is None or old.fd != old_fd or self.relay_peer is not old or old.relay_peer is not self:
-            crelay.disarm(new_fd)
-            if new is not None:
+        live = loop.endpoints.get
+        new_ok = new is not None and not new.closed and live(new.fd) is new
+        if old is None or old.closed or self.client is not old or self.relay_peer is not old \
+                or old.relay_peer is not self:
+            if new_ok:
+                crelay.disarm(new.fd)
                 new.handoff_lost()
-            if not self.closed:
-                crelay.disarm(self.fd)
-                self.relay_peer = None
-                self.abort(ServerProtocolError("server connection closed: pgmp's C relay handed it over after "
-                                               "its client had changed"))
+            crelay.disarm(self.fd)
+            self.relay_peer = None
+            self.abort(ServerProtocolError("server connection closed: pgmp's C relay handed it over after "
+                                           "its client had changed"))
             return
         self.rx += n
         self.relay_peer = old.relay_peer = None     # C disarmed the old client, armed this server with the new
@@ -641,10 +643,10 @@ class ServerConnection(Endpoint):
         old.server = None
         link.detach()
         old.set_state(ClientState.IDLE)
-        pool = self.pool
-        if verdict != RELEASE or new is None or new.closed or new.state is not ClientState.WAITING \
+        if verdict != RELEASE or not new_ok or new.state is not ClientState.WAITING \
                 or new.leftover is None or len(new.leftover) != new_n:
-            crelay.disarm(new_fd)
+            if new_ok:
+                crelay.disarm(new.fd)
             crelay.disarm(self.fd)
             self.client = None
             if verdict != RELEASE:
@@ -653,10 +655,10 @@ class ServerConnection(Endpoint):
                 old.fail(PgmpError(errors.INTERNAL_ERROR, "internal error in pgmp: server handed over too early"))
             else:
                 self.close("client left as its request reached the server")
-            if new is not None:
+            if new_ok:
                 new.handoff_lost()
         else:
-            pool.handed(self, new, new_sent, new_count, new_kind)
+            self.pool.handed(self, new, new_sent, new_count, new_kind)
         if old.close_at_boundary and not old.closed:
             old.leave_at_boundary()
 

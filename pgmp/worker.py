@@ -600,9 +600,17 @@ class Worker:
         """
         client = self.keys.get((pid, secret))
         srv = client.server if client is not None else None
-        # (held: the client is between transactions; handing: the C relay handed its server over in
-        # the batch being applied, after its last answer: another client's request runs there now)
-        if srv is None or not srv.backend_pid or srv.held or srv.fd in self.loop.handing:
+        loop = self.loop
+        if loop.handing and client is not None:
+            # the C relay's hand-offs in the batch being applied (Server.handed_off): a server handed
+            # over after its client's last answer runs another client's request now; a client
+            # handed a server runs its request there already
+            if srv is not None and loop.handing.get(srv.fd, (None,))[0] is srv:
+                srv = None
+            elif srv is None:
+                srv = loop.handed_clients.get(client)
+        # (held: the client is between transactions)
+        if srv is None or not srv.backend_pid or srv.held:
             if client is None and not forwarded and self.master is not None:
                 self.master.post("cancel", pid=pid, secret=secret)
             elif client is None:
@@ -610,12 +618,13 @@ class Worker:
             if done is not None:
                 done()
             return
-        self.cancel_server(client, done)
+        self.cancel_server(client, done, srv)
         log.info("cancel: user=%s db=%s server pid=%d", client.user, client.database, srv.backend_pid)
 
-    def cancel_server(self, client, on_done=None):
-        """Cancel the query running on ``client``'s server; the server is held until it is done."""
-        srv = client.server
+    def cancel_server(self, client, on_done=None, srv=None):
+        """Cancel the query running on ``client``'s server (``srv``, if not yet its server); the
+        server is held until it is done."""
+        srv = srv or client.server
         family, sockaddr = srv.address
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)

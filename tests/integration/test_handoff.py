@@ -104,6 +104,53 @@ def test_a_set_committed_in_a_transaction_stays_with_its_client(pg, pgmp, pooldb
     assert "internal error" not in proxy.log()
 
 
+@pytest.mark.parametrize("change", ["set_config", "temp table"])
+def test_a_request_with_session_effects_keeps_its_server_from_the_queue(pg, pgmp, pooldb, change):
+    """Python relays a request whose text may change the session and learns its effect at the
+    answer, which C may relay (its tag is SELECT or CREATE TABLE): meanwhile the server must not
+    be handed to a queued client as if it were clean."""
+    no_servers_left(pg, pooldb)
+    proxy = start(pgmp, pooldb, size=2)
+    stop = threading.Event()
+
+    def changer(n: int) -> None:
+        with psycopg.connect(dsn(proxy, pooldb), autocommit=True) as conn:
+            cur = psycopg.ClientCursor(conn)
+            for i in range(30):
+                if change == "set_config":
+                    cur.execute("select set_config('search_path', 'schema_a', false)")
+                    cur.execute("select current_setting('search_path')")
+                    assert cur.fetchone() == ("schema_a",), f"changer {n} lost its search_path"
+                    cur.execute("select set_config('search_path', '\"$user\", public', false)")
+                else:
+                    cur.execute(f"create temp table if not exists mine_{n} (x int)")
+                    cur.execute(f"insert into mine_{n} values ({i})")
+                    cur.execute(f"select count(*) from mine_{n}")
+                    assert cur.fetchone() == (i + 1,), f"changer {n} lost its temp table"
+
+    def reader(n: int) -> None:
+        with psycopg.connect(dsn(proxy, pooldb), autocommit=True) as conn:
+            cur = psycopg.ClientCursor(conn)
+            while not stop.is_set():
+                cur.execute("select current_setting('search_path'), "
+                            "(select count(*) from pg_class where relnamespace = pg_my_temp_schema())")
+                path, temps = cur.fetchone()
+                assert path == '"$user", public', f"reader {n} got another client's search_path {path}"
+                assert temps == 0, f"reader {n} is on a server with another client's temp table"
+
+    readers, changers = Threads(), Threads()
+    for n in range(12):
+        readers.start(f"reader{n}", reader, n)
+    for n in range(3):
+        changers.start(f"changer{n}", changer, n)
+    try:
+        changers.join(120)
+    finally:
+        stop.set()
+    readers.join(30)
+    assert "internal error" not in proxy.log()
+
+
 def test_clients_with_other_login_settings_keep_them_and_their_turn(pg, pgmp, pooldb):
     """Only clients with the pool's common login settings get servers from C; the others keep
     their place in the queue, get theirs from Python and see their own settings."""
