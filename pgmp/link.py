@@ -159,8 +159,9 @@ class Link:
         self.startup = dict(settings or {})      # what the client asked for at login (RESET goes back to it)
         self.settings = self.startup             # what the client's session holds now (a copy once it changes)
         self.tracked = tracked                   # reported parameters whose ParameterStatus updates settings
-        self.overlay: list = []                  # SETs of the open transaction, applied if it commits
-        self.open_effects: list | None = [] if self.pooled else None   # the extended-protocol batch's, until its Sync
+        # (an empty tuple, not a list, while there is nothing in them: memory per idle client)
+        self.overlay: list | tuple = ()          # SETs of the open transaction, applied if it commits
+        self.open_effects: list | tuple | None = () if self.pooled else None   # the extended-protocol batch's, until its Sync
         self.open_failed = False                 # an error answered that batch before its Sync was sent
         self.unnamed_text: bytes | None = None   # text of the unnamed statement (None: streamed, unread)
         self.pinned = ""                         # why the client keeps its server ("" = it does not)
@@ -183,7 +184,7 @@ class Link:
             self.pipeline = pipeline
             self.pooled = True
             self.statement_mode = statement_mode
-            self.open_effects = []
+            self.open_effects = ()
 
     # -- the requests the client sends ------------------------------------------------------
     def client_frame(self, kind: int, payload=None) -> bytes | None:
@@ -250,7 +251,8 @@ class Link:
         if not self.pooled:
             return True
         pl = self.pipeline
-        return (not self.overlay and not self.savepoint and not self.pinned and self.open_effects == []
+        return (not self.overlay and not self.savepoint and not self.pinned
+                and self.open_effects is not None and not self.open_effects
                 and not self.open_failed and pl.idle and not pl.skipping)
 
     def rounds_relayed(self, kinds: list, last_batch: int, status: int, t_query: float, t_xact: float,
@@ -350,7 +352,7 @@ class Link:
             self.unsynced = False
             effects = self.open_effects             # the batch this Sync ends
             if self.pooled:
-                self.open_effects = []
+                self.open_effects = ()
                 failed, self.open_failed = self.open_failed, False
         elif kind == _Q and self.pooled:
             if payload is None:
@@ -390,7 +392,7 @@ class Link:
             return
         effects = session_effects(text)
         if effects:
-            self.open_effects.extend(effects)
+            self.open_effects = [*self.open_effects, *effects]
 
     # -- the server's answers ---------------------------------------------------------------
     def server_ready(self, count: int, status: int) -> None:
@@ -436,8 +438,8 @@ class Link:
         else:
             effects = [e for b in batches if b[1] for e in b[1]]
             batches = self.batches = ()
-            if self.open_effects is not None and self.pooled:
-                self.open_effects[:0] = effects
+            if self.open_effects is not None and self.pooled and effects:
+                self.open_effects = [*effects, *self.open_effects]
         self.outstanding = len(batches)
 
     def server_frame(self, kind: int, frame) -> bytes | None:
@@ -524,32 +526,32 @@ class Link:
             if failed:
                 if control:
                     self.pin("an error in a request that also ends or starts transactions")
-                self.overlay.clear()
+                self.overlay = ()
                 return
             for e in effects:
                 k = e.kind
                 if k == "commit":
                     if before == 69:                 # COMMIT of a failed transaction rolls back
-                        self.overlay.clear()
+                        self.overlay = ()
                     else:
                         self._commit()
                     before = _IDLE
                 elif k == "rollback":
-                    self.overlay.clear()
+                    self.overlay = ()
                     self.savepoint = False
                     before = _IDLE
                 elif k == "savepoint":
                     self.savepoint = True
                 elif k in ("set", "reset", "reset_all", "discard_all"):
-                    self.overlay.append(e)
+                    self.overlay = [*self.overlay, e]
         elif failed:
-            self.overlay.clear()
+            self.overlay = ()
         if after == _IDLE:
             if failed:
-                self.overlay.clear()
+                self.overlay = ()
             self._commit()
         elif after == 69:                            # the open transaction failed: it will roll back
-            self.overlay.clear()
+            self.overlay = ()
 
     def _commit(self) -> None:
         """The transaction holding the recorded SETs committed: they are the session's now."""
@@ -585,7 +587,7 @@ class Link:
                 settings.clear()
                 settings.update(self.startup)
                 applied.clear()
-        overlay.clear()
+        self.overlay = ()
 
     def pin(self, reason: str) -> None:
         if not self.pinned:

@@ -16,6 +16,7 @@ an evicted one is closed on the server with a Close whose CloseComplete is
 dropped. Sans-IO: frames in, bytes out.
 """
 import collections
+import types
 import struct
 
 from pgmp.errors import CONFIGURATION_LIMIT_EXCEEDED, PgmpError
@@ -181,6 +182,11 @@ def parse_frame(name: bytes, key: bytes) -> bytes:
     return frame(b"P", name + b"\0" + key)
 
 
+# The statements (and bound names) of a client that has none: one read-only mapping for all
+# (memory per idle client); Pipeline.own_statements makes a client's own on first change.
+NO_STATEMENTS = types.MappingProxyType({})
+
+
 class Pipeline:
     """One client's statements and owed responses in transaction or statement mode.
 
@@ -192,7 +198,8 @@ class Pipeline:
         self.cache = cache
         self.enabled = enabled                         # max_prepared_statements = 0: names pass through
         self.max_size = max_size                       # of the statements' text in all (0 = unlimited)
-        self.statements: dict[bytes, bytes] = {}      # client name -> key (text\0 + types)
+        # client name -> key (text\0 + types); the shared empty mapping until the first (statements())
+        self.statements: dict[bytes, bytes] = NO_STATEMENTS
         # what the client is owed: a deque while anything is (ordered), () otherwise; an empty
         # deque costs 760 bytes, so an idle client holds none (owed(), rest())
         self.expect: collections.deque | tuple = ()
@@ -201,7 +208,7 @@ class Pipeline:
         # the client names Python bound lately, at most BOUND_MAX, oldest first: what the C
         # relay's binds table is made from (Link.bound_statements), so that its cost at each
         # hand-off is that of the statements in use, not of all the client ever prepared
-        self.bound: dict[bytes, None] = {}
+        self.bound: dict[bytes, None] = NO_STATEMENTS
 
     @property
     def idle(self) -> bool:
@@ -245,7 +252,7 @@ class Pipeline:
                                     hint="Close (DEALLOCATE) prepared statements no longer used, or raise "
                                          "max_prepared_size in pgmp's configuration")
             undo = (name, self.statements.get(name), key)
-            self.statements[name] = key
+            self.own_statements()[name] = key
             self.version += 1
             sname = self.cache.name_for(key)
             if srv.has(sname):
@@ -289,7 +296,7 @@ class Pipeline:
             name, _ = read_cstr(payload, 1)
             if what == b"S" and name and self.enabled:
                 # the server keeps the statement for others; the client's name is gone
-                undo = (name, self.statements.pop(name, None), None)
+                undo = (name, self.own_statements().pop(name, None), None)
                 self.version += 1
                 exp.append((SYNTHETIC, CLOSE_COMPLETE, undo))
                 return b""
@@ -324,8 +331,17 @@ class Pipeline:
         new_len = length - 1 - len(name) + len(sname)
         return out + b"B" + _U32.pack(new_len) + portal + b"\0" + sname + b"\0", 5 + pos2
 
+    def own_statements(self) -> dict:
+        """The client's statements, to change (a dict of its own, made on first use)."""
+        st = self.statements
+        if st is NO_STATEMENTS:
+            st = self.statements = {}
+        return st
+
     def _note_bound(self, name: bytes) -> None:
         bound = self.bound
+        if bound is NO_STATEMENTS:
+            bound = self.bound = {}
         if name in bound:
             del bound[name]                 # to the end: the most recent
             bound[name] = None
@@ -469,16 +485,16 @@ class Pipeline:
                 tag = bytes(frame_bytes[5:-1])
                 if tag in (b"DISCARD ALL", b"DEALLOCATE ALL"):
                     srv.clear()
-                    self.statements.clear()
+                    self.statements = NO_STATEMENTS
                     self.version += 1
                     for c2, d2, u2 in exp:
                         if c2 in (R_PARSE, DROP_PARSE) and d2 is not None:
                             srv.add(d2)
                         if u2 is not None:
                             if u2[2] is None:
-                                self.statements.pop(u2[0], None)
+                                self.own_statements().pop(u2[0], None)
                             else:
-                                self.statements[u2[0]] = u2[2]
+                                self.own_statements()[u2[0]] = u2[2]
         elif kind == 84 or kind == 110:                 # RowDescription, NoData
             if code == R_DESC_STMT or code == R_DESC_PORTAL:
                 exp.popleft()
@@ -507,9 +523,9 @@ class Pipeline:
                 self.version += 1
                 name, prev, _new = undo
                 if prev is not None:
-                    self.statements[name] = prev
+                    self.own_statements()[name] = prev
                 else:
-                    self.statements.pop(name, None)
+                    self.own_statements().pop(name, None)
         if not exp:
             self.skipping = True
 
