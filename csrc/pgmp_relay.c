@@ -32,7 +32,11 @@ typedef struct {
     pgmp_queue *handoff;     /* a server that may be handed over to this queue's first client */
     uint32_t handoff_epoch;  /* ... in this hand-off epoch */
     uint32_t tag;            /* ... if that client's settings tag is this */
-    int32_t owed;            /* a client's requests outstanding, -1 unknown (pgmp_relay_owed) */
+    int32_t owed;            /* a client's requests outstanding, -1 unknown (pgmp_relay_handoff) */
+    pgmp_queue *member;      /* an unarmed client whose next plain read joins this queue */
+    uint32_t member_tag;     /* ... with this settings tag */
+    uint8_t *rest;           /* a server's: what a hand-off could not send (pgmp_relay_take_rest) */
+    uint32_t rest_len;
 } slot;
 
 /* One client waiting in a pool's queue (pgmp_queue_push). */
@@ -229,6 +233,11 @@ static void clear_slot(slot *s)
     s->handoff_epoch = 0;
     s->tag = 0;
     s->owed = -1;
+    s->member = NULL;
+    s->member_tag = 0;
+    free(s->rest);
+    s->rest = NULL;
+    s->rest_len = 0;
 }
 
 pgmp_relay *pgmp_relay_new(void)
@@ -239,6 +248,9 @@ pgmp_relay *pgmp_relay_new(void)
 void pgmp_relay_free(pgmp_relay *r)
 {
     if (r != NULL) {
+        size_t i;
+        for (i = 0; i < r->cap; i++)
+            free(r->slots[i].rest);
         free(r->slots);
         free(r->tmp);
         free(r);
@@ -265,8 +277,10 @@ static int grow(pgmp_relay *r, int fd)
     s = realloc(r->slots, want * sizeof(slot));
     if (s == NULL)
         return -1;
-    for (i = r->cap; i < want; i++)
+    for (i = r->cap; i < want; i++) {
+        s[i].rest = NULL;
         clear_slot(&s[i]);
+    }
     r->slots = s;
     r->cap = want;
     return 0;
@@ -286,6 +300,7 @@ int pgmp_relay_arm(pgmp_relay *r, int fd, int peer, const uint8_t *flags, uint32
         s->handoff = NULL;   /* (Python disarms first; a new peer starts with nothing known) */
         s->owed = -1;
     }
+    s->member = NULL;
     s->peer = peer;
     s->side = side;
     s->flags = flags;
@@ -572,6 +587,38 @@ int pgmp_queue_remove(pgmp_queue *q, int fd)
         return 0;
     queue_drop(q, e);
     return 1;
+}
+
+long pgmp_queue_data(const pgmp_queue *q, int fd, uint8_t *out, size_t cap)
+{
+    size_t i;
+
+    for (i = 0; i < q->n; i++) {
+        const struct qentry *e = qat(q, i);
+        if (e->fd == fd) {
+            if (e->data != NULL && cap > 0)
+                memcpy(out, e->data, e->len < cap ? e->len : cap);
+            return (long)e->len;
+        }
+    }
+    return -1;
+}
+
+long pgmp_relay_take_rest(pgmp_relay *r, int fd, uint8_t *out, size_t cap)
+{
+    slot *s = get_slot(r, fd);
+    long n;
+
+    if (s == NULL || s->rest == NULL)
+        return 0;
+    n = (long)s->rest_len;
+    if (cap < s->rest_len)
+        return n;                /* no room: its length only, nothing let go */
+    memcpy(out, s->rest, s->rest_len);
+    free(s->rest);
+    s->rest = NULL;
+    s->rest_len = 0;
+    return n;
 }
 
 void pgmp_queue_block(pgmp_queue *q, int fd)
@@ -1305,10 +1352,28 @@ static int handoff(pgmp_relay *r, int fd, int32_t *rec)
     if (c->peer >= 0 || cfd == fd || cfd == oldfd)
         return 1;
     old = &r->slots[oldfd];
+    free(s->rest);               /* (one hand-off's rest at a time: Python takes it in its records) */
+    s->rest = NULL;
+    s->rest_len = 0;
     sent = send_all(fd, e->data, e->len);
-    blocked = old->blocked;
-    clear_slot(old);
-    old->blocked = blocked;
+    if (sent < e->len) {         /* the rest is for Python to queue (pgmp_relay_take_rest) */
+        if ((s->rest = malloc(e->len - sent)) != NULL) {
+            memcpy(s->rest, e->data + sent, e->len - sent);
+            s->rest_len = (uint32_t)(e->len - sent);
+        }
+    }
+    {
+        const uint8_t *flags = old->flags;
+        uint32_t max_len = old->max_len;
+
+        blocked = old->blocked;
+        clear_slot(old);
+        old->blocked = blocked;
+        old->member = q;         /* its next plain read queues in C (PGMP_EV_QUEUED) */
+        old->member_tag = s->tag;
+        old->flags = flags;
+        old->max_len = max_len;
+    }
     blocked = c->blocked;
     clear_slot(c);
     c->blocked = blocked;
@@ -1337,6 +1402,43 @@ static int handoff(pgmp_relay *r, int fd, int32_t *rec)
     return 2;
 }
 
+/* A member's read (see pgmp_relay.h): queued in C, or Python's. */
+static int member_step(pgmp_relay *r, slot *s, int fd, uint32_t events, uint8_t *buf, size_t cap,
+                       int32_t *rec, int allow)
+{
+    pgmp_queue *q = s->member;
+    ssize_t n;
+    int ok;
+
+    s->member = NULL;            /* a member no more, whatever this event is: Python's if not queued */
+    if (!allow || events != EPOLLIN || s->touched == r->round || cap <= PGMP_REWRITE_ROOM) {
+        s->touched = r->round;
+        return 0;
+    }
+    s->touched = r->round;
+    if (cap > 0x7fffffff)
+        cap = 0x7fffffff;
+    do {
+        n = recv(fd, buf, cap - PGMP_REWRITE_ROOM, 0);
+    } while (n < 0 && errno == EINTR);
+    if (n <= 0)
+        return 0;                /* EOF, an error or nothing after all: Python reads and sees which */
+    ok = pgmp_queue_push(q, fd, buf, (size_t)n, s->flags, s->max_len, s->member_tag);
+    if (ok == 1) {
+        struct qentry *e = qat(q, q->n - 1);
+        rec[PGMP_R_CODE] = PGMP_EV_QUEUED;
+        rec[PGMP_R_N] = rec[PGMP_R_SENT] = rec[PGMP_R_GOOD] = (int32_t)n;
+        rec[PGMP_R_COUNT] = e->count;
+        rec[PGMP_R_KIND] = e->kind;
+        return 1;
+    }
+    if (ok == 0)                 /* not requests C may pass: out of the queue again, Python's bytes */
+        pgmp_queue_remove(q, fd);
+    rec[PGMP_R_CODE] = PGMP_EV_RELAYED;
+    rec[PGMP_R_N] = (int32_t)n;
+    return 1;
+}
+
 /* allow 0: the event is Python's whatever it is (the batch's buffer is taken); an armed pair's
  * event that Python handles still counts as the pair's turn in this round, so that a later event
  * of the same pair is Python's too and Python sees the pair's events in the order they came. */
@@ -1357,6 +1459,8 @@ static int step(pgmp_relay *r, slot *s, int fd, uint32_t events, uint8_t *buf, s
     rec[PGMP_R_COUNT] = rec[PGMP_R_SYNC] = 0;
     rec[PGMP_R_KIND] = -1;
     rec[PGMP_R_PEER] = -1;
+    if (s != NULL && s->peer < 0 && s->member != NULL)
+        return member_step(r, s, fd, events, buf, cap, rec, allow);
     if (s == NULL || s->peer < 0)
         return 0;
     peer = get_slot(r, s->peer);

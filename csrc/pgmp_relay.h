@@ -190,7 +190,14 @@ uint64_t pgmp_relay_quiet_reads(pgmp_relay *r);
  * written: the server's, code PGMP_EV_HANDOFF (as RELAYED; PEER the old client), then the new
  * client's, code PGMP_EV_HANDED: FD the client, N its request's bytes, SENT how many went out,
  * COUNT/KIND its requests as a client record's, PEER the server. */
-enum { PGMP_EV_HANDOFF = 4, PGMP_EV_HANDED = 5 };
+enum { PGMP_EV_HANDOFF = 4, PGMP_EV_HANDED = 5, PGMP_EV_QUEUED = 6 };
+
+/* The old client of a hand-off stays known to C as a *member* of the queue (unarmed, no peer):
+ * its next read, if it is requests C may pass (as pgmp_queue_push would take them), joins the
+ * end of the queue with its settings tag, and its record has code PGMP_EV_QUEUED (N = SENT =
+ * GOOD its bytes, which stay in the queue's entry, COUNT/KIND its requests, PEER -1); any other
+ * read of it is Python's, in the buffer (code RELAYED, GOOD 0). Either way it is a member no
+ * more; arming or disarming it ends that too. */
 
 typedef struct pgmp_queue pgmp_queue;
 
@@ -209,6 +216,12 @@ int pgmp_queue_push(pgmp_queue *q, int fd, const uint8_t *data, size_t len, cons
 int pgmp_queue_remove(pgmp_queue *q, int fd);
 /* fd keeps its place, but only Python may hand it a server now (what it waits with changed). */
 void pgmp_queue_block(pgmp_queue *q, int fd);
+/* The request fd's entry holds (bytes C keeps for it: a member's, PGMP_EV_QUEUED), copied to
+ * out[0:cap]: its length (at most cap copied), or -1 if fd is not in the queue. */
+long pgmp_queue_data(const pgmp_queue *q, int fd, uint8_t *out, size_t cap);
+/* What a hand-off could not send of the request (the socket took only part), for the server fd:
+ * its length, or 0; copied to out and let go when cap is at least that. */
+long pgmp_relay_take_rest(pgmp_relay *r, int fd, uint8_t *out, size_t cap);
 void pgmp_queue_clear(pgmp_queue *q);
 /* Clients in the queue (for tests and stats). */
 int pgmp_queue_len(const pgmp_queue *q);

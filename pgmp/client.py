@@ -72,7 +72,7 @@ class ClientConnection(Endpoint):
                  "auth", "auth_method", "secret_entry", "link", "key_pid", "key_secret", "timer", "scanner", "flags",
                  "whole", "terminating", "ssl_asked", "gss_asked", "connected_at", "over_limit", "wait_started",
                  "close_at_boundary", "replacement", "cancelled_at", "settings_pending", "logged_in",
-                 "conn_id", "peer_cred", "console", "console_waiting", "binds", "quiet", "quiet_srv", "quiet_skip", "quiet_misses")
+                 "conn_id", "peer_cred", "console", "console_waiting", "binds", "quiet", "quiet_srv", "quiet_skip", "quiet_misses", "c_queued")
 
     def __init__(self, worker, sock, peer: str, over_limit: bool = False, peer_cred=None):
         super().__init__(worker.loop, sock)
@@ -113,6 +113,7 @@ class ClientConnection(Endpoint):
         self.quiet_srv = None                      # the server of its quiet pair, while quiet
         self.quiet_skip = 0                        # answers to let pass before it tries quiet again
         self.quiet_misses = 0                      # quiet states in a row that a first read ended
+        self.c_queued = 0                          # queued by the C relay: its request's bytes, kept there
         timeout = worker.config.client_login_timeout
         if over_limit:
             timeout = min(timeout, REFUSE_GRACE) if timeout > 0 else REFUSE_GRACE
@@ -291,9 +292,9 @@ class ClientConnection(Endpoint):
             elif st is ClientState.AUTH or st is ClientState.CONSOLE:
                 relay(self, view, n, [])
             elif st is ClientState.WAITING:         # queued for a server (_need_server): keep it for then
+                self.pool.waiting.block(self)       # (not what the C relay would send any more)
                 lo = self.leftover
                 self.leftover = lo = lo + view[:n] if lo else bytes(view[:n])
-                self.pool.waiting.block(self)       # (not what the C relay would send any more)
                 if len(lo) >= self.loop.max_unsent:
                     self.pause_reading()
             else:                                   # AUTH_LOOKUP / LOGIN_WAIT: keep it for later
@@ -825,6 +826,24 @@ class ClientConnection(Endpoint):
             # (its last client's answer), after which the loop does not look at the pair again
             self.relay_check()
 
+    def queued_by_c(self, n: int):
+        """The C relay read this idle client's request, ``n`` bytes, and queued it for a server in
+        the pool's queue, where the bytes stay (it was a member: the old client of a hand-off):
+        as _need_server does when no server is free. (Not if it closed earlier in the batch:
+        its entry went with it, Pool.forget; its fd may be a new connection's now.)"""
+        if self.closed or self.state is not ClientState.IDLE or self.pool is None:
+            return
+        self.rx += n
+        self.c_queued = n
+        self.set_state(ClientState.WAITING)
+        self.wait_started = self.loop.clock()
+        self.pool.queued_by_c(self)
+
+    def request_bytes(self) -> int:
+        """Bytes of the request a queued client waits with (in Python or in the C queue)."""
+        lo = self.leftover
+        return len(lo) if lo is not None else self.c_queued
+
     def handed(self, srv, sent: int, count: int, kind: int):
         """The C relay handed ``srv`` to this queued client and sent ``sent`` bytes of the request it
         waited with, ``count`` requests of ``kind`` (Server.handed_off; the pool's settings are the
@@ -835,6 +854,7 @@ class ClientConnection(Endpoint):
         data = self.leftover
         self.leftover = None
         self.need = 0
+        self.c_queued = 0
         self.server = srv
         self.set_state(ClientState.ACTIVE)
         link = self.link
@@ -850,8 +870,11 @@ class ClientConnection(Endpoint):
         self.relay_peer = srv
         srv.relay_peer = self
         link.queries_relayed(count, kind)
-        if sent < len(data):
-            srv.queue(memoryview(data)[sent:])
+        rest = self.loop.crelay.take_rest(srv.fd)        # (C's copy: for a request only C kept)
+        if data is not None:
+            rest = memoryview(data)[sent:]
+        if rest:
+            srv.queue(rest)
             if srv.congested:
                 srv.hold_until_drained(self)
         if self.binds is not None or link.pipeline.bound:

@@ -161,6 +161,16 @@ class CRelay:
         """A new hand-off epoch: no server is handed over by C until Python allows it again."""
         self._lib.pgmp_relay_handoff_end_all(self._r)
 
+    def take_rest(self, fd: int) -> bytes:
+        """What a hand-off to server ``fd`` could not send of the request (b"": nothing)."""
+        lib, ffi = self._lib, self._ffi
+        n = lib.pgmp_relay_take_rest(self._r, fd, ffi.NULL, 0)
+        if n <= 0:
+            return b""
+        out = bytearray(n)
+        lib.pgmp_relay_take_rest(self._r, fd, ffi.from_buffer(out), n)
+        return bytes(out)
+
     def handoffs(self) -> int:
         """Servers C handed over, since the worker started."""
         return self._lib.pgmp_relay_handoffs(self._r)
@@ -199,6 +209,17 @@ class CQueue:
     def block(self, fd: int) -> None:
         """Only Python may hand ``fd`` a server now (what it waits with changed)."""
         self._lib.pgmp_queue_block(self.c, fd)
+
+    def data(self, fd: int) -> bytes | None:
+        """The request ``fd``'s entry holds (a member's, which C queued: ClientConnection.queued_by_c),
+        or None if ``fd`` is not in the queue."""
+        lib, ffi = self._lib, self._ffi
+        n = lib.pgmp_queue_data(self.c, fd, ffi.NULL, 0)
+        if n < 0:
+            return None
+        out = bytearray(n)
+        lib.pgmp_queue_data(self.c, fd, ffi.from_buffer(out), n)
+        return bytes(out)
 
     def clear(self) -> None:
         self._lib.pgmp_queue_clear(self.c)

@@ -35,6 +35,7 @@ _EVENT_FAIL = select.EPOLLERR | select.EPOLLHUP
 _QUIET_END = 2       # a record's code (PGMP_EV_QUIET_END): the read ended its pair's quiet state
 _HANDOFF = 4         # PGMP_EV_HANDOFF: C handed the server over; the next record (PGMP_EV_HANDED) is
 _HANDED = 5          # its new client's
+_QUEUED = 6          # PGMP_EV_QUEUED: C queued a member client's request (ClientConnection.queued_by_c)
 _BLOCKED = (BlockingIOError, InterruptedError)
 
 
@@ -218,6 +219,8 @@ class Loop:
                     if code >= _HANDOFF:
                         if code == _HANDOFF:
                             self._handed_off(self.handing.pop(recs[i]), recs, i)
+                        elif code == _QUEUED and ep is not None:
+                            ep.queued_by_c(recs[i + 3])
                         continue                    # (_HANDED: taken in with the record before it)
                     if code == _QUIET_END:          # the pair's quiet state first, then the record
                         client = self.quiet.get(recs[i])

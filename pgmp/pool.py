@@ -113,6 +113,11 @@ class WaitQueue(collections.deque):
         for client in self:
             # not in C's queue: handed a server in this batch (its records are still to come), or,
             # if not (C had no memory for it), Python's to serve
+            if client.c_queued:             # its request is in C's entry: Python's now
+                data = c.data(client.fd)
+                if data is not None:
+                    client.leftover = data
+                    client.c_queued = 0
             if c.remove(client.fd) or client not in handed:
                 break
         else:
@@ -124,9 +129,9 @@ class WaitQueue(collections.deque):
         return client
 
     def remove(self, client) -> None:
-        super().remove(client)
         if self.c is not None:
-            self.c.remove(client.fd)
+            self.c.remove(client.fd)        # (first: C may have queued it before Python did)
+        super().remove(client)
 
     def clear(self) -> None:
         super().clear()
@@ -134,9 +139,20 @@ class WaitQueue(collections.deque):
             self.c.clear()
 
     def block(self, client) -> None:
-        """What ``client`` waits with changed: only Python may hand it a server now."""
-        if self.c is not None:
-            self.c.block(client.fd)
+        """What ``client`` waits with is about to change: only Python may hand it a server now
+        (and a request C kept for it is Python's again, in its leftover)."""
+        c = self.c
+        if c is not None:
+            if client.c_queued:
+                data = c.data(client.fd)
+                client.c_queued = 0
+                if data:
+                    client.leftover = data
+            c.block(client.fd)
+
+    def appended_by_c(self, client) -> None:
+        """The C relay queued ``client`` (it is at the end of C's queue already)."""
+        super().append(client)
 
     def handed(self, client) -> bool:
         """C handed ``client`` a server: out of this queue too (False if it was not in it)."""
@@ -350,6 +366,23 @@ class Pool:
                 or srv.session.applied != link.settings or self.unfit(srv)):
             return 0
         return self.settings_tag(link)
+
+    def queued_by_c(self, client) -> None:
+        """The C relay queued ``client``'s request (ClientConnection.queued_by_c): as request()
+        would have, and if a server is free after all, it serves the client now."""
+        first = not self.waiting
+        self.waiting.appended_by_c(client)
+        if self.wait_timer is None:
+            wait = self.worker.config.query_wait_timeout
+            if wait > 0:
+                self.wait_timer = self.worker.loop.call_later(wait, self.wait_expired)
+        if first and not self.paused and (self.idle or self.held):
+            self.worker.loop.quiet_end_all()
+            srv = self._usable_idle()
+            if srv is not None:
+                self._link(srv, self.waiting.popleft())
+                return
+        self._grow()
 
     def handed(self, srv, client, sent: int, count: int, kind: int) -> None:
         """The C relay handed ``srv`` to ``client``, the first of the queue, and sent ``sent``

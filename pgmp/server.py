@@ -644,7 +644,7 @@ class ServerConnection(Endpoint):
         link.detach()
         old.set_state(ClientState.IDLE)
         if verdict != RELEASE or not new_ok or new.state is not ClientState.WAITING \
-                or new.leftover is None or len(new.leftover) != new_n:
+                or new.request_bytes() != new_n:
             if new_ok:
                 crelay.disarm(new.fd)
             crelay.disarm(self.fd)

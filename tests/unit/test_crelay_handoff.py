@@ -185,3 +185,62 @@ def test_queue_remove_and_block(pair):
     assert len(st.queue) == 200 - 67
     st.queue.clear()
     assert len(st.queue) == 0
+
+
+QUEUED = 6
+
+
+def handed_over(st) -> None:
+    """One hand-off: client 2 gets the server, client 1 is left a member of the queue."""
+    st.queue.push(st.c2.fileno(), Q2, st.client_sc, 1)
+    st.grant(owed=1, tag=1)
+    st.s_out.send(ANSWER)
+    assert [r[2] for r in st.poll()] == [HANDOFF, HANDED]
+    assert st.s_out.recv(1000) == Q2 and st.c1_out.recv(1000) == ANSWER
+
+
+def test_the_old_client_s_next_request_queues_in_c(pair):
+    st = pair
+    c1 = st.c1.fileno()
+    handed_over(st)
+    st.c1_out.send(Q1 + Q1)                           # its next request: queued in C, bytes kept there
+    (rec,) = st.poll()
+    assert rec[:4] == [c1, select.EPOLLIN, QUEUED, len(Q1 + Q1)] and rec[4:8] == [2 * len(Q1), 2 * len(Q1), 2, ord("Q")]
+    assert len(st.queue) == 1 and st.queue.data(c1) == Q1 + Q1 and not st.r.armed(c1)
+    st.c1_out.send(Q1)                                # a member no more: this read is Python's, unread
+    (rec,) = st.poll()
+    assert rec[2] == 0 and st.c1.recv(100) == Q1
+    st.s_out.send(ANSWER)                             # client 2's transaction ends: the server goes to client 1
+    rec, rec2 = st.poll()
+    assert rec[2] == HANDOFF and rec[9] == st.c2.fileno() and rec2[0] == c1 and rec2[6] == 2
+    assert st.s_out.recv(1000) == Q1 + Q1 and st.queue.data(c1) is None
+    assert st.r.take_rest(st.s.fileno()) == b""       # all of it went out
+
+
+def test_a_member_s_other_reads_are_python_s(pair):
+    st = pair
+    c1 = st.c1.fileno()
+    handed_over(st)
+    other = frame(b"Q", b"set search_path = x\0")
+    st.c1_out.send(other)                             # not a request C may pass: Python's bytes, in the buffer
+    (rec,) = st.poll()
+    assert rec[:4] == [c1, select.EPOLLIN, 1, len(other)] and rec[4:6] == [0, 0] and rec[9] == -1
+    assert bytes(st.buf[:len(other)]) == other and len(st.queue) == 0
+    st.c1_out.send(Q1)                                # and a member no more
+    (rec,) = st.poll()
+    assert rec[2] == 0 and st.c1.recv(100) == Q1
+
+
+@pytest.mark.parametrize("how", ["disarm", "arm"])
+def test_disarming_or_arming_ends_membership(pair, how):
+    st = pair
+    c1 = st.c1.fileno()
+    handed_over(st)
+    if how == "disarm":
+        st.r.disarm(c1)
+    else:                                             # Python links it to a server itself
+        st.r.arm(c1, st.c2_out.fileno(), st.client_sc, 0, True)
+        st.r.disarm(c1)
+    st.c1_out.send(Q1)
+    (rec,) = st.poll()
+    assert rec[2] == 0 and len(st.queue) == 0 and st.c1.recv(100) == Q1
