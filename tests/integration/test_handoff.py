@@ -39,6 +39,22 @@ def assert_handed_off(proxy, before: int = 0) -> None:
         assert n == 0
 
 
+def against_readers(reader, writer, writers: int, readers: int = 12) -> None:
+    """``writers`` threads of ``writer(n)`` run to their end while ``readers`` threads of
+    ``reader(n, stop)`` loop until then; both joined with deadlines, their errors raised."""
+    stop = threading.Event()
+    reading, writing = Threads(), Threads()
+    for n in range(readers):
+        reading.start(f"reader{n}", reader, n, stop)
+    for n in range(writers):
+        writing.start(f"writer{n}", writer, n)
+    try:
+        writing.join(120)
+    finally:
+        stop.set()
+    reading.join(30)
+
+
 def hammer(conninfo: str, marker: str, rounds: int, client_side: bool) -> None:
     """``rounds`` one-statement transactions that each return ``marker``: simple protocol
     (client-side binding) or unnamed extended-protocol statements."""
@@ -69,7 +85,6 @@ def test_a_set_committed_in_a_transaction_stays_with_its_client(pg, pgmp, pooldb
     settings."""
     no_servers_left(pg, pooldb)
     proxy = start(pgmp, pooldb, size=2)
-    stop = threading.Event()
 
     def setter(n: int) -> None:
         mine = f"{1001 + n}ms"
@@ -83,23 +98,14 @@ def test_a_set_committed_in_a_transaction_stays_with_its_client(pg, pgmp, pooldb
                 cur.execute("select current_setting('statement_timeout')")
                 assert cur.fetchone() == (mine,), f"setter {n} lost its setting"
 
-    def reader(n: int) -> None:
+    def reader(n: int, stop) -> None:
         with psycopg.connect(dsn(proxy, pooldb), autocommit=True) as conn:
             cur = psycopg.ClientCursor(conn)
             while not stop.is_set():
                 cur.execute("select current_setting('statement_timeout')")
                 assert cur.fetchone() == ("0",), f"reader {n} got another client's statement_timeout"
 
-    readers, setters = Threads(), Threads()
-    for n in range(12):
-        readers.start(f"reader{n}", reader, n)
-    for n in range(4):
-        setters.start(f"setter{n}", setter, n)
-    try:
-        setters.join(120)
-    finally:
-        stop.set()
-    readers.join(30)
+    against_readers(reader, setter, writers=4)
     assert_handed_off(proxy)
     assert "internal error" not in proxy.log()
 
@@ -111,7 +117,6 @@ def test_a_request_with_session_effects_keeps_its_server_from_the_queue(pg, pgmp
     be handed to a queued client as if it were clean."""
     no_servers_left(pg, pooldb)
     proxy = start(pgmp, pooldb, size=2)
-    stop = threading.Event()
 
     def changer(n: int) -> None:
         with psycopg.connect(dsn(proxy, pooldb), autocommit=True) as conn:
@@ -128,7 +133,7 @@ def test_a_request_with_session_effects_keeps_its_server_from_the_queue(pg, pgmp
                     cur.execute(f"select count(*) from mine_{n}")
                     assert cur.fetchone() == (i + 1,), f"changer {n} lost its temp table"
 
-    def reader(n: int) -> None:
+    def reader(n: int, stop) -> None:
         with psycopg.connect(dsn(proxy, pooldb), autocommit=True) as conn:
             cur = psycopg.ClientCursor(conn)
             while not stop.is_set():
@@ -138,16 +143,7 @@ def test_a_request_with_session_effects_keeps_its_server_from_the_queue(pg, pgmp
                 assert path == '"$user", public', f"reader {n} got another client's search_path {path}"
                 assert temps == 0, f"reader {n} is on a server with another client's temp table"
 
-    readers, changers = Threads(), Threads()
-    for n in range(12):
-        readers.start(f"reader{n}", reader, n)
-    for n in range(3):
-        changers.start(f"changer{n}", changer, n)
-    try:
-        changers.join(120)
-    finally:
-        stop.set()
-    readers.join(30)
+    against_readers(reader, changer, writers=3)
     assert "internal error" not in proxy.log()
 
 
