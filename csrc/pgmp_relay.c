@@ -1356,11 +1356,12 @@ static int handoff(pgmp_relay *r, int fd, int32_t *rec)
     s->rest = NULL;
     s->rest_len = 0;
     sent = send_all(fd, e->data, e->len);
-    if (sent < e->len) {         /* the rest is for Python to queue (pgmp_relay_take_rest) */
-        if ((s->rest = malloc(e->len - sent)) != NULL) {
-            memcpy(s->rest, e->data + sent, e->len - sent);
-            s->rest_len = (uint32_t)(e->len - sent);
-        }
+    if (sent < e->len) {         /* the rest is for Python to queue (pgmp_relay_take_rest): the
+                                  * entry's own buffer, moved up (no allocation that could fail) */
+        memmove(e->data, e->data + sent, e->len - sent);
+        s->rest = e->data;
+        s->rest_len = (uint32_t)(e->len - sent);
+        e->data = NULL;
     }
     {
         const uint8_t *flags = old->flags;
@@ -1423,18 +1424,21 @@ static int member_step(pgmp_relay *r, slot *s, int fd, uint32_t events, uint8_t 
     } while (n < 0 && errno == EINTR);
     if (n <= 0)
         return 0;                /* EOF, an error or nothing after all: Python reads and sees which */
-    ok = pgmp_queue_push(q, fd, buf, (size_t)n, s->flags, s->max_len, s->member_tag);
-    if (ok == 1) {
+    /* (an entry of its already would be Python's doing: then these bytes are Python's too) */
+    ok = queue_find(q, fd) == NULL ? pgmp_queue_push(q, fd, buf, (size_t)n, s->flags, s->max_len,
+                                                     s->member_tag) : -1;
+    if (ok >= 0) {
         struct qentry *e = qat(q, q->n - 1);
-        rec[PGMP_R_CODE] = PGMP_EV_QUEUED;
-        rec[PGMP_R_N] = rec[PGMP_R_SENT] = rec[PGMP_R_GOOD] = (int32_t)n;
-        rec[PGMP_R_COUNT] = e->count;
-        rec[PGMP_R_KIND] = e->kind;
-        return 1;
+        if (ok == 1) {
+            rec[PGMP_R_CODE] = PGMP_EV_QUEUED;
+            rec[PGMP_R_N] = rec[PGMP_R_SENT] = rec[PGMP_R_GOOD] = (int32_t)n;
+            rec[PGMP_R_COUNT] = e->count;
+            rec[PGMP_R_KIND] = e->kind;
+            return 1;
+        }
+        queue_drop(q, e);        /* not requests C may pass: out of the queue again, Python's bytes */
     }
-    if (ok == 0)                 /* not requests C may pass: out of the queue again, Python's bytes */
-        pgmp_queue_remove(q, fd);
-    rec[PGMP_R_CODE] = PGMP_EV_RELAYED;
+    rec[PGMP_R_CODE] = PGMP_EV_MEMBER;
     rec[PGMP_R_N] = (int32_t)n;
     return 1;
 }

@@ -190,14 +190,14 @@ uint64_t pgmp_relay_quiet_reads(pgmp_relay *r);
  * written: the server's, code PGMP_EV_HANDOFF (as RELAYED; PEER the old client), then the new
  * client's, code PGMP_EV_HANDED: FD the client, N its request's bytes, SENT how many went out,
  * COUNT/KIND its requests as a client record's, PEER the server. */
-enum { PGMP_EV_HANDOFF = 4, PGMP_EV_HANDED = 5, PGMP_EV_QUEUED = 6 };
+enum { PGMP_EV_HANDOFF = 4, PGMP_EV_HANDED = 5, PGMP_EV_QUEUED = 6, PGMP_EV_MEMBER = 7 };
 
 /* The old client of a hand-off stays known to C as a *member* of the queue (unarmed, no peer):
  * its next read, if it is requests C may pass (as pgmp_queue_push would take them), joins the
  * end of the queue with its settings tag, and its record has code PGMP_EV_QUEUED (N = SENT =
  * GOOD its bytes, which stay in the queue's entry, COUNT/KIND its requests, PEER -1); any other
- * read of it is Python's, in the buffer (code RELAYED, GOOD 0). Either way it is a member no
- * more; arming or disarming it ends that too. */
+ * read of it is Python's, in the buffer (code PGMP_EV_MEMBER, N its bytes, GOOD 0). Either way
+ * it is a member no more; arming or disarming it ends that too. */
 
 typedef struct pgmp_queue pgmp_queue;
 

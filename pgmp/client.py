@@ -292,7 +292,9 @@ class ClientConnection(Endpoint):
             elif st is ClientState.AUTH or st is ClientState.CONSOLE:
                 relay(self, view, n, [])
             elif st is ClientState.WAITING:         # queued for a server (_need_server): keep it for then
-                self.pool.waiting.block(self)       # (not what the C relay would send any more)
+                if not self.pool.waiting.block(self):   # (not what the C relay would send any more)
+                    self.request_lost()
+                    return
                 lo = self.leftover
                 self.leftover = lo = lo + view[:n] if lo else bytes(view[:n])
                 if len(lo) >= self.loop.max_unsent:
@@ -831,7 +833,15 @@ class ClientConnection(Endpoint):
         the pool's queue, where the bytes stay (it was a member: the old client of a hand-off):
         as _need_server does when no server is free. (Not if it closed earlier in the batch:
         its entry went with it, Pool.forget; its fd may be a new connection's now.)"""
-        if self.closed or self.state is not ClientState.IDLE or self.pool is None:
+        if self.closed or self.pool is None:
+            return
+        if self.state is not ClientState.IDLE:      # (cannot be) as if Python had read it now
+            waiting = self.pool.waiting
+            data = waiting.c.data(self.fd) if waiting.c is not None else None
+            if data is not None:
+                waiting.c.remove(self.fd)
+                self.rx += n
+                self.on_data(memoryview(data), len(data))
             return
         self.rx += n
         self.c_queued = n
@@ -881,6 +891,13 @@ class ClientConnection(Endpoint):
             self.relay_binds(True)
         if not self.reading and srv.paused_peer is not self:
             self.resume_reading()
+
+    def request_lost(self):
+        """The request the C relay kept for this queued client is gone (it cannot be): fail it
+        rather than serve it without."""
+        log.error("the request of queued client %r is gone from the C relay's queue; closing it", self)
+        self.pool.waiting.handed(self)
+        self.fail(PgmpError(errors.INTERNAL_ERROR, "internal error in pgmp: queued request lost"))
 
     def handoff_lost(self):
         """The C relay sent this queued client's request to a server whose Python state changed in

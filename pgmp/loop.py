@@ -36,6 +36,7 @@ _QUIET_END = 2       # a record's code (PGMP_EV_QUIET_END): the read ended its p
 _HANDOFF = 4         # PGMP_EV_HANDOFF: C handed the server over; the next record (PGMP_EV_HANDED) is
 _HANDED = 5          # its new client's
 _QUEUED = 6          # PGMP_EV_QUEUED: C queued a member client's request (ClientConnection.queued_by_c)
+_MEMBER = 7          # PGMP_EV_MEMBER: a member's read that is Python's, in the relay buffer
 _BLOCKED = (BlockingIOError, InterruptedError)
 
 
@@ -207,10 +208,15 @@ class Loop:
         """One batch through the C relay: apply what it relayed, handle the rest as run_once does."""
         recs = self.crelay.poll(self.poller.fileno(), timeout)
         endpoints = self.endpoints
-        if _HANDOFF in recs[2::10]:
+        codes = recs[2::10]
+        if _HANDOFF in codes:
             self._handoffs_of(recs)
         elif self.handing:
             self.handing, self.handed_clients = {}, {}
+        # a member's records go to the endpoint it was as the batch began (its fd may be another's
+        # by the time they are applied, when an earlier record closed it)
+        members = {recs[i]: endpoints.get(recs[i]) for i in range(0, len(recs), 10) if recs[i + 2] >= _QUEUED} \
+            if (_QUEUED in codes or _MEMBER in codes) else None
         for i in range(0, len(recs), 10):
             ep = endpoints.get(recs[i])
             try:
@@ -219,8 +225,13 @@ class Loop:
                     if code >= _HANDOFF:
                         if code == _HANDOFF:
                             self._handed_off(self.handing.pop(recs[i]), recs, i)
-                        elif code == _QUEUED and ep is not None:
-                            ep.queued_by_c(recs[i + 3])
+                        elif code >= _QUEUED:
+                            if ep is not None and ep is members[recs[i]] and not ep.closed:
+                                if code == _QUEUED:
+                                    ep.queued_by_c(recs[i + 3])
+                                else:
+                                    ep.rx += recs[i + 3]
+                                    ep._relayed_to_python(0, recs[i + 3])
                         continue                    # (_HANDED: taken in with the record before it)
                     if code == _QUIET_END:          # the pair's quiet state first, then the record
                         client = self.quiet.get(recs[i])

@@ -110,18 +110,24 @@ class WaitQueue(collections.deque):
         if c is None:
             return super().popleft()
         handed = self.loop.handed_clients
+        lost = None
         for client in self:
-            # not in C's queue: handed a server in this batch (its records are still to come), or,
-            # if not (C had no memory for it), Python's to serve
+            if client in handed:            # C handed it a server in this batch: its records are to come
+                continue
             if client.c_queued:             # its request is in C's entry: Python's now
                 data = c.data(client.fd)
-                if data is not None:
-                    client.leftover = data
-                    client.c_queued = 0
-            if c.remove(client.fd) or client not in handed:
-                break
+                client.c_queued = 0
+                if data is None:            # (gone from C: never serve it without its request)
+                    lost = client
+                    break
+                client.leftover = data
+            c.remove(client.fd)             # (not there: C had no memory for it, Python's to serve)
+            break
         else:
             raise IndexError("every queued client has a server from the C relay already")
+        if lost is not None:
+            lost.request_lost()
+            return self.popleft()
         if self[0] is client:
             super().popleft()
         else:
@@ -134,21 +140,26 @@ class WaitQueue(collections.deque):
         super().remove(client)
 
     def clear(self) -> None:
+        c = self.c
+        if c is not None:                   # (only these: C may have queued others in this batch,
+            for client in self:             # their records still to come)
+                c.remove(client.fd)
         super().clear()
-        if self.c is not None:
-            self.c.clear()
 
-    def block(self, client) -> None:
+    def block(self, client) -> bool:
         """What ``client`` waits with is about to change: only Python may hand it a server now
-        (and a request C kept for it is Python's again, in its leftover)."""
+        (and a request C kept for it is Python's again, in its leftover); False if that request
+        is gone from C (it cannot be: then the client must not be served)."""
         c = self.c
         if c is not None:
             if client.c_queued:
                 data = c.data(client.fd)
                 client.c_queued = 0
-                if data:
-                    client.leftover = data
+                if data is None:
+                    return False
+                client.leftover = data
             c.block(client.fd)
+        return True
 
     def appended_by_c(self, client) -> None:
         """The C relay queued ``client`` (it is at the end of C's queue already)."""

@@ -628,6 +628,8 @@ class ServerConnection(Endpoint):
         new_ok = new is not None and not new.closed and live(new.fd) is new
         if old is None or old.closed or self.client is not old or self.relay_peer is not old \
                 or old.relay_peer is not self:
+            if old is not None and not old.closed and live(old.fd) is old and old.relay_peer is None:
+                crelay.disarm(old.fd)           # (C made it a member of the queue)
             if new_ok:
                 crelay.disarm(new.fd)
                 new.handoff_lost()

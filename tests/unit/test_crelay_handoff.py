@@ -187,7 +187,7 @@ def test_queue_remove_and_block(pair):
     assert len(st.queue) == 0
 
 
-QUEUED = 6
+QUEUED, MEMBER = 6, 7
 
 
 def handed_over(st) -> None:
@@ -224,7 +224,7 @@ def test_a_member_s_other_reads_are_python_s(pair):
     other = frame(b"Q", b"set search_path = x\0")
     st.c1_out.send(other)                             # not a request C may pass: Python's bytes, in the buffer
     (rec,) = st.poll()
-    assert rec[:4] == [c1, select.EPOLLIN, 1, len(other)] and rec[4:6] == [0, 0] and rec[9] == -1
+    assert rec[:4] == [c1, select.EPOLLIN, MEMBER, len(other)] and rec[4:6] == [0, 0] and rec[9] == -1
     assert bytes(st.buf[:len(other)]) == other and len(st.queue) == 0
     st.c1_out.send(Q1)                                # and a member no more
     (rec,) = st.poll()
@@ -244,3 +244,21 @@ def test_disarming_or_arming_ends_membership(pair, how):
     st.c1_out.send(Q1)
     (rec,) = st.poll()
     assert rec[2] == 0 and len(st.queue) == 0 and st.c1.recv(100) == Q1
+
+
+def test_what_a_hand_off_could_not_send_is_kept_for_python(pair):
+    st = pair
+    st.s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    try:
+        while True:                                   # the server's socket takes nothing more
+            st.s.send(b"\0" * 65536)
+    except BlockingIOError:
+        pass
+    big = frame(b"Q", b"select '" + b"x" * 200000 + b"'\0")
+    assert st.queue.push(st.c2.fileno(), big, st.client_sc, 1) == 1
+    st.grant(owed=1, tag=1)
+    st.s_out.send(ANSWER)
+    rec, rec2 = st.poll()
+    assert rec[2] == HANDOFF and rec2[2] == HANDED and rec2[3] == len(big) and rec2[4] < len(big)
+    assert st.r.take_rest(st.s.fileno()) == big[rec2[4]:]
+    assert st.r.take_rest(st.s.fileno()) == b""       # taken: let go
