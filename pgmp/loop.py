@@ -98,6 +98,7 @@ class Loop:
         # fd may be another endpoint's by the time the record is applied), and new client -> server
         self.handing: dict = {}
         self.handed_clients: dict = {}
+        self.members: dict = {}               # fd -> the member of its QUEUED or MEMBER record, likewise
         self.quiet_ok = (self.crelay is not None and self.clock is time.monotonic
                          and os.environ.get("PGMP_RELAY_QUIET", "1") != "0")
 
@@ -209,14 +210,11 @@ class Loop:
         recs = self.crelay.poll(self.poller.fileno(), timeout)
         endpoints = self.endpoints
         codes = recs[2::10]
-        if _HANDOFF in codes:
-            self._handoffs_of(recs)
-        elif self.handing:
-            self.handing, self.handed_clients = {}, {}
-        # a member's records go to the endpoint it was as the batch began (its fd may be another's
-        # by the time they are applied, when an earlier record closed it)
-        members = {recs[i]: endpoints.get(recs[i]) for i in range(0, len(recs), 10) if recs[i + 2] >= _QUEUED} \
-            if (_QUEUED in codes or _MEMBER in codes) else None
+        if codes and max(codes) >= _HANDOFF:
+            self._batch_endpoints(recs)
+        elif self.handing or self.members:
+            self.handing, self.handed_clients, self.members = {}, {}, {}
+        members = self.members
         for i in range(0, len(recs), 10):
             ep = endpoints.get(recs[i])
             try:
@@ -226,7 +224,7 @@ class Loop:
                         if code == _HANDOFF:
                             self._handed_off(self.handing.pop(recs[i]), recs, i)
                         elif code >= _QUEUED:
-                            if ep is not None and ep is members[recs[i]] and not ep.closed:
+                            if ep is not None and ep is members.get(recs[i]) and not ep.closed:
                                 if code == _QUEUED:
                                     ep.queued_by_c(recs[i + 3])
                                 else:
@@ -258,17 +256,22 @@ class Loop:
             except Exception as exc:        # one connection's bug must not stop the worker
                 _internal_error(ep, exc)
 
-    def _handoffs_of(self, recs: list) -> None:
-        """The endpoints of the batch's hand-offs, as it began (see handing)."""
+    def _batch_endpoints(self, recs: list) -> None:
+        """The endpoints of the batch's hand-offs and member records as it began (see handing and
+        members): a record applied after an earlier one closed its endpoint must not reach
+        another that took the fd."""
         get = self.endpoints.get
-        handing, handed = {}, {}
+        handing, handed, members = {}, {}, {}
         for i in range(0, len(recs), 10):
-            if recs[i + 2] == _HANDOFF:
+            code = recs[i + 2]
+            if code == _HANDOFF:
                 srv, new = get(recs[i]), get(recs[i + 10])
                 handing[recs[i]] = (srv, get(recs[i + 9]), new)
                 if new is not None:
                     handed[new] = srv
-        self.handing, self.handed_clients = handing, handed
+            elif code >= _QUEUED:
+                members[recs[i]] = get(recs[i])
+        self.handing, self.handed_clients, self.members = handing, handed, members
 
     def _handed_off(self, snap: tuple, recs: list, i: int) -> None:
         """A hand-off's two records (crelay: the server's at ``i``, its new client's after it), with

@@ -114,13 +114,9 @@ class WaitQueue(collections.deque):
         for client in self:
             if client in handed:            # C handed it a server in this batch: its records are to come
                 continue
-            if client.c_queued:             # its request is in C's entry: Python's now
-                data = c.data(client.fd)
-                client.c_queued = 0
-                if data is None:            # (gone from C: never serve it without its request)
-                    lost = client
-                    break
-                client.leftover = data
+            if not self._take_back(client):     # (gone from C: never serve it without its request)
+                lost = client
+                break
             c.remove(client.fd)             # (not there: C had no memory for it, Python's to serve)
             break
         else:
@@ -150,15 +146,22 @@ class WaitQueue(collections.deque):
         """What ``client`` waits with is about to change: only Python may hand it a server now
         (and a request C kept for it is Python's again, in its leftover); False if that request
         is gone from C (it cannot be: then the client must not be served)."""
-        c = self.c
-        if c is not None:
-            if client.c_queued:
-                data = c.data(client.fd)
-                client.c_queued = 0
-                if data is None:
-                    return False
-                client.leftover = data
-            c.block(client.fd)
+        if self.c is None:
+            return True
+        if not self._take_back(client):
+            return False
+        self.c.block(client.fd)
+        return True
+
+    def _take_back(self, client) -> bool:
+        """A request C kept for ``client`` (ClientConnection.queued_by_c) into its leftover;
+        False if C has none for it after all."""
+        if client.c_queued:
+            client.c_queued = 0
+            data = self.c.data(client.fd)
+            if data is None:
+                return False
+            client.leftover = data
         return True
 
     def appended_by_c(self, client) -> None:
@@ -317,21 +320,23 @@ class Pool:
                 self._link(srv, client)
                 return
         self.worker.loop.quiet_end_all()      # a quiet pair's server must come back at its boundary
-        if self.waiting.c is None:
-            self.waiting.append(client)
-        else:
-            self.waiting.append(client, *self._handoff_request(client))
-        if self.wait_timer is None and client.state is ClientState.WAITING:
+        self.waiting.append(client, *self._handoff_request(client))
+        if client.state is ClientState.WAITING:
+            self._time_wait()
+        self._grow()
+
+    def _time_wait(self) -> None:
+        """A client began to wait: query_wait_timeout's timer runs, if it did not already."""
+        if self.wait_timer is None:
             wait = self.worker.config.query_wait_timeout
             if wait > 0:
                 self.wait_timer = self.worker.loop.call_later(wait, self.wait_expired)
-        self._grow()
 
     # -- the C relay's hand-off ----------------------------------------------------
     def _handoff_request(self, client) -> tuple:
         """The request queued ``client`` waits with and its settings' tag, if the C relay may send
         it to a server it hands over (crelay.CQueue); (None, 0) if only Python may hand it one."""
-        if client.state is not ClientState.WAITING or client.tls is not None or client.skip \
+        if self.waiting.c is None or client.state is not ClientState.WAITING or client.tls is not None or client.skip \
                 or client.settings_pending or client.terminating or not client.link.c_relay_ok():
             return None, 0
         tag = self.settings_tag(client.link)
@@ -383,10 +388,7 @@ class Pool:
         would have, and if a server is free after all, it serves the client now."""
         first = not self.waiting
         self.waiting.appended_by_c(client)
-        if self.wait_timer is None:
-            wait = self.worker.config.query_wait_timeout
-            if wait > 0:
-                self.wait_timer = self.worker.loop.call_later(wait, self.wait_expired)
+        self._time_wait()
         if first and not self.paused and (self.idle or self.held):
             self.worker.loop.quiet_end_all()
             srv = self._usable_idle()

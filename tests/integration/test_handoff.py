@@ -205,9 +205,8 @@ def test_a_client_that_hangs_up_while_queued_is_not_served(pg, pgmp, pooldb):
     C's) loses them; the others go on and the servers stay usable."""
     no_servers_left(pg, pooldb)
     proxy = start(pgmp, pooldb, size=1)
-    stop = threading.Event()
 
-    def busy(n: int) -> None:
+    def busy(n: int, stop) -> None:
         with psycopg.connect(dsn(proxy, pooldb), autocommit=True) as conn:
             cur = psycopg.ClientCursor(conn)
             while not stop.is_set():
@@ -220,16 +219,7 @@ def test_a_client_that_hangs_up_while_queued_is_not_served(pg, pgmp, pooldb):
             conn.pgconn.send_query(b"select 1")     # and leave before the answer
             conn.pgconn.finish()
 
-    threads, quitters = Threads(), Threads()
-    for n in range(8):
-        threads.start(f"busy{n}", busy, n)
-    for n in range(4):
-        quitters.start(f"quit{n}", quitter, n)
-    try:
-        quitters.join(60)
-    finally:
-        stop.set()
-    threads.join(60)
+    against_readers(busy, quitter, writers=4, readers=8)
     wait_for(lambda: all(p["cl_waiting"] == 0 for w in proxy.stats()["workers"] for p in w["pools"]), timeout=10,
              message="clients still counted as waiting after they left")
     with psycopg.connect(dsn(proxy, pooldb), autocommit=True) as conn:
